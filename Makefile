@@ -1,0 +1,42 @@
+# Two commands a new user needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# torch is installed first and pinned: on CPU machines 2.13.0 is a local CPU wheel,
+# and anything unpinned would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_RUN ?= runs/demo
+
+.PHONY: venv install install-test demo test bench clean
+
+$(VENV)/.created:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	touch $@
+
+$(VENV)/.torch: $(VENV)/.created
+	$(PIP) install -q "$(TORCH_SPEC)"
+	touch $@
+
+# DeepSpeed's setup.py imports torch, so it builds against the torch already installed.
+$(VENV)/.installed: $(VENV)/.torch pyproject.toml
+	$(PIP) install -q --no-build-isolation "deepspeed>=0.15"
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.created
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/pgraft demo --config configs/digits.yaml --set run.uri=$(DEMO_RUN)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/generate_overhead.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,108 @@
+"""`pgraft` command line: thin wrappers; the logic lives in the stage and library modules."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from pgraft.config import ConfigError, load_config
+
+# Errors that are the user's to fix: shown as one line, no traceback.
+def _user_errors() -> tuple[type[Exception], ...]:
+    from pgraft.models.adapters import ModelError
+    from pgraft.shards import ShardError
+    from pgraft.storage import StorageError
+    from stages.generate import GenerateError
+
+    return (ConfigError, StorageError, ModelError, ShardError, GenerateError, FileNotFoundError)
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", default=None, help="YAML config (default: all defaults = the digits task)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set generate.samples_per_prompt=8 (repeatable)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _stage_runners():
+    from stages.generate import run_generate
+
+    return {"generate": run_generate}
+
+
+def run_stage(name: str, argv: list[str] | None = None) -> int:
+    """Entry point shared by `pgraft <stage>` and `python -m stages.<stage>`."""
+    parser = argparse.ArgumentParser(prog=f"pgraft {name}")
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    return _guarded(name, lambda: _run_and_print(name, args))
+
+
+def _run_and_print(name: str, args) -> None:
+    cfg = load_config(args.config, args.overrides)
+    summary = _stage_runners()[name](cfg, progress=not args.quiet)
+    print(summary.render())
+
+
+def _guarded(name: str, fn) -> int:
+    try:
+        fn()
+    except _user_errors() as exc:
+        print(f"pgraft {name}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _pretrain(args) -> None:
+    from pgraft.tasks.digits import pretrain_digits
+
+    start = time.perf_counter()
+    summary = pretrain_digits(args.out, seed=args.seed, ddpm_steps=args.ddpm_steps, flow_steps=args.flow_steps,
+                              classifier_epochs=args.classifier_epochs, eval_samples_per_digit=args.eval_samples_per_digit,
+                              progress=not args.quiet)
+    print(f"pretrain digits: wrote ddpm/, flow/, classifier/ under {args.out} in {time.perf_counter() - start:.0f} s")
+    for key, value in summary.items():
+        print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+
+
+def _demo(args) -> None:
+    from pipelines.pgraft_round import run_round_pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    run_round_pipeline(cfg, progress=not args.quiet)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pgraft", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    pre = sub.add_parser("pretrain", help="train a built-in task's base models and reward classifier")
+    pre.add_argument("task", choices=["digits"])
+    pre.add_argument("--out", required=True, help="folder for ddpm/, flow/, classifier/")
+    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--ddpm-steps", type=int, default=800)
+    pre.add_argument("--flow-steps", type=int, default=500)
+    pre.add_argument("--classifier-epochs", type=int, default=30)
+    pre.add_argument("--eval-samples-per-digit", type=int, default=50, help="0 skips the alignment measurement")
+    pre.add_argument("--quiet", action="store_true")
+
+    for stage in _stage_runners():
+        stage_parser = sub.add_parser(stage, help=f"run the {stage} stage")
+        add_config_args(stage_parser)
+
+    demo = sub.add_parser("demo", help="run the round pipeline on the embedded default (pretrains digits if needed)")
+    add_config_args(demo)
+
+    args, rest = parser.parse_known_args(argv)
+    if args.command in _stage_runners():
+        return run_stage(args.command, (argv if argv is not None else sys.argv[1:])[1:])
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "pretrain":
+        return _guarded("pretrain", lambda: _pretrain(args))
+    return _guarded("demo", lambda: _demo(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

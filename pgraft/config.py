@@ -1,0 +1,166 @@
+"""Typed run configuration: YAML file + dotted command-line overrides, validated by pydantic.
+
+Every field carries a description; `docs/CONFIG.md` is generated from them
+(`python -m pgraft.config --markdown`). Errors are one line that names the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(_Section):
+    uri: str = Field("runs/digits", description="Where the run lives: a local path, file:// URI or s3://bucket/prefix.")
+    seed: int = Field(0, ge=0, description="Run seed; every sample's seed derives from (seed, round, prompt_id, sample_idx).")
+    rounds: int = Field(1, ge=1, description="How many generate→reward→filter→train rounds the round pipeline runs.")
+    round: int = Field(0, ge=0, description="The round a single-stage command (e.g. `pgraft generate`) works on.")
+
+
+class TaskSection(_Section):
+    name: Literal["digits"] | None = Field(
+        "digits", description="Built-in task whose models the round pipeline pretrains into `task.dir` when missing; null for none."
+    )
+    dir: str = Field("models/digits", description="Where the built-in task's models live (ddpm/, flow/, classifier/).")
+    seed: int = Field(0, ge=0, description="Seed of the built-in task's pretraining.")
+
+
+class ModelSection(_Section):
+    kind: Literal["class_unet", "stable_diffusion", "sd3"] = Field(
+        "class_unet",
+        description="Adapter: class-conditional UNet2DModel (digits, DDPM/DDIM or flow), "
+        "StableDiffusionPipeline 2.x, or StableDiffusion3Pipeline (flow matching).",
+    )
+    path: str = Field("models/digits/ddpm", description="Local diffusers folder of the base model.")
+    scheduler: Literal["folder", "ddim", "ddpm", "flow_euler"] = Field(
+        "folder", description="Sampler; `folder` uses the scheduler saved with the model."
+    )
+    timestep_spacing: Literal["folder", "leading", "trailing", "linspace"] = Field(
+        "folder", description="Which training timesteps the sampler visits (DDIM `leading` at 20 of 1000: 950, 900, …, 0)."
+    )
+    num_inference_steps: int = Field(20, ge=1, le=1000, description="Sampler steps from x_T to x_0.")
+    guidance_scale: float = Field(0.7, ge=0.0, description="Classifier-free guidance scale; 1 disables guidance (conditional only).")
+    height: int | None = Field(None, ge=8, description="Image height for pipelines (None: the model's default).")
+    width: int | None = Field(None, ge=8, description="Image width for pipelines (None: the model's default).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Compute dtype; latents are stored as float32.")
+    device: str = Field("auto", description="`auto` (cuda when visible, else cpu), `cpu`, or `cuda`.")
+
+
+class GenerateSection(_Section):
+    prompts: list[str] | str = Field(
+        default_factory=lambda: [f"a handwritten digit {d}" for d in range(10)],
+        description="Prompts as a list, or the path of a text file with one prompt per line.",
+    )
+    samples_per_prompt: int = Field(64, ge=1, description="M: samples drawn per prompt.")
+    capture_steps: list[int] = Field(
+        default_factory=lambda: [5, 10, 15],
+        description="Step indices k (1 ≤ k < num_inference_steps) whose latent x_k, after k sampler steps, is cached.",
+    )
+    samples_per_shard: int = Field(128, ge=1, description="Samples per work unit; one WebDataset shard per unit.")
+    num_workers: int = Field(2, ge=1, description="Ray generate actors (one GPU each where the cluster has GPUs).")
+    batch_size: int = Field(32, ge=1, description="Samples per model call inside an actor.")
+
+    @field_validator("capture_steps")
+    @classmethod
+    def _sorted_unique(cls, steps: list[int]) -> list[int]:
+        if len(set(steps)) != len(steps):
+            raise ValueError(f"duplicate step indices in {steps}")
+        return sorted(steps)
+
+
+class Config(_Section):
+    run: RunSection = Field(default_factory=RunSection, description="Where and with which seed the run lives.")
+    task: TaskSection = Field(default_factory=TaskSection, description="The built-in task, if any.")
+    model: ModelSection = Field(default_factory=ModelSection, description="The base model and its sampler.")
+    generate: GenerateSection = Field(default_factory=GenerateSection, description="The generate stage.")
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    shown = f" (got {first['input']!r})" if first["type"] != "extra_forbidden" and not isinstance(first.get("input"), dict) else ""
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"config error: {key}: {msg}{shown}{more}"
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply `a.b.c=value` to a nested dict; the value is parsed as YAML (so 8, 0.7, [1,2], true work)."""
+    if "=" not in assignment:
+        raise ConfigError(f"config error: override {assignment!r} is not of the form key.path=value")
+    dotted, raw = assignment.split("=", 1)
+    parts = dotted.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"config error: override key {dotted!r} is empty or malformed")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config error: {dotted}: value {raw!r} is not valid YAML ({exc.__class__.__name__})") from None
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config error: {'.'.join(parts[: i + 1])}: is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    tree = copy.deepcopy(tree)
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (None: all defaults) and apply `key.path=value` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config error: config file {str(p)!r} does not exist")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config error: {p}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config error: {p}: top level must be a mapping of sections")
+    return config_from_dict(tree, overrides)
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def markdown_reference() -> str:
+    """Every config key with its type, default and description, as a Markdown table."""
+    lines = ["| key | default | description |", "|---|---|---|"]
+    for section_name, section_field in Config.model_fields.items():
+        section_cls = section_field.annotation
+        for name, field in section_cls.model_fields.items():
+            default = field.default_factory() if field.default_factory else field.default
+            lines.append(f"| `{section_name}.{name}` | `{default!r}` | {field.description} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_reference())

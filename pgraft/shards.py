@@ -1,0 +1,178 @@
+"""WebDataset shards of rollouts: encode, write, commit, list, read back (DESIGN.md §2).
+
+A shard is data, never code: members are `.latents.safetensors`, `.png` and `.json` only,
+and the reader refuses anything else. A shard counts once its commit record exists; the
+record carries the tar's size and sha256 so readers catch torn or replaced shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from pgraft import contract
+from pgraft.contract import CommitRecord, SampleMeta
+from pgraft.storage import Storage
+
+# Tar members per sample (the part after the key).
+LATENTS_EXT = "latents.safetensors"
+IMAGE_EXT = "png"
+META_EXT = "json"
+ALLOWED_EXTS = (LATENTS_EXT, IMAGE_EXT, META_EXT)
+# Fixed member mtime: the same samples give byte-identical tars (resume and determinism).
+TAR_MTIME = 0.0
+
+
+class ShardError(RuntimeError):
+    """A shard is torn, replaced, or holds something that is not sample data."""
+
+
+@dataclass
+class Sample:
+    meta: SampleMeta
+    latents: dict[str, torch.Tensor]  # x_T, x_<k> ..., x_0; float32, CPU, contiguous
+    image: np.ndarray  # uint8, HxW (grey) or HxWx3
+
+    @property
+    def key(self) -> str:
+        return self.meta.key
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img).copy()
+
+
+def encode_sample(sample: Sample) -> dict[str, object]:
+    tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in sample.latents.items()}
+    return {
+        "__key__": sample.key,
+        LATENTS_EXT: save_safetensors(tensors),
+        IMAGE_EXT: encode_png(sample.image),
+        META_EXT: sample.meta.to_json(),
+    }
+
+
+def write_shard(samples: list[Sample], path: str | Path, round_idx: int) -> CommitRecord:
+    """Write `samples` to a tar at `path`; return the commit record describing it."""
+    path = Path(path)
+    with open(path, "wb") as f:
+        writer = wds.TarWriter(f, encoder=False, mtime=TAR_MTIME)
+        for sample in samples:
+            writer.write(encode_sample(sample))
+        writer.close()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return CommitRecord(
+        shard=path.name, count=len(samples), bytes=path.stat().st_size, sha256=digest.hexdigest(),
+        keys=[s.key for s in samples], round=round_idx,
+    )
+
+
+def commit_shard(storage: Storage, local_tar: str | Path, record: CommitRecord, round_idx: int, shard_id: int) -> None:
+    """Upload the tar, then its commit record. A crash between the two leaves an uncommitted
+    tar that listing ignores and a rerun overwrites."""
+    storage.put_file(local_tar, contract.shard_key(round_idx, shard_id))
+    storage.put_bytes(contract.commit_key(round_idx, shard_id), record.to_json())
+
+
+def list_committed(storage: Storage, round_idx: int) -> dict[int, CommitRecord]:
+    """Committed shards of a round by shard id. A tar without its record is not listed."""
+    keys = set(storage.list(contract.generate_prefix(round_idx)))
+    committed: dict[int, CommitRecord] = {}
+    for key in sorted(keys):
+        if not key.endswith(".json"):
+            continue
+        shard_id = contract.shard_id_of(key)
+        if shard_id is None or contract.shard_key(round_idx, shard_id) not in keys:
+            continue  # a record whose tar vanished counts as not committed: the unit is redone
+        committed[shard_id] = CommitRecord.from_json(storage.get_bytes(key), where=storage.url(key))
+    return committed
+
+
+def _decode_member(key: str, ext: str, data: bytes, sample: dict) -> None:
+    if ext == LATENTS_EXT:
+        sample["latents"] = load_safetensors(data)
+    elif ext == IMAGE_EXT:
+        sample["image"] = decode_png(data)
+    elif ext == META_EXT:
+        sample["meta"] = SampleMeta.from_json(data)
+    else:
+        raise ShardError(f"member {key}.{ext} is not sample data (only {', '.join(ALLOWED_EXTS)} are read)")
+
+
+def read_shard_bytes(storage: Storage, round_idx: int, shard_id: int, record: CommitRecord | None = None) -> bytes:
+    """The tar's bytes, checked against its commit record when one is given."""
+    key = contract.shard_key(round_idx, shard_id)
+    data = storage.get_bytes(key)
+    if record is not None:
+        if len(data) != record.bytes or hashlib.sha256(data).hexdigest() != record.sha256:
+            raise ShardError(
+                f"{storage.url(key)} does not match its commit record (size {len(data)} vs {record.bytes}); "
+                f"the shard is torn or was replaced: delete {contract.commit_key(round_idx, shard_id)} and rerun generate"
+            )
+    return data
+
+
+def iter_tar_samples(data: bytes, where: str = "shard", wanted: tuple[str, ...] = ALLOWED_EXTS) -> Iterator[Sample]:
+    """Decode samples from tar bytes, grouping members by key."""
+    current: dict = {}
+    current_key = None
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                key, _, ext = info.name.partition(".")
+                if key != current_key:
+                    if current:
+                        yield _finish(current_key, current, where, wanted)
+                    current, current_key = {}, key
+                if ext in wanted:
+                    _decode_member(key, ext, tar.extractfile(info).read(), current)
+                elif ext not in ALLOWED_EXTS:
+                    raise ShardError(f"{where}: member {info.name} is not sample data")
+    except tarfile.TarError as exc:
+        raise ShardError(f"{where} is not a readable tar ({exc}); delete its commit record and rerun generate") from None
+    if current_key is not None:
+        yield _finish(current_key, current, where, wanted)
+
+
+def _finish(key, parts, where, wanted) -> Sample:
+    needed = {LATENTS_EXT: "latents", IMAGE_EXT: "image", META_EXT: "meta"}
+    missing = [ext for ext in wanted if needed[ext] not in parts]
+    if missing:
+        raise ShardError(f"{where}: sample {key} lacks {', '.join(missing)}")
+    meta = parts.get("meta") or SampleMeta(key=key, prompt="", prompt_id=-1, sample_idx=-1, seed=-1, round=-1,
+                                           model="", model_kind="", scheduler="", num_inference_steps=0, guidance_scale=0.0)
+    return Sample(meta=meta, latents=parts.get("latents", {}), image=parts.get("image"))
+
+
+def read_shard(storage: Storage, round_idx: int, shard_id: int, record: CommitRecord | None = None,
+               wanted: tuple[str, ...] = ALLOWED_EXTS) -> list[Sample]:
+    data = read_shard_bytes(storage, round_idx, shard_id, record)
+    return list(iter_tar_samples(data, storage.url(contract.shard_key(round_idx, shard_id)), wanted))
+
+
+def describe(record: CommitRecord) -> str:
+    return json.dumps({"shard": record.shard, "count": record.count, "bytes": record.bytes})

@@ -1,0 +1,306 @@
+"""All reads and writes of run data go through here: one interface, a dispatch table of schemes.
+
+`open_storage(uri)` returns a store rooted at `uri`; keys are '/'-separated paths below it.
+Local paths and file:// URIs write atomically (temp file + rename); s3:// goes through boto3
+with the endpoint from the standard AWS_ENDPOINT_URL and botocore's bounded retries with
+exponential backoff. Errors are StorageError with one line naming the URI, never a secret.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable
+from urllib.parse import urlparse
+
+
+class StorageError(RuntimeError):
+    """Storage is unreachable, missing, refuses us, or lacks a key; the message says which."""
+
+
+class Storage:
+    """Interface every scheme implements. Keys are relative, '/'-separated."""
+
+    uri: str
+
+    def put_file(self, local_path: str | os.PathLike, key: str) -> None:
+        raise NotImplementedError
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def get_bytes(self, key: str) -> bytes:
+        raise NotImplementedError
+
+    def open_read(self, key: str) -> BinaryIO:
+        """A streaming binary reader; the caller closes it."""
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Keys under `prefix` (a folder-like prefix), sorted."""
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    def local_path(self, key: str) -> str | None:
+        """A local filesystem path for `key`, or None for remote stores."""
+        return None
+
+    def url(self, key: str) -> str:
+        return join_uri(self.uri, key)
+
+    def check_writable(self) -> None:
+        """Fail early, before any work is done, if the root cannot be written."""
+        probe = ".pgraft-write-probe"
+        self.put_bytes(probe, b"ok")
+        self.delete(probe)
+
+
+def join_uri(base: str, key: str) -> str:
+    if not key:
+        return base
+    return base.rstrip("/") + "/" + key.lstrip("/")
+
+
+class LocalStorage(Storage):
+    def __init__(self, root: str):
+        self.root = Path(root).expanduser().absolute()
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key if key else self.root
+
+    def _atomic_write(self, key: str, writer: Callable[[BinaryIO], None]) -> None:
+        target = self._path(key)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        except OSError as exc:
+            raise StorageError(f"cannot write {target}: {exc.strerror or exc}") from None
+        try:
+            with os.fdopen(fd, "wb") as f:
+                writer(f)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def put_file(self, local_path, key):
+        def copy(f):
+            with open(local_path, "rb") as src:
+                shutil.copyfileobj(src, f, length=1 << 20)
+
+        self._atomic_write(key, copy)
+
+    def put_bytes(self, key, data):
+        self._atomic_write(key, lambda f: f.write(data))
+
+    def get_bytes(self, key):
+        with self.open_read(key) as f:
+            return f.read()
+
+    def open_read(self, key):
+        try:
+            return open(self._path(key), "rb")
+        except FileNotFoundError:
+            raise StorageError(f"{self.url(key)} does not exist") from None
+
+    def exists(self, key):
+        return self._path(key).is_file()
+
+    def list(self, prefix=""):
+        base = self._path(prefix)
+        if not base.is_dir():
+            return []
+        keys = []
+        for dirpath, _, files in os.walk(base):
+            for name in files:
+                if name.endswith(".tmp") and name.startswith("."):
+                    continue  # an interrupted atomic write, never a real object
+                rel = Path(dirpath, name).relative_to(self.root)
+                keys.append(rel.as_posix())
+        return sorted(keys)
+
+    def delete(self, key):
+        self._path(key).unlink(missing_ok=True)
+
+    def local_path(self, key):
+        return str(self._path(key))
+
+
+# S3 -------------------------------------------------------------------------------------
+
+_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken",
+                     "InvalidClientTokenId", "InvalidToken", "UnrecognizedClientException"}
+# Multipart above this size: large shards upload in parallel parts and retry per part.
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+
+
+class S3Storage(Storage):
+    def __init__(self, uri: str):
+        parsed = urlparse(uri)
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        if not self.bucket:
+            raise StorageError(f"{uri!r} has no bucket; expected s3://bucket/prefix")
+        self.uri = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+        self.endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        self._client = None
+
+    @property
+    def client(self):
+        # Created lazily so the store pickles cleanly into Ray actors.
+        if self._client is None:
+            import boto3
+            from botocore.config import Config as BotoConfig
+
+            attempts = int(os.environ.get("PGRAFT_S3_MAX_ATTEMPTS", "5"))
+            self._client = boto3.client(
+                "s3",
+                endpoint_url=self.endpoint,
+                config=BotoConfig(
+                    retries={"max_attempts": attempts, "mode": "standard"},  # bounded, exponential backoff
+                    connect_timeout=float(os.environ.get("PGRAFT_S3_CONNECT_TIMEOUT", "10")),
+                    read_timeout=60,
+                ),
+            )
+        return self._client
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_client"] = None
+        return state
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _where(self) -> str:
+        return f" at endpoint {self.endpoint}" if self.endpoint else ""
+
+    def _translate(self, exc: Exception, key: str) -> StorageError:
+        """Map boto errors to one line; credentials are named by variable, never by value."""
+        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+        target = self.url(key)
+        if isinstance(exc, ClientError):
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code == "NoSuchBucket":
+                return StorageError(f"S3 bucket {self.bucket!r} does not exist{self._where()}; create it or fix run.uri")
+            if code in _CREDENTIAL_CODES or code in {"403", "Forbidden"}:
+                return StorageError(
+                    f"S3 refused the credentials for {target}{self._where()} ({code}); "
+                    "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE"
+                )
+            if code in {"NoSuchKey", "404", "NotFound"}:
+                return StorageError(f"{target} does not exist")
+            return StorageError(f"S3 error on {target}{self._where()}: {code}")
+        if isinstance(exc, EndpointConnectionError):
+            return StorageError(f"cannot reach S3 endpoint {self.endpoint or '(AWS default)'} for {target}")
+        if isinstance(exc, NoCredentialsError):
+            return StorageError(f"no S3 credentials found for {target}; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+        return StorageError(f"S3 error on {target}{self._where()}: {exc.__class__.__name__}")
+
+    def _call(self, key: str, fn: Callable):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn()
+        except (ClientError, BotoCoreError) as exc:
+            raise self._translate(exc, key) from None
+        except Exception as exc:  # s3transfer wraps client errors
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, (ClientError, BotoCoreError)):
+                raise self._translate(cause, key) from None
+            raise
+
+    def put_file(self, local_path, key):
+        from boto3.s3.transfer import TransferConfig
+
+        cfg = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD // 4)
+        self._call(key, lambda: self.client.upload_file(str(local_path), self.bucket, self._key(key), Config=cfg))
+
+    def put_bytes(self, key, data):
+        self._call(key, lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data))
+
+    def get_bytes(self, key):
+        with self.open_read(key) as body:
+            return body.read()
+
+    def open_read(self, key):
+        response = self._call(key, lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key)))
+        return response["Body"]
+
+    def exists(self, key):
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+                return False
+            raise self._translate(exc, key) from None
+
+    def list(self, prefix=""):
+        full = self._key(prefix).rstrip("/")
+        full = f"{full}/" if full else ""
+        strip = len(self.prefix) + 1 if self.prefix else 0
+
+        def run():
+            keys = []
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
+            return sorted(keys)
+
+        return self._call(prefix, run)
+
+    def delete(self, key):
+        self._call(key, lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))
+
+    def arrow_filesystem(self):
+        """pyarrow's S3 filesystem with the same endpoint, for Parquet readers."""
+        from pyarrow import fs
+
+        kwargs = {}
+        if self.endpoint:
+            parsed = urlparse(self.endpoint)
+            kwargs = {"endpoint_override": parsed.netloc, "scheme": parsed.scheme or "https"}
+        return fs.S3FileSystem(region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"), **kwargs)
+
+
+def _local(uri: str) -> Storage:
+    return LocalStorage(urlparse(uri).path if uri.startswith("file://") else uri)
+
+
+# Scheme dispatch table: add a scheme by adding a constructor here.
+SCHEMES: dict[str, Callable[[str], Storage]] = {"": _local, "file": _local, "s3": S3Storage}
+
+
+def open_storage(uri: str) -> Storage:
+    scheme = urlparse(uri).scheme if "://" in uri else ""
+    try:
+        factory = SCHEMES[scheme]
+    except KeyError:
+        raise StorageError(f"unsupported storage scheme {scheme!r} in {uri!r}; supported: {sorted(s for s in SCHEMES if s)} or a local path") from None
+    return factory(uri)
+
+
+def read_stream(uri: str) -> BinaryIO:
+    """Open any storage URI (not a store-relative key) for streaming reads."""
+    if "://" in uri and not uri.startswith("file://"):
+        parsed = urlparse(uri)
+        root = f"{parsed.scheme}://{parsed.netloc}"
+        return open_storage(root).open_read(parsed.path.lstrip("/"))
+    path = urlparse(uri).path if uri.startswith("file://") else uri
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise StorageError(f"{path} does not exist") from None
+
+

@@ -1,0 +1,229 @@
+"""The built-in `digits` task (DESIGN.md §6): data, base models and the alignment classifier.
+
+Everything here trains from scikit-learn's bundled `load_digits` (no download) and saves in
+the formats the rest of the pipeline loads: diffusers folders for the base models, a
+safetensors file + JSON config for the classifier.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+NUM_CLASSES = 10
+NULL_CLASS = 10  # reserved label for the unconditional branch of classifier-free guidance
+LABEL_DROPOUT = 0.1
+
+
+def prompt_for(digit: int) -> str:
+    return f"a handwritten digit {digit}"
+
+
+def digit_prompts() -> list[str]:
+    return [prompt_for(d) for d in range(NUM_CLASSES)]
+
+
+def load_data(split: str = "all", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, 1, 8, 8) in [-1, 1] (pixels x/8 − 1) and labels; `train`/`test` is a fixed 80/20 split."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
+    y = torch.tensor(digits.target, dtype=torch.long)
+    if split == "all":
+        return x, y
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    cut = int(0.8 * len(x))
+    idx = order[:cut] if split == "train" else order[cut:]
+    return x[idx], y[idx]
+
+
+def uint8_to_model_space(images: np.ndarray) -> torch.Tensor:
+    """Decoded PNG pixels (N, 8, 8) uint8 → (N, 1, 8, 8) in [-1, 1], as the models see them."""
+    return torch.as_tensor(np.asarray(images), dtype=torch.float32).reshape(-1, 1, 8, 8) / 127.5 - 1.0
+
+
+# Classifier (the reward model) -----------------------------------------------------------
+
+@dataclass
+class ClassifierConfig:
+    channels: int = 32
+    hidden: int = 128
+
+
+class DigitClassifier(nn.Module):
+    def __init__(self, config: ClassifierConfig = ClassifierConfig()):
+        super().__init__()
+        c = config.channels
+        self.config = config
+        self.features = nn.Sequential(
+            nn.Conv2d(1, c, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(c, 2 * c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * c * 16, config.hidden), nn.ReLU(), nn.Dropout(0.2),
+                                  nn.Linear(config.hidden, NUM_CLASSES))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def train_classifier(seed: int = 0, epochs: int = 30, batch_size: int = 128) -> tuple[DigitClassifier, float]:
+    """Train on the 80 % split; return the model and its test accuracy."""
+    torch.manual_seed(seed)
+    x_train, y_train = load_data("train", seed)
+    x_test, y_test = load_data("test", seed)
+    # Train on the PNG grid the reward stage will read, so quantisation is not a domain shift.
+    x_train = uint8_to_model_space(((x_train + 1) * 127.5).round().clamp(0, 255).numpy().astype(np.uint8))
+    model = DigitClassifier()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(x_train), generator=gen).split(batch_size):
+            loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
+    return model, accuracy
+
+
+def save_classifier(model: DigitClassifier, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(asdict(model.config), indent=1))
+
+
+def load_classifier(path: str | Path) -> DigitClassifier:
+    path = Path(path)
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"digits classifier not found at {path} (run `pgraft pretrain digits --out DIR`)")
+    model = DigitClassifier(ClassifierConfig(**json.loads((path / "config.json").read_text())))
+    model.load_state_dict(load_file(path / "model.safetensors"))
+    return model.eval()
+
+
+@torch.no_grad()
+def prompt_alignment(classifier: DigitClassifier, images: np.ndarray, digits: list[int] | np.ndarray) -> np.ndarray:
+    """Probability the classifier gives the prompted digit, per image (the digits reward)."""
+    probs = classifier(uint8_to_model_space(images)).softmax(-1)
+    return probs[torch.arange(len(probs)), torch.as_tensor(np.asarray(digits))].double().numpy()
+
+
+# Base diffusion / flow models -------------------------------------------------------------
+
+def unet_config() -> dict:
+    """The reference architecture of DESIGN.md §6 (1.0 M parameters)."""
+    return dict(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 64), layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        num_class_embeds=NUM_CLASSES + 1, norm_num_groups=8,
+    )
+
+
+def _noise_and_target(kind: str, x0: torch.Tensor, scheduler, gen: torch.Generator):
+    """(model input, timestep input, regression target) for one training batch."""
+    eps = torch.randn(x0.shape, generator=gen)
+    if kind == "ddpm":
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=gen)
+        return scheduler.add_noise(x0, eps, t), t, eps
+    # Rectified flow: x_s = (1 − s) x0 + s ε, velocity target ε − x0, timestep input 1000·s.
+    s = torch.rand(len(x0), generator=gen)
+    xs = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps
+    return xs, s * scheduler.config.num_train_timesteps, eps - x0
+
+
+def train_base(kind: str, steps: int, seed: int = 0, batch_size: int = 128, lr: float = 5e-4, progress: bool = True):
+    """Train the class-conditional base: `ddpm` (ε-prediction) or `flow` (velocity)."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    x, y = load_data("all")
+    unet = diffusers.UNet2DModel(**unet_config())
+    if kind == "ddpm":
+        train_sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+        # Sampler: DDIM with `leading` spacing, 20 of 1000 steps visit 950, 900, …, 0.
+        sampler = diffusers.DDIMScheduler.from_config(train_sched.config, timestep_spacing="leading")
+    elif kind == "flow":
+        train_sched = sampler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    else:
+        raise ValueError(f"unknown base kind {kind!r}")
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed + 1)
+    losses = []
+    unet.train()
+    for _ in tqdm(range(steps), desc=f"pretrain {kind}", disable=not progress, mininterval=2):
+        idx = torch.randint(0, len(x), (batch_size,), generator=gen)
+        labels = torch.where(torch.rand(batch_size, generator=gen) < LABEL_DROPOUT, NULL_CLASS, y[idx])
+        model_in, t, target = _noise_and_target(kind, x[idx], train_sched, gen)
+        loss = F.mse_loss(unet(model_in, t, class_labels=labels).sample, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    unet.eval()
+    return unet, sampler, float(np.mean(losses[-50:]))
+
+
+def save_base(unet, scheduler, out: Path, kind: str) -> None:
+    from pgraft.models.adapters import MODEL_CARD
+
+    out.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(out / "unet")
+    scheduler.save_pretrained(out / "scheduler")
+    card = {"task": "digits", "base": kind, "prompts": {prompt_for(d): d for d in range(NUM_CLASSES)},
+            "null_class": NULL_CLASS, "pixels": "x/8 - 1, decoded PNG = (x + 1) * 127.5"}
+    (out / MODEL_CARD).write_text(json.dumps(card, indent=1))
+
+
+def measure_alignment(model_dir: Path, classifier: DigitClassifier, samples_per_digit: int, guidance: float,
+                      steps: int = 20, seed: int = 12345) -> float:
+    """Mean prompt alignment of the model's own samples, through the same adapter generate uses."""
+    from pgraft.config import ModelSection
+    from pgraft.models.adapters import load_adapter
+
+    adapter = load_adapter(ModelSection(kind="class_unet", path=str(model_dir), num_inference_steps=steps,
+                                        guidance_scale=guidance, device="cpu"))
+    digits = [d for d in range(NUM_CLASSES) for _ in range(samples_per_digit)]
+    seeds = [seed + i for i in range(len(digits))]
+    images = []
+    for lo in range(0, len(digits), 250):
+        batch = digits[lo:lo + 250]
+        images.append(adapter.rollout([prompt_for(d) for d in batch], seeds[lo:lo + 250], []).images)
+    return float(prompt_alignment(classifier, np.concatenate(images), digits).mean())
+
+
+def pretrain_digits(out: str | Path, seed: int = 0, ddpm_steps: int = 800, flow_steps: int = 500,
+                    classifier_epochs: int = 30, eval_samples_per_digit: int = 50, guidance: float = 0.7,
+                    progress: bool = True) -> dict:
+    """Train and save `ddpm/`, `flow/`, `classifier/` under `out`, plus `summary.json`."""
+    out = Path(out)
+    summary: dict = {"seed": seed, "ddpm_steps": ddpm_steps, "flow_steps": flow_steps}
+    start = time.perf_counter()
+    classifier, accuracy = train_classifier(seed, classifier_epochs)
+    save_classifier(classifier, out / "classifier")
+    summary["classifier_test_accuracy"] = accuracy
+    summary["classifier_seconds"] = round(time.perf_counter() - start, 1)
+    for kind, steps in (("ddpm", ddpm_steps), ("flow", flow_steps)):
+        t0 = time.perf_counter()
+        unet, sampler, loss = train_base(kind, steps, seed, progress=progress)
+        save_base(unet, sampler, out / kind, kind)
+        summary[f"{kind}_final_loss"] = loss
+        summary[f"{kind}_seconds"] = round(time.perf_counter() - t0, 1)
+        if eval_samples_per_digit:
+            summary[f"{kind}_alignment_at_guidance_{guidance}"] = measure_alignment(
+                out / kind, classifier, eval_samples_per_digit, guidance)
+    summary["total_seconds"] = round(time.perf_counter() - start, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary

@@ -1,0 +1,247 @@
+"""Generate stage: roll out prompts × M samples on Ray actors and cache X_t in WebDataset shards.
+
+Work is split into units of `generate.samples_per_shard` samples, one shard each. A unit is
+done once its commit record exists; a rerun redoes only units without one, so the stage is
+resumable and never writes a sample twice. Seeds come from (run seed, round, prompt_id,
+sample_idx), so the same config gives byte-identical shards.
+
+    pgraft generate --config configs/digits.yaml --set generate.samples_per_prompt=8
+    python -m stages.generate --config configs/digits.yaml
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pgraft import contract
+from pgraft.config import Config, ConfigError, config_to_yaml
+from pgraft.contract import SampleMeta
+from pgraft.models.adapters import check_capture_steps, check_model_folder
+from pgraft.shards import Sample, commit_shard, list_committed, write_shard
+from pgraft.storage import Storage, open_storage
+
+# Config fields that change what a sample is; a run refuses to continue if they change.
+# (num_workers and batch_size only change how the work is spread.)
+_NOT_IDENTITY = {("generate", "num_workers"), ("generate", "batch_size"), ("model", "device"), ("run", "rounds"),
+                 ("run", "round")}
+
+
+class GenerateError(RuntimeError):
+    """The generate stage cannot run as configured; the message says why."""
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    shard_id: int
+    items: tuple[tuple[int, int], ...]  # (prompt_id, sample_idx) in shard order
+
+
+@dataclass
+class GenerateSummary:
+    run_uri: str
+    round: int
+    units: int
+    skipped: int  # already committed before this run
+    written: int
+    samples_written: int
+    bytes_written: int
+    seconds: float
+    workers: int
+    captured: dict[str, int] = field(default_factory=dict)  # latent name -> timestep
+    shard_prefix: str = ""
+
+    def render(self) -> str:
+        rate = self.samples_written / self.seconds if self.seconds > 0 else 0.0
+        lines = [
+            f"generate: round {self.round} of {self.run_uri}",
+            f"  shards   {self.units} planned, {self.skipped} already committed, {self.written} written now",
+            f"  samples  {self.samples_written} written, {self.bytes_written / 1e6:.1f} MB, "
+            f"{self.seconds:.1f} s on {self.workers} worker(s), {rate:.1f} samples/s",
+        ]
+        if self.captured:
+            steps = ", ".join(f"{name} (t={t})" for name, t in self.captured.items())
+            lines.append(f"  latents  x_T, {steps}, x_0 per sample")
+        lines.append(f"  shards at {self.shard_prefix}/")
+        return "\n".join(lines)
+
+
+def resolve_prompts(prompts: list[str] | str) -> list[str]:
+    """The prompt list from the config: inline, or a text file with one prompt per line."""
+    if isinstance(prompts, str):
+        path = Path(prompts)
+        if not path.is_file():
+            raise ConfigError(f"config error: generate.prompts: prompts file {prompts!r} does not exist")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ConfigError(f"config error: generate.prompts: prompts file {str(path)!r} is empty")
+    if not prompts:
+        raise ConfigError("config error: generate.prompts: no prompts given")
+    return list(prompts)
+
+
+def plan_units(num_prompts: int, samples_per_prompt: int, samples_per_shard: int) -> list[WorkUnit]:
+    items = [(p, s) for p in range(num_prompts) for s in range(samples_per_prompt)]
+    return [WorkUnit(i, tuple(items[lo:lo + samples_per_shard]))
+            for i, lo in enumerate(range(0, len(items), samples_per_shard))]
+
+
+def _identity(cfg_tree: dict) -> dict:
+    return {section: {k: v for k, v in values.items() if (section, k) not in _NOT_IDENTITY}
+            for section, values in cfg_tree.items() if section in ("run", "model", "generate")}
+
+
+def record_run_config(storage: Storage, cfg: Config) -> None:
+    """Write RUN/config.yaml once; refuse to add samples to a run started with other settings."""
+    mine = cfg.model_dump(mode="json")
+    if storage.exists(contract.CONFIG_KEY):
+        theirs = yaml.safe_load(storage.get_bytes(contract.CONFIG_KEY)) or {}
+        a, b = _identity(theirs), _identity(mine)
+        for section in sorted(set(a) | set(b)):
+            for key in sorted(set(a.get(section, {})) | set(b.get(section, {}))):
+                old, new = a.get(section, {}).get(key), b.get(section, {}).get(key)
+                if old != new:
+                    raise GenerateError(
+                        f"{storage.url(contract.CONFIG_KEY)} was started with {section}.{key}={old!r}, "
+                        f"this config has {new!r}; use a new run.uri (samples of one run must share one config)"
+                    )
+        return
+    storage.put_bytes(contract.CONFIG_KEY, config_to_yaml(cfg).encode())
+
+
+class GenerateWorker:
+    """One per actor: loads the model once, then turns work units into committed shards."""
+
+    def __init__(self, cfg_tree: dict, prompts: list[str], threads: int | None = None):
+        import torch
+
+        from pgraft.models.adapters import load_adapter
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.cfg = Config.model_validate(cfg_tree)
+        self.prompts = prompts
+        self.storage = open_storage(self.cfg.run.uri)
+        self.adapter = load_adapter(self.cfg.model)
+        self.scratch = Path(tempfile.mkdtemp(prefix="pgraft-generate-"))
+
+    def run_unit(self, unit: WorkUnit) -> dict:
+        cfg, rnd = self.cfg, self.cfg.run.round
+        samples: list[Sample] = []
+        captured: dict[str, int] = {}
+        for lo in range(0, len(unit.items), cfg.generate.batch_size):
+            batch = unit.items[lo:lo + cfg.generate.batch_size]
+            seeds = [contract.sample_seed(cfg.run.seed, rnd, p, s) for p, s in batch]
+            rollout = self.adapter.rollout([self.prompts[p] for p, _ in batch], seeds, cfg.generate.capture_steps)
+            captured = rollout.captured_timesteps
+            for i, ((prompt_id, sample_idx), seed) in enumerate(zip(batch, seeds)):
+                meta = SampleMeta(
+                    key=contract.sample_key(prompt_id, sample_idx), prompt=self.prompts[prompt_id],
+                    prompt_id=prompt_id, sample_idx=sample_idx, seed=seed, round=rnd, model=cfg.model.path,
+                    model_kind=cfg.model.kind, scheduler=rollout.scheduler,
+                    num_inference_steps=cfg.model.num_inference_steps, guidance_scale=cfg.model.guidance_scale,
+                    captured_steps=dict(rollout.captured_timesteps), timesteps=rollout.timesteps,
+                )
+                samples.append(Sample(meta, {k: v[i] for k, v in rollout.latents.items()}, rollout.images[i]))
+        local = self.scratch / f"{contract.shard_name(unit.shard_id)}.tar"
+        try:
+            record = write_shard(samples, local, rnd)
+            commit_shard(self.storage, local, record, rnd, unit.shard_id)
+        finally:
+            local.unlink(missing_ok=True)
+        return {"shard_id": unit.shard_id, "count": record.count, "bytes": record.bytes, "captured": captured}
+
+    def close(self) -> None:
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def _unwrap_ray_error(exc: Exception) -> Exception:
+    """Turn Ray's wrapped remote errors back into the original one-line error where possible."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, Exception):
+        return cause
+    text = str(exc).strip().splitlines()
+    return GenerateError(f"generate worker failed: {text[-1] if text else exc.__class__.__name__}")
+
+
+def run_generate(cfg: Config, progress: bool = True) -> GenerateSummary:
+    import ray
+    from tqdm.auto import tqdm
+
+    import cluster
+
+    start = time.perf_counter()
+    prompts = resolve_prompts(cfg.generate.prompts)
+    check_capture_steps(cfg.generate.capture_steps, cfg.model.num_inference_steps)
+    check_model_folder(cfg.model)
+    storage = open_storage(cfg.run.uri)
+    storage.check_writable()
+    record_run_config(storage, cfg)
+
+    rnd = cfg.run.round
+    units = plan_units(len(prompts), cfg.generate.samples_per_prompt, cfg.generate.samples_per_shard)
+    committed = list_committed(storage, rnd)
+    pending = [u for u in units if u.shard_id not in committed]
+    summary = GenerateSummary(run_uri=storage.uri, round=rnd, units=len(units), skipped=len(units) - len(pending),
+                              written=0, samples_written=0, bytes_written=0, seconds=0.0, workers=0,
+                              shard_prefix=storage.url(contract.generate_prefix(rnd)))
+    if pending:
+        cluster.connect()
+        count, resources = cluster.worker_resources(min(cfg.generate.num_workers, len(pending)),
+                                                    want_gpu=cfg.model.device != "cpu")
+        actor_cls = ray.remote(GenerateWorker)
+        tree = cfg.model_dump(mode="json")
+        threads = resources.get("num_cpus") if "num_gpus" not in resources else None
+        actors = [actor_cls.options(**resources).remote(tree, prompts, threads) for _ in range(count)]
+        summary.workers = count
+        queue = list(pending)
+        in_flight = {}
+        for actor in actors:  # fill every actor, then refill whichever finishes first
+            if queue:
+                in_flight[actor.run_unit.remote(queue.pop(0))] = actor
+        bar = tqdm(total=len(pending), desc=f"generate round {rnd}", unit="shard", disable=not progress)
+        try:
+            while in_flight:
+                done, _ = ray.wait(list(in_flight), num_returns=1)
+                actor = in_flight.pop(done[0])
+                try:
+                    result = ray.get(done[0])
+                except Exception as exc:  # noqa: BLE001 - re-raised as the worker's own error
+                    raise _unwrap_ray_error(exc) from None
+                summary.written += 1
+                summary.samples_written += result["count"]
+                summary.bytes_written += result["bytes"]
+                summary.captured = result["captured"]
+                bar.update(1)
+                bar.set_postfix(samples=summary.samples_written)
+                if queue:
+                    in_flight[actor.run_unit.remote(queue.pop(0))] = actor
+        finally:
+            bar.close()
+            ray.get([a.close.remote() for a in actors], timeout=30) if not in_flight else None
+            for actor in actors:
+                ray.kill(actor)
+    summary.seconds = time.perf_counter() - start
+    if not summary.captured and committed:
+        from pgraft.shards import read_shard
+
+        first = next(iter(committed))
+        meta = read_shard(storage, rnd, first, committed[first], wanted=("json",))[0].meta
+        summary.captured = meta.captured_steps
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pgraft.cli import run_stage
+
+    return run_stage("generate", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
