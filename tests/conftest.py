@@ -1,0 +1,116 @@
+"""Shared fixtures: a real moto S3 server process on loopback, a real local Ray, tiny models."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny_models.py
+
+# Keep every test on the CPU and quiet, whatever the machine has.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("PGRAFT_S3_MAX_ATTEMPTS", "2")
+os.environ.setdefault("PGRAFT_S3_CONNECT_TIMEOUT", "2")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_moto(extra_env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = dict(os.environ, **(extra_env or {}))
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return proc, endpoint
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError("moto server exited at start")
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("moto server did not start within 30 s")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto S3 server process on 127.0.0.1; its endpoint goes into the standard env vars,
+    set before Ray starts so that Ray's workers inherit them."""
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing-secret-value",
+                      AWS_DEFAULT_REGION="us-east-1")
+    proc, endpoint = start_moto()
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_uri(s3_endpoint):
+    """A fresh bucket on the moto server; returns s3://bucket/run."""
+    import boto3
+
+    bucket = f"pgraft-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/run"
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_endpoint):
+    """A real local Ray cluster with 2 CPUs for the whole session."""
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_digits(tmp_path_factory):
+    from tiny_models import save_tiny_digits
+
+    return save_tiny_digits(tmp_path_factory.mktemp("models") / "digits-ddpm", "ddpm")
+
+
+@pytest.fixture(scope="session")
+def tiny_digits_flow(tmp_path_factory):
+    from tiny_models import save_tiny_digits
+
+    return save_tiny_digits(tmp_path_factory.mktemp("models") / "digits-flow", "flow")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_factory(tmp_path_factory):
+    from tiny_models import save_tiny_sd
+
+    cache: dict[str, Path] = {}
+
+    def make(prediction_type: str = "epsilon") -> Path:
+        if prediction_type not in cache:
+            cache[prediction_type] = save_tiny_sd(tmp_path_factory.mktemp("models") / f"sd-{prediction_type}", prediction_type)
+        return cache[prediction_type]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    from tiny_models import save_tiny_sd3
+
+    return save_tiny_sd3(tmp_path_factory.mktemp("models") / "sd3")

@@ -1,0 +1,86 @@
+"""Tiny models built from configs, saved with `save_pretrained`, loaded back through the real
+code path. Random weights: the tests check plumbing and numerics, not sample quality."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+
+
+def tiny_clip_tokenizer(max_length: int = 16):
+    """A character-level CLIP BPE tokenizer from an in-memory vocab (no merges)."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in string.ascii_lowercase + string.digits + "!?.,'-":
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def save_tiny_digits(out: Path, kind: str = "ddpm", seed: int = 0) -> Path:
+    """A randomly initialised digits base (small UNet) with the real model card and scheduler."""
+    import diffusers
+
+    from pgraft.tasks import digits
+
+    torch.manual_seed(seed)
+    cfg = digits.unet_config() | dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
+    unet = diffusers.UNet2DModel(**cfg)
+    if kind == "ddpm":
+        train = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+        sampler = diffusers.DDIMScheduler.from_config(train.config, timestep_spacing="leading")
+    else:
+        sampler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    digits.save_base(unet, sampler, out, kind)
+    return out
+
+
+def save_tiny_sd(out: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=2,
+    )
+    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=2,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32,
+                                                intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                                                vocab_size=100, max_position_embeddings=16))
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type=prediction_type, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tiny_clip_tokenizer(), unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out)
+    return out
+
+
+def save_tiny_sd3(out: Path, seed: int = 0) -> Path:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+                                        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+                                        pooled_projection_dim=64, out_channels=4)
+    clip_cfg = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
+                    num_attention_heads=4, num_hidden_layers=2, vocab_size=100, max_position_embeddings=16,
+                    hidden_act="gelu", projection_dim=32)
+    vae = AutoencoderKL(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg)), tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg)), tokenizer_2=tiny_clip_tokenizer(),
+        text_encoder_3=None, tokenizer_3=None,
+    )
+    pipe.save_pretrained(out)
+    return out
