@@ -28,6 +28,22 @@ def latent_name(step: int) -> str:
     return f"x_{step}"
 
 
+def latent_order(name: str) -> tuple[int, int]:
+    """Sort key for latent names in sampling order: x_T, x_1, x_2, …, x_0."""
+    if name == INITIAL_NOISE:
+        return (0, 0)
+    if name == FINAL_LATENT:
+        return (2, 0)
+    return (1, int(name.split("_", 1)[1]))
+
+
+def captured_step(name: str) -> int:
+    """Step index k of a latent named x_k."""
+    if name in (INITIAL_NOISE, FINAL_LATENT) or not re.fullmatch(r"x_\d+", name):
+        raise ValueError(f"{name!r} is not a captured step latent")
+    return int(name[2:])
+
+
 def sample_key(prompt_id: int, sample_idx: int) -> str:
     if not (0 <= prompt_id < 10**6 and 0 <= sample_idx < 10**5):
         raise ValueError(f"prompt_id {prompt_id} or sample_idx {sample_idx} out of the key format's range")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,7 +111,8 @@ def list_committed(storage: Storage, round_idx: int) -> dict[int, CommitRecord]:
 
 def _decode_member(key: str, ext: str, data: bytes, sample: dict) -> None:
     if ext == LATENTS_EXT:
-        sample["latents"] = load_safetensors(data)
+        tensors = load_safetensors(data)  # safetensors stores names sorted; restore sampling order
+        sample["latents"] = {name: tensors[name] for name in sorted(tensors, key=contract.latent_order)}
     elif ext == IMAGE_EXT:
         sample["image"] = decode_png(data)
     elif ext == META_EXT:
@@ -172,7 +172,3 @@ def read_shard(storage: Storage, round_idx: int, shard_id: int, record: CommitRe
                wanted: tuple[str, ...] = ALLOWED_EXTS) -> list[Sample]:
     data = read_shard_bytes(storage, round_idx, shard_id, record)
     return list(iter_tar_samples(data, storage.url(contract.shard_key(round_idx, shard_id)), wanted))
-
-
-def describe(record: CommitRecord) -> str:
-    return json.dumps({"shard": record.shard, "count": record.count, "bytes": record.bytes})

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import pytest
+
+from pgraft.config import Config, ConfigError, load_config, markdown_reference
+
+
+def test_defaults_are_the_digits_task():
+    cfg = load_config(None)
+    assert cfg.model.kind == "class_unet" and cfg.task.name == "digits"
+    assert cfg.generate.prompts[3] == "a handwritten digit 3"
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  uri: s3://b/p\n  seed: 3\ngenerate:\n  capture_steps: [15, 5]\n")
+    cfg = load_config(path, ["generate.samples_per_prompt=8", "model.guidance_scale=1.5", "generate.capture_steps=[3,1]"])
+    assert cfg.run.uri == "s3://b/p" and cfg.run.seed == 3
+    assert cfg.generate.samples_per_prompt == 8 and cfg.model.guidance_scale == 1.5
+    assert cfg.generate.capture_steps == [1, 3]  # sorted
+
+
+@pytest.mark.parametrize("override, message", [
+    ("generate.samples_per_promt=8", "config error: generate.samples_per_promt: unknown key"),
+    ("generate.samples_per_prompt=-1", "config error: generate.samples_per_prompt: Input should be greater than or equal to 1 (got -1)"),
+    ("model.kind=gan", "config error: model.kind:"),
+    ("generate.capture_steps=[5,5]", "config error: generate.capture_steps: Value error, duplicate step indices"),
+    ("nosection.x=1", "config error: nosection: unknown key"),
+    ("run.seed", "is not of the form key.path=value"),
+    ("run.seed.x=1", "config error: run.seed: Input should be a valid integer"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_reference_lists_every_key():
+    table = markdown_reference()
+    for section, field in Config.model_fields.items():
+        for name in field.annotation.model_fields:
+            assert f"`{section}.{name}`" in table
