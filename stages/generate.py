@@ -193,8 +193,10 @@ def run_generate(cfg: Config, progress: bool = True) -> GenerateSummary:
                               shard_prefix=storage.url(contract.generate_prefix(rnd)))
     if pending:
         cluster.connect()
-        count, resources = cluster.worker_resources(min(cfg.generate.num_workers, len(pending)),
-                                                    want_gpu=cfg.model.device != "cpu")
+        # Size actors for the configured worker count even when fewer units remain: threads per
+        # worker fix the float summation order, so a resumed unit gets the same bytes.
+        count, resources = cluster.worker_resources(cfg.generate.num_workers, want_gpu=cfg.model.device != "cpu")
+        count = min(count, len(pending))
         actor_cls = ray.remote(GenerateWorker)
         tree = cfg.model_dump(mode="json")
         threads = resources.get("num_cpus") if "num_gpus" not in resources else None

@@ -71,14 +71,23 @@ def s3_uri(s3_endpoint):
 
 
 @pytest.fixture(scope="session")
-def ray_local(s3_endpoint):
-    """A real local Ray cluster with 2 CPUs for the whole session."""
+def _ray_session_shutdown():
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(s3_endpoint, _ray_session_shutdown):
+    """A real local Ray cluster with 2 CPUs, started once and kept for the session (restarted
+    only if a test stopped it)."""
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    return ray
 
 
 @pytest.fixture(scope="session")
