@@ -50,3 +50,10 @@ def test_reference_lists_every_key():
     for section, field in Config.model_fields.items():
         for name in field.annotation.model_fields:
             assert f"`{section}.{name}`" in table
+
+
+def test_docs_config_reference_is_current():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "CONFIG.md").read_text()
+    assert markdown_reference() in doc, "regenerate docs/CONFIG.md with `python -m pgraft.config`"
