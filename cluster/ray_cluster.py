@@ -30,3 +30,46 @@ def worker_resources(num_workers: int, want_gpu: bool) -> tuple[int, dict]:
     cpus = max(1, int(resources.get("CPU", 1)))
     count = min(num_workers, cpus)
     return count, {"num_cpus": max(1, cpus // count)}
+
+
+class WorkerError(RuntimeError):
+    """A stage actor failed in a way its own error type did not describe."""
+
+
+def unwrap_remote_error(exc: Exception) -> Exception:
+    """Ray wraps a remote exception; give back the original (one-line) error where possible."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, Exception):
+        return cause
+    text = str(exc).strip().splitlines()
+    return WorkerError(f"worker failed: {text[-1] if text else exc.__class__.__name__}")
+
+
+def run_pool(actors: list, method: str, items: list, on_result, desc: str, progress: bool = True) -> None:
+    """Feed `items` to `actor.<method>` over a pool of actors, refilling whichever finishes
+    first; `on_result(result)` runs on the driver per item. The first failure stops the pool
+    and is re-raised as the worker's own error. Actors are killed at the end."""
+    from tqdm.auto import tqdm
+
+    queue = list(items)
+    in_flight = {}
+    for actor in actors:
+        if queue:
+            in_flight[getattr(actor, method).remote(queue.pop(0))] = actor
+    bar = tqdm(total=len(items), desc=desc, unit="shard", disable=not progress)
+    try:
+        while in_flight:
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            actor = in_flight.pop(done[0])
+            try:
+                result = ray.get(done[0])
+            except Exception as exc:  # noqa: BLE001 - re-raised as the worker's own error
+                raise unwrap_remote_error(exc) from None
+            on_result(result)
+            bar.update(1)
+            if queue:
+                in_flight[getattr(actor, method).remote(queue.pop(0))] = actor
+    finally:
+        bar.close()
+        for actor in actors:
+            ray.kill(actor)

@@ -10,12 +10,17 @@ from pgraft.config import ConfigError, load_config
 
 # Errors that are the user's to fix: shown as one line, no traceback.
 def _user_errors() -> tuple[type[Exception], ...]:
+    from cluster import WorkerError
     from pgraft.models.adapters import ModelError
+    from pgraft.selection import SelectionError
     from pgraft.shards import ShardError
     from pgraft.storage import StorageError
+    from stages.filter import FilterError
     from stages.generate import GenerateError
+    from stages.reward import RewardError
 
-    return (ConfigError, StorageError, ModelError, ShardError, GenerateError, FileNotFoundError)
+    return (ConfigError, StorageError, ModelError, ShardError, GenerateError, RewardError, FilterError,
+            SelectionError, WorkerError, FileNotFoundError)
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -25,23 +30,38 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _stage_runners():
-    from stages.generate import run_generate
+STAGES = ("generate", "reward", "filter")
+# Stage-specific flags: (flag, keyword argument of the stage's run function, help).
+STAGE_FLAGS = {
+    "filter": [("--force", "force", "replace an existing selection of the same name made with other parameters"),
+               ("--allow-partial", "allow_partial", "select from the reward parts that exist even if some shards lack one")],
+}
 
-    return {"generate": run_generate}
+
+def _stage_runner(name: str):
+    import importlib
+
+    return getattr(importlib.import_module(f"stages.{name}"), f"run_{name}")
+
+
+def _add_stage_args(parser: argparse.ArgumentParser, name: str) -> None:
+    add_config_args(parser)
+    for flag, _, help_text in STAGE_FLAGS.get(name, []):
+        parser.add_argument(flag, action="store_true", help=help_text)
 
 
 def run_stage(name: str, argv: list[str] | None = None) -> int:
     """Entry point shared by `pgraft <stage>` and `python -m stages.<stage>`."""
     parser = argparse.ArgumentParser(prog=f"pgraft {name}")
-    add_config_args(parser)
+    _add_stage_args(parser, name)
     args = parser.parse_args(argv)
     return _guarded(name, lambda: _run_and_print(name, args))
 
 
 def _run_and_print(name: str, args) -> None:
     cfg = load_config(args.config, args.overrides)
-    summary = _stage_runners()[name](cfg, progress=not args.quiet)
+    flags = {kwarg: getattr(args, kwarg) for _, kwarg, _ in STAGE_FLAGS.get(name, [])}
+    summary = _stage_runner(name)(cfg, progress=not args.quiet, **flags)
     print(summary.render())
 
 
@@ -87,15 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--eval-samples-per-digit", type=int, default=50, help="0 skips the alignment measurement")
     pre.add_argument("--quiet", action="store_true")
 
-    for stage in _stage_runners():
-        stage_parser = sub.add_parser(stage, help=f"run the {stage} stage")
-        add_config_args(stage_parser)
+    for stage in STAGES:
+        _add_stage_args(sub.add_parser(stage, help=f"run the {stage} stage"), stage)
 
     demo = sub.add_parser("demo", help="run the round pipeline on the embedded default (pretrains digits if needed)")
     add_config_args(demo)
 
     args, rest = parser.parse_known_args(argv)
-    if args.command in _stage_runners():
+    if args.command in STAGES:
         return run_stage(args.command, (argv if argv is not None else sys.argv[1:])[1:])
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

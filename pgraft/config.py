@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -82,17 +82,76 @@ class GenerateSection(_Section):
         return sorted(steps)
 
 
+class RewardSection(_Section):
+    name: str = Field("digits_alignment", description="Registered reward (see docs/REWARDS.md) or a plug-in `module:function` factory.")
+    table: str | None = Field(None, description="Name of the reward table under rewards/ (default: the reward's name).")
+    model_path: str | None = Field(
+        None, description="Weights the reward needs: digits classifier folder (default task.dir/classifier), "
+        "a CLIP folder or hub id for clip_score / aesthetic.",
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="Reward-specific keyword arguments (e.g. transform: log_prob).")
+    hash: str = Field("exact", description="sample_hash: `exact` (decoded pixels), `perceptual` (64-bit dHash) or a plug-in `module:function`.")
+    batch_size: int = Field(256, ge=1, description="Images per reward call.")
+    num_workers: int = Field(1, ge=1, description="Ray reward actors (one GPU each where the cluster has GPUs).")
+    device: str = Field("auto", description="`auto`, `cpu` or `cuda` for reward models.")
+
+    def table_name(self) -> str:
+        if self.table:
+            return self.table
+        return self.name.split(":")[-1]
+
+
+FilterMethod = Literal["rejection", "threshold", "best_of_n", "top_k", "quantile"]
+
+
+class FilterSection(_Section):
+    name: str | None = Field(None, description="Selection name: output goes to filter/<name>/ (default derived from method and parameters).")
+    method: FilterMethod = Field("best_of_n", description="GRS rule: rejection, threshold, best_of_n, top_k or quantile.")
+    threshold: float | None = Field(None, description="threshold: accept r ≥ τ.")
+    n: int | None = Field(None, ge=1, description="best_of_n: group size N; the best of each N consecutive samples of a prompt.")
+    k: int | None = Field(None, ge=1, description="top_k: keep the K best of each group of M.")
+    m: int | None = Field(None, ge=1, description="top_k: group size M (default: all samples of the prompt).")
+    alpha: float | None = Field(None, gt=0, description="rejection: temperature α; accept with probability exp((r − r_max)/α).")
+    r_max: float | None = Field(None, description="rejection: r_max (default: the largest reward in the table).")
+    quantile: float | None = Field(None, gt=0, le=1, description="quantile: keep this top fraction of all rows.")
+    dedup: bool = Field(False, description="Keep one representative (highest reward) per sample_hash within a prompt first.")
+    kl_budget: float | None = Field(None, gt=0, description="Pick τ, K, N, the quantile or α so the implied KL (nats) meets this budget.")
+    nan_policy: Literal["error", "drop"] = Field("error", description="NaN/inf rewards: `error` names the keys; `drop` leaves them out.")
+    engine: Literal["local", "ray"] = Field("local", description="`local`: one process; `ray`: Ray Data, for tables larger than a node's memory.")
+
+    @model_validator(mode="after")
+    def _parameters_present(self) -> "FilterSection":
+        need = {"threshold": "threshold", "best_of_n": "n", "top_k": "k", "quantile": "quantile", "rejection": "alpha"}[self.method]
+        if getattr(self, need) is None and self.kl_budget is None:
+            raise ValueError(f"filter.{need} is required for filter.method={self.method} (or set filter.kl_budget)")
+        if self.method == "top_k" and self.m is not None and self.k is not None and self.k > self.m:
+            raise ValueError(f"filter.k ({self.k}) exceeds filter.m ({self.m})")
+        return self
+
+    def selection_name(self) -> str:
+        if self.name:
+            return self.name
+        value = {"threshold": self.threshold, "best_of_n": self.n, "top_k": self.k, "quantile": self.quantile,
+                 "rejection": self.alpha}[self.method]
+        label = f"kl{self.kl_budget:g}" if value is None else f"{value:g}"
+        return f"{self.method}-{label}" + ("-dedup" if self.dedup else "")
+
+
 class Config(_Section):
     run: RunSection = Field(default_factory=RunSection, description="Where and with which seed the run lives.")
     task: TaskSection = Field(default_factory=TaskSection, description="The built-in task, if any.")
     model: ModelSection = Field(default_factory=ModelSection, description="The base model and its sampler.")
     generate: GenerateSection = Field(default_factory=GenerateSection, description="The generate stage.")
+    reward: RewardSection = Field(default_factory=RewardSection, description="The reward stage.")
+    filter: FilterSection = Field(default_factory=lambda: FilterSection(n=8), description="The filter stage.")
 
 
 def _format_validation_error(err: ValidationError) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "<root>"
-    msg = first["msg"]
+    if first["type"] == "value_error" and first["msg"].startswith("Value error, filter."):
+        key = first["msg"].removeprefix("Value error, ").split(" ", 1)[0]  # the validator names the key itself
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     shown = f" (got {first['input']!r})" if first["type"] != "extra_forbidden" and not isinstance(first.get("input"), dict) else ""

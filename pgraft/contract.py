@@ -153,3 +153,36 @@ class SampleMeta:
     @classmethod
     def from_json(cls, data: bytes) -> "SampleMeta":
         return cls(**json.loads(data))
+
+
+def reward_part_key(round_idx: int, table: str, shard_id: int) -> str:
+    return f"{rewards_prefix(round_idx, table)}/part-{shard_id:06d}.parquet"
+
+
+def accepted_key(round_idx: int, selection: str) -> str:
+    return f"{filter_prefix(round_idx, selection)}/accepted.parquet"
+
+
+def selection_summary_key(round_idx: int, selection: str) -> str:
+    return f"{filter_prefix(round_idx, selection)}/summary.json"
+
+
+_PART_RE = re.compile(r"part-(\d{6})\.parquet$")
+
+
+def part_shard_id(key: str) -> int | None:
+    m = _PART_RE.search(key)
+    return int(m.group(1)) if m else None
+
+
+# Parquet schemas (pyarrow types by name, so this module stays import-light).
+# Reward table: one row per sample; reward-specific columns may follow these.
+REWARD_COLUMNS: dict[str, str] = {
+    "key": "string", "shard": "string", "round": "int32", "prompt_id": "int64", "prompt": "string",
+    "sample_idx": "int64", "seed": "int64", "reward": "float64", "reward_name": "string", "sample_hash": "string",
+}
+# Accepted table of a selection.
+ACCEPTED_COLUMNS: dict[str, str] = {
+    "key": "string", "shard": "string", "prompt_id": "int64", "sample_idx": "int64", "reward": "float64",
+    "reshaped_reward": "float64", "rank_in_prompt": "int64",
+}

@@ -18,8 +18,8 @@ if __package__ in (None, ""):  # run as a script (ray job submit): make the repo
 
 from pgraft.config import Config, load_config  # noqa: E402
 
-# Stages this pipeline runs, in order. Reward, filter and train join as they land.
-STAGES = ("generate",)
+# Stages this pipeline runs, in order. Train joins when it lands.
+STAGES = ("generate", "reward", "filter")
 
 
 def ensure_task_models(cfg: Config, progress: bool = True) -> None:
@@ -35,16 +35,17 @@ def ensure_task_models(cfg: Config, progress: bool = True) -> None:
 
 
 def run_round_pipeline(cfg: Config, progress: bool = True) -> None:
+    from stages.filter import run_filter
     from stages.generate import run_generate
+    from stages.reward import run_reward
 
     ensure_task_models(cfg, progress)
-    for rnd in range(cfg.run.round, cfg.run.round + cfg.run.rounds):
-        round_cfg = cfg.model_copy(deep=True)
-        round_cfg.run.round = rnd
-        print(run_generate(round_cfg, progress=progress).render())
-        if rnd > cfg.run.round:
-            break  # later rounds sample from the previous round's fine-tuned model (train stage, not built yet)
-    print(f"stages run: {', '.join(STAGES)}; reward, filter and train are not built yet")
+    if cfg.run.rounds > 1:
+        print("note: rounds after the first need the train stage (not built yet); running one round")
+    round_cfg = cfg.model_copy(deep=True)
+    for run_stage in (run_generate, run_reward, run_filter):
+        print(run_stage(round_cfg, progress=progress).render())
+    print(f"stages run: {', '.join(STAGES)}; the train stage is not built yet")
 
 
 def main(argv: list[str] | None = None) -> int:

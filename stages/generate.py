@@ -66,7 +66,8 @@ class GenerateSummary:
             f"{self.seconds:.1f} s on {self.workers} worker(s), {rate:.1f} samples/s",
         ]
         if self.captured:
-            steps = ", ".join(f"{name} (t={t})" for name, t in self.captured.items())
+            ordered = sorted(self.captured.items(), key=lambda item: contract.latent_order(item[0]))
+            steps = ", ".join(f"{name} (t={t})" for name, t in ordered)
             lines.append(f"  latents  x_T, {steps}, x_0 per sample")
         lines.append(f"  shards at {self.shard_prefix}/")
         return "\n".join(lines)
@@ -157,22 +158,12 @@ class GenerateWorker:
             local.unlink(missing_ok=True)
         return {"shard_id": unit.shard_id, "count": record.count, "bytes": record.bytes, "captured": captured}
 
-    def close(self) -> None:
-        shutil.rmtree(self.scratch, ignore_errors=True)
-
-
-def _unwrap_ray_error(exc: Exception) -> Exception:
-    """Turn Ray's wrapped remote errors back into the original one-line error where possible."""
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, Exception):
-        return cause
-    text = str(exc).strip().splitlines()
-    return GenerateError(f"generate worker failed: {text[-1] if text else exc.__class__.__name__}")
+    def __del__(self):
+        shutil.rmtree(getattr(self, "scratch", ""), ignore_errors=True)
 
 
 def run_generate(cfg: Config, progress: bool = True) -> GenerateSummary:
     import ray
-    from tqdm.auto import tqdm
 
     import cluster
 
@@ -202,33 +193,14 @@ def run_generate(cfg: Config, progress: bool = True) -> GenerateSummary:
         threads = resources.get("num_cpus") if "num_gpus" not in resources else None
         actors = [actor_cls.options(**resources).remote(tree, prompts, threads) for _ in range(count)]
         summary.workers = count
-        queue = list(pending)
-        in_flight = {}
-        for actor in actors:  # fill every actor, then refill whichever finishes first
-            if queue:
-                in_flight[actor.run_unit.remote(queue.pop(0))] = actor
-        bar = tqdm(total=len(pending), desc=f"generate round {rnd}", unit="shard", disable=not progress)
-        try:
-            while in_flight:
-                done, _ = ray.wait(list(in_flight), num_returns=1)
-                actor = in_flight.pop(done[0])
-                try:
-                    result = ray.get(done[0])
-                except Exception as exc:  # noqa: BLE001 - re-raised as the worker's own error
-                    raise _unwrap_ray_error(exc) from None
-                summary.written += 1
-                summary.samples_written += result["count"]
-                summary.bytes_written += result["bytes"]
-                summary.captured = result["captured"]
-                bar.update(1)
-                bar.set_postfix(samples=summary.samples_written)
-                if queue:
-                    in_flight[actor.run_unit.remote(queue.pop(0))] = actor
-        finally:
-            bar.close()
-            ray.get([a.close.remote() for a in actors], timeout=30) if not in_flight else None
-            for actor in actors:
-                ray.kill(actor)
+
+        def on_result(result: dict) -> None:
+            summary.written += 1
+            summary.samples_written += result["count"]
+            summary.bytes_written += result["bytes"]
+            summary.captured = result["captured"]
+
+        cluster.run_pool(actors, "run_unit", pending, on_result, f"generate round {rnd}", progress)
     summary.seconds = time.perf_counter() - start
     if not summary.captured and committed:
         from pgraft.shards import read_shard

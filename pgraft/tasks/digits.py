@@ -115,10 +115,15 @@ def load_classifier(path: str | Path) -> DigitClassifier:
 
 
 @torch.no_grad()
+def class_probabilities(classifier: DigitClassifier, images: np.ndarray) -> np.ndarray:
+    """(N, 10) float64 class probabilities of decoded uint8 images."""
+    return classifier(uint8_to_model_space(images)).softmax(-1).double().numpy()
+
+
 def prompt_alignment(classifier: DigitClassifier, images: np.ndarray, digits: list[int] | np.ndarray) -> np.ndarray:
     """Probability the classifier gives the prompted digit, per image (the digits reward)."""
-    probs = classifier(uint8_to_model_space(images)).softmax(-1)
-    return probs[torch.arange(len(probs)), torch.as_tensor(np.asarray(digits))].double().numpy()
+    probs = class_probabilities(classifier, images)
+    return probs[np.arange(len(probs)), np.asarray(digits)]
 
 
 # Base diffusion / flow models -------------------------------------------------------------

@@ -1,0 +1,122 @@
+"""Generalized rejection sampling: closed forms of DESIGN.md §3 as small pure functions.
+
+Every rule turns base samples x ~ p̄ into accepted samples x ~ p̂ with p̂/p̄ a function of
+u = F(r(x)), the reward's CDF under p̄. `*_log_ratio` gives log p̂/p̄ (the reshaped reward
+at temperature 1), `*_kl` gives KL(p̂ ‖ p̄) in nats, `*_for_kl` inverts it for a KL budget.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import integrate, optimize, stats
+
+
+# threshold τ: p̂/p̄ = 1/P(r ≥ τ) on the accepted set -------------------------------------
+
+def threshold_kl(acceptance_rate: float) -> float:
+    return -math.log(acceptance_rate)
+
+
+def acceptance_for_kl(kl_budget: float) -> float:
+    """The acceptance rate of a deterministic-set rule (threshold, quantile) with KL = budget."""
+    return math.exp(-kl_budget)
+
+
+# best-of-N: p̂/p̄ = N u^(N−1) -------------------------------------------------------------
+
+def best_of_n_log_ratio(u: np.ndarray, n: int) -> np.ndarray:
+    return math.log(n) + (n - 1) * np.log(u)
+
+
+def best_of_n_kl(n: int) -> float:
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_n_for_kl(kl_budget: float, n_max: int = 4096) -> int:
+    """Largest N whose KL stays within the budget (KL grows with N)."""
+    n = 1
+    while n < n_max and best_of_n_kl(n + 1) <= kl_budget:
+        n += 1
+    return n
+
+
+# top-K of M: p̂/p̄ = (M/K)·P[Bin(M−1, 1−u) ≤ K−1] ------------------------------------------
+
+def top_k_ratio(u: np.ndarray, k: int, m: int) -> np.ndarray:
+    return (m / k) * stats.binom.cdf(k - 1, m - 1, 1.0 - np.asarray(u, dtype=float))
+
+
+def top_k_log_ratio(u: np.ndarray, k: int | np.ndarray, m: int | np.ndarray) -> np.ndarray:
+    """`k` and `m` may be arrays (one group per row)."""
+    k, m = np.asarray(k, dtype=float), np.asarray(m, dtype=float)
+    return np.log(m / k) + stats.binom.logcdf(k - 1, m - 1, 1.0 - np.asarray(u, dtype=float))
+
+
+def top_k_kl(k: int, m: int) -> float:
+    """∫₀¹ g log g du; K = 1 reduces to best-of-M, K = M to 0."""
+    if k >= m:
+        return 0.0
+
+    def integrand(u):
+        g = top_k_ratio(u, k, m)
+        return float(g * np.log(g)) if g > 0 else 0.0
+
+    value, _ = integrate.quad(integrand, 0.0, 1.0, limit=200)
+    return float(value)
+
+
+def top_k_for_kl(kl_budget: float, m: int) -> int:
+    """Smallest K (strongest selection) whose KL stays within the budget (KL falls as K grows)."""
+    for k in range(1, m + 1):
+        if top_k_kl(k, m) <= kl_budget:
+            return k
+    return m
+
+
+def top_k_cdf(x: np.ndarray, k: int, m: int) -> np.ndarray:
+    """CDF of u = F(r) among accepted samples: ∫₀ˣ g(u) du (for goodness-of-fit tests)."""
+    return np.array([integrate.quad(lambda t: float(top_k_ratio(t, k, m)), 0.0, float(v))[0] for v in np.atleast_1d(x)])
+
+
+# rejection at temperature α: accept with a = exp((r − r_max)/α), p̂/p̄ ∝ exp(r/α) ------------
+
+def rejection_acceptance(rewards: np.ndarray, alpha: float, r_max: float) -> np.ndarray:
+    return np.exp((np.asarray(rewards, dtype=float) - r_max) / alpha)
+
+
+def rejection_kl(rewards: np.ndarray, alpha: float, r_max: float) -> float:
+    """E_p̂[log a] − log E_p̄[a], estimated on the base sample (p̂ weights ∝ a). Exact for the
+    empirical base distribution; for Gaussian rewards it tends to 1/(2α²)."""
+    a = rejection_acceptance(rewards, alpha, r_max)
+    weights = a / a.sum()
+    return float(np.sum(weights * np.log(a)) - math.log(a.mean()))
+
+
+def rejection_log_ratio(rewards: np.ndarray, alpha: float, r_max: float) -> np.ndarray:
+    a = rejection_acceptance(rewards, alpha, r_max)
+    return np.log(a) - math.log(a.mean())
+
+
+def rejection_alpha_for_kl(rewards: np.ndarray, kl_budget: float, r_max: float) -> float:
+    """α whose implied KL equals the budget (KL falls monotonically as α grows)."""
+    rewards = np.asarray(rewards, dtype=float)
+    spread = float(rewards.max() - rewards.min()) or 1.0
+    lo, hi = spread * 1e-4, spread * 1e4
+    if rejection_kl(rewards, lo, r_max) <= kl_budget:
+        return lo
+    return float(optimize.brentq(lambda a: rejection_kl(rewards, a, r_max) - kl_budget, lo, hi, xtol=1e-10 * spread))
+
+
+# dedup modifier ----------------------------------------------------------------------------
+
+def dedup_log_ratio(copies: np.ndarray) -> np.ndarray:
+    """Keeping one of N identical copies reweights that sample by 1/N."""
+    return -np.log(np.asarray(copies, dtype=float))
+
+
+def empirical_cdf(rewards: np.ndarray) -> np.ndarray:
+    """Mid-rank u = (rank − ½)/M in (0, 1) within one group: never 0, so log u is finite."""
+    ranks = stats.rankdata(rewards, method="average")
+    return (ranks - 0.5) / len(rewards)

@@ -1,0 +1,209 @@
+"""Reward registry. Every reward has one signature (as in ddpo-pytorch):
+
+    factory(model_path, device, **options) -> reward_fn
+    reward_fn(images, prompts, metadata) -> RewardOutput | np.ndarray
+
+`images` are decoded uint8 arrays (H×W or H×W×3), `prompts` strings, `metadata` the
+samples' JSON dicts. A reward may add columns to the reward table through RewardOutput.
+User plug-ins are factories named `module:function` with the same signature.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pgraft.config import ConfigError
+from pgraft.plugins import load_plugin
+
+
+@dataclass
+class RewardOutput:
+    rewards: np.ndarray  # float64, one per image
+    columns: dict[str, np.ndarray] = field(default_factory=dict)  # extra reward-table columns
+
+
+RewardFn = Callable[[list, list, list], "RewardOutput | np.ndarray"]
+_DIGIT_RE = re.compile(r"(\d)\s*$")
+
+
+def digits_alignment(model_path: str | None, device: torch.device, transform: str = "prob") -> RewardFn:
+    """Probability the digits classifier gives the prompted digit (`transform: log_prob` for a
+    graded signal: best-of-N saturates the nearly binary probability)."""
+    from pgraft.tasks.digits import class_probabilities, load_classifier
+
+    if transform not in ("prob", "log_prob"):
+        raise ConfigError(f"config error: reward.options.transform: {transform!r} is not prob or log_prob")
+    if model_path is None:
+        raise ConfigError("config error: reward.model_path: digits_alignment needs the classifier folder")
+    classifier = load_classifier(model_path)
+
+    def reward_fn(images, prompts, metadata):
+        digits = []
+        for prompt in prompts:
+            m = _DIGIT_RE.search(prompt)
+            if not m:
+                raise ValueError(f"prompt {prompt!r} does not end in a digit")
+            digits.append(int(m.group(1)))
+        all_probs = class_probabilities(classifier, np.stack(images))
+        probs = all_probs[np.arange(len(digits)), digits]
+        predicted = all_probs.argmax(-1)
+        rewards = np.log(np.clip(probs, 1e-12, None)) if transform == "log_prob" else probs
+        return RewardOutput(rewards, {"alignment": probs, "predicted_digit": predicted.astype(np.int64)})
+
+    return reward_fn
+
+
+def _jpeg_kb(images) -> np.ndarray:
+    sizes = []
+    for image in images:
+        buf = io.BytesIO()
+        Image.fromarray(image).convert("RGB").save(buf, format="JPEG", quality=95)
+        sizes.append(buf.tell() / 1000.0)
+    return np.array(sizes, dtype=np.float64)
+
+
+def jpeg_compressibility(model_path, device) -> RewardFn:
+    """Minus the JPEG size in kB (quality 95): smaller files score higher."""
+
+    def reward_fn(images, prompts, metadata):
+        kb = _jpeg_kb(images)
+        return RewardOutput(-kb, {"jpeg_kb": kb})
+
+    return reward_fn
+
+
+def jpeg_incompressibility(model_path, device) -> RewardFn:
+    """The JPEG size in kB (quality 95): more detail scores higher."""
+
+    def reward_fn(images, prompts, metadata):
+        kb = _jpeg_kb(images)
+        return RewardOutput(kb, {"jpeg_kb": kb})
+
+    return reward_fn
+
+
+def _load_clip(model_path: str | None, device: torch.device):
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    if not model_path:
+        raise ConfigError("config error: reward.model_path: CLIP rewards need a CLIP folder or hub id")
+    try:
+        model = CLIPModel.from_pretrained(model_path).to(device).eval()
+        tokenizer = CLIPTokenizer.from_pretrained(model_path)
+        processor = CLIPImageProcessor.from_pretrained(model_path)
+    except OSError as exc:
+        raise ConfigError(f"config error: reward.model_path: cannot load CLIP from {model_path!r} ({exc.__class__.__name__})") from None
+    return model, tokenizer, processor
+
+
+def _rgb(images) -> list[Image.Image]:
+    return [Image.fromarray(image).convert("RGB") for image in images]
+
+
+def _image_embeddings(model, processor, images, device) -> torch.Tensor:
+    pixels = processor(images=_rgb(images), return_tensors="pt")["pixel_values"].to(device)
+    emb = model.get_image_features(pixel_values=pixels)
+    emb = emb if isinstance(emb, torch.Tensor) else emb.pooler_output
+    return emb / emb.norm(dim=-1, keepdim=True)
+
+
+def clip_score(model_path, device) -> RewardFn:
+    """100 × cosine similarity of CLIP image and prompt embeddings."""
+    model, tokenizer, processor = _load_clip(model_path, device)
+
+    @torch.no_grad()
+    def reward_fn(images, prompts, metadata):
+        image_emb = _image_embeddings(model, processor, images, device)
+        tokens = tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt").to(device)
+        text_emb = model.get_text_features(**tokens)
+        text_emb = text_emb if isinstance(text_emb, torch.Tensor) else text_emb.pooler_output
+        text_emb = text_emb / text_emb.norm(dim=-1, keepdim=True)
+        return (100.0 * (image_emb * text_emb).sum(-1)).double().cpu().numpy()
+
+    return reward_fn
+
+
+def aesthetic(model_path, device, head_path: str | None = None, activation: str = "none") -> RewardFn:
+    """A linear or MLP head on L2-normalised CLIP image embeddings (the LAION aesthetic
+    predictor's recipe). `head_path`: safetensors with `layers.{i}.weight` / `layers.{i}.bias`,
+    applied in order; `activation: relu` between layers if the head was trained with one."""
+    from safetensors.torch import load_file
+
+    if not head_path:
+        raise ConfigError("config error: reward.options.head_path: aesthetic needs the head's safetensors file")
+    try:
+        weights = load_file(head_path)
+    except (FileNotFoundError, OSError):
+        raise ConfigError(f"config error: reward.options.head_path: {head_path!r} does not exist") from None
+    layers = sorted({int(k.split(".")[1]) for k in weights if k.startswith("layers.")})
+    model, _, processor = _load_clip(model_path, device)
+
+    @torch.no_grad()
+    def reward_fn(images, prompts, metadata):
+        x = _image_embeddings(model, processor, images, device).float()
+        for j, i in enumerate(layers):
+            x = x @ weights[f"layers.{i}.weight"].to(device).T + weights[f"layers.{i}.bias"].to(device)
+            if activation == "relu" and j < len(layers) - 1:
+                x = torch.relu(x)
+        return x[:, 0].double().cpu().numpy()
+
+    return reward_fn
+
+
+def vqascore(model_path, device, model: str = "clip-flant5-xxl") -> RewardFn:
+    """VQAScore (the paper's reward) through the optional `t2v_metrics` package."""
+    try:
+        import t2v_metrics
+    except ImportError:
+        raise ConfigError("config error: reward.name: vqascore needs the optional package t2v_metrics "
+                          "(pip install t2v_metrics) and its model weights") from None
+    scorer = t2v_metrics.VQAScore(model=model, device=str(device))
+
+    def reward_fn(images, prompts, metadata):
+        scores = [float(scorer(images=[Image.fromarray(im)], texts=[p])) for im, p in zip(images, prompts)]
+        return np.array(scores, dtype=np.float64)
+
+    return reward_fn
+
+
+# Registry: reward.name -> factory.
+REWARDS: dict[str, Callable[..., RewardFn]] = {
+    "digits_alignment": digits_alignment,
+    "jpeg_compressibility": jpeg_compressibility,
+    "jpeg_incompressibility": jpeg_incompressibility,
+    "clip_score": clip_score,
+    "aesthetic": aesthetic,
+    "vqascore": vqascore,
+}
+
+
+def make_reward(name: str, model_path: str | None, device: torch.device, options: dict) -> RewardFn:
+    if name in REWARDS:
+        factory = REWARDS[name]
+    elif ":" in name:
+        factory = load_plugin(name, "reward.name")
+    else:
+        raise ConfigError(f"config error: reward.name: unknown reward {name!r}; built in: {sorted(REWARDS)}, or module:function")
+    try:
+        return factory(model_path, device, **options)
+    except TypeError as exc:
+        raise ConfigError(f"config error: reward.options: {name} does not take these options ({exc})") from None
+
+
+def as_output(result, count: int) -> RewardOutput:
+    """Normalise a reward function's return value and check its length."""
+    out = result if isinstance(result, RewardOutput) else RewardOutput(np.asarray(result))
+    out.rewards = np.asarray(out.rewards, dtype=np.float64).reshape(-1)
+    if len(out.rewards) != count:
+        raise ValueError(f"returned {len(out.rewards)} rewards for {count} images")
+    for name, column in out.columns.items():
+        if len(column) != count:
+            raise ValueError(f"extra column {name!r} has {len(column)} values for {count} images")
+    return out

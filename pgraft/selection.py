@@ -1,0 +1,283 @@
+"""Vectorised GRS selection over a reward table (the filter stage's engine).
+
+Rows are put in canonical order (prompt_id, sample_idx); a prompt's rows form one segment.
+Ranks are by reward descending, ties broken by sample_idx, so the result is a pure function
+of the rows: the single-node path and the Ray Data path (which calls `select_rows` once per
+prompt group) give identical accepted sets. Global quantities (a quantile's τ, rejection's
+r_max and E[a], parameters chosen for a KL budget) are resolved once over all rewards with
+`resolve` before any rows are selected.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from pgraft import grs
+from pgraft.config import FilterSection
+
+_SAMPLE_BITS = 20  # sample_idx < 10**5 < 2**20 (the key format's range)
+
+
+class SelectionError(ValueError):
+    """A selection cannot be made as asked; the message says what to change."""
+
+
+@dataclass
+class Resolved:
+    """Every parameter the rule needs, global quantities included."""
+
+    method: str
+    threshold: float | None = None  # threshold, and quantile once resolved
+    n: int | None = None
+    k: int | None = None
+    m: int | None = None
+    alpha: float | None = None
+    r_max: float | None = None
+    mean_acceptance: float | None = None  # rejection: E_p̄[a] over all rows
+    quantile: float | None = None
+    dedup: bool = False
+    seed: int = 0
+    kl_budget: float | None = None
+    chosen_for_budget: str | None = None  # which parameter the KL budget picked
+
+    def parameters(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None and k != "method"}
+
+
+def _kth_largest(values: np.ndarray, count: int) -> float:
+    return float(np.partition(values, len(values) - count)[len(values) - count])
+
+
+def resolve(spec: FilterSection, rewards: np.ndarray, prompt_sizes: np.ndarray, seed: int) -> Resolved:
+    """Fix global parameters from all rewards (and pick one for a KL budget)."""
+    res = Resolved(method=spec.method, threshold=spec.threshold, n=spec.n, k=spec.k, m=spec.m, alpha=spec.alpha,
+                   r_max=spec.r_max, quantile=spec.quantile, dedup=spec.dedup, seed=seed, kl_budget=spec.kl_budget)
+    budget = spec.kl_budget
+    if spec.method == "threshold" and budget is not None:
+        res.threshold = _kth_largest(rewards, max(1, math.ceil(grs.acceptance_for_kl(budget) * len(rewards))))
+        res.chosen_for_budget = "threshold"
+    elif spec.method == "quantile":
+        if budget is not None:
+            res.quantile, res.chosen_for_budget = grs.acceptance_for_kl(budget), "quantile"
+        # Global top fraction = a threshold at the ⌈q·n⌉-th largest reward (ties kept).
+        res.threshold = _kth_largest(rewards, max(1, math.ceil(res.quantile * len(rewards))))
+    elif spec.method == "best_of_n" and budget is not None:
+        res.n, res.chosen_for_budget = grs.best_of_n_for_kl(budget, int(prompt_sizes.min())), "n"
+    elif spec.method == "top_k" and budget is not None:
+        res.k, res.chosen_for_budget = grs.top_k_for_kl(budget, res.m or int(prompt_sizes.min())), "k"
+    elif spec.method == "rejection":
+        top = float(rewards.max())
+        if res.r_max is None:
+            res.r_max = top
+        elif res.r_max < top:
+            raise SelectionError(f"filter.r_max={res.r_max} is below the largest reward {top}; raise it or leave it null")
+        if budget is not None:
+            res.alpha, res.chosen_for_budget = grs.rejection_alpha_for_kl(rewards, budget, res.r_max), "alpha"
+        res.mean_acceptance = float(grs.rejection_acceptance(rewards, res.alpha, res.r_max).mean())
+    return res
+
+
+# Segments ------------------------------------------------------------------------------
+
+def canonical_order(prompt_id: np.ndarray, sample_idx: np.ndarray) -> np.ndarray | None:
+    """Permutation to (prompt_id, sample_idx) order, or None when already in it."""
+    composite = (prompt_id.astype(np.int64) << _SAMPLE_BITS) | sample_idx.astype(np.int64)
+    if len(composite) < 2 or bool(np.all(composite[1:] > composite[:-1])):
+        return None
+    order = np.argsort(composite, kind="stable")
+    if np.any(composite[order][1:] == composite[order][:-1]):
+        dup = composite[order][np.flatnonzero(composite[order][1:] == composite[order][:-1])[0]]
+        raise SelectionError(f"sample p{dup >> _SAMPLE_BITS:06d}_s{dup & ((1 << _SAMPLE_BITS) - 1):05d} appears "
+                             "twice in the reward table; a reward part was written twice")
+    return order
+
+
+@dataclass
+class Segments:
+    """Consecutive runs of equal ids (rows must be grouped)."""
+
+    starts: np.ndarray
+    sizes: np.ndarray
+    ids: np.ndarray  # segment index of every row
+    pos: np.ndarray  # position of every row inside its segment
+
+    @classmethod
+    def of(cls, keys: np.ndarray) -> "Segments":
+        n = len(keys)
+        starts = np.concatenate([[0], np.flatnonzero(keys[1:] != keys[:-1]) + 1]).astype(np.int64) if n else np.zeros(0, np.int64)
+        sizes = np.diff(np.concatenate([starts, [n]])).astype(np.int64)
+        ids = np.repeat(np.arange(len(starts)), sizes)
+        return cls(starts, sizes, ids, np.arange(n) - starts[ids])
+
+    def matrix(self, values: np.ndarray, fill: float) -> np.ndarray:
+        """(segments, max size) matrix of values, padded with `fill`."""
+        out = np.full((len(self.starts), int(self.sizes.max(initial=0))), fill, dtype=values.dtype)
+        out[self.ids, self.pos] = values
+        return out
+
+
+def ranks_desc(seg: Segments, values: np.ndarray) -> np.ndarray:
+    """0-based rank of each row within its segment by value descending, ties by row order."""
+    mat = seg.matrix(-values, np.inf)  # padding sorts last
+    order = np.argsort(mat, axis=1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(mat.shape[1])[None, :].repeat(mat.shape[0], 0), axis=1)
+    return ranks[seg.ids, seg.pos]
+
+
+def top_k_mask(seg: Segments, values: np.ndarray, k: int) -> np.ndarray:
+    """Rows among the k largest of their segment (ties by row order), in O(n) without a sort."""
+    mat = seg.matrix(-values, np.inf)
+    if mat.shape[1] <= k:
+        return np.ones(len(values), dtype=bool)
+    kth = np.partition(mat, k - 1, axis=1)[:, k - 1:k]
+    better = mat < kth
+    tied = mat == kth
+    room = k - better.sum(axis=1, keepdims=True)
+    keep = better | (tied & (np.cumsum(tied, axis=1) <= room))
+    return keep[seg.ids, seg.pos]
+
+
+def ranks_of_top(seg: Segments, values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Ranks of the masked rows when they are exactly the top rows of each segment."""
+    sub = Segments.of(seg.ids[mask])
+    return ranks_desc(sub, values[mask])
+
+
+def dedup_rows(seg: Segments, values: np.ndarray, hash_code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the best row (highest value, then first) per (segment, hash); return (keep mask, copies)."""
+    n = len(values)
+    key = seg.ids.astype(np.int64) * (int(hash_code.max(initial=0)) + 1) + hash_code
+    order = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    group_start = np.concatenate([[True], sorted_key[1:] != sorted_key[:-1]]) if n else np.zeros(0, bool)
+    if group_start.all():
+        return np.ones(n, dtype=bool), np.ones(n, dtype=np.int64)
+    groups = Segments.of(sorted_key)
+    best = ranks_desc(groups, values[order]) == 0
+    keep = np.zeros(n, dtype=bool)
+    keep[order[best]] = True
+    copies = np.empty(n, dtype=np.int64)
+    copies[order] = groups.sizes[groups.ids]
+    return keep, copies
+
+
+# Rules ---------------------------------------------------------------------------------
+
+def uniform_draws(prompt_id: np.ndarray, sample_idx: np.ndarray, seed: int) -> np.ndarray:
+    """A U(0,1) per sample from (seed, prompt_id, sample_idx) via splitmix64: the same draw
+    for the same sample on any engine, in any row order."""
+    with np.errstate(over="ignore"):
+        z = (np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+             + (prompt_id.astype(np.uint64) << np.uint64(_SAMPLE_BITS)) + sample_idx.astype(np.uint64))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+@dataclass
+class RowSelection:
+    """Accepted rows of one call, as indices into the rows given."""
+
+    index: np.ndarray
+    reshaped_reward: np.ndarray  # log p̂/p̄ at the sample (temperature 1), dedup term included
+    rank_in_prompt: np.ndarray  # 0 = best reward of its prompt (after dedup)
+    rows_considered: int  # after dedup and NaN handling
+    per_prompt: dict[int, int] = field(default_factory=dict)
+
+
+def _subgroup(prompt_id, sample_idx, size):
+    """Groups of `size` consecutive samples of a prompt; only complete groups count."""
+    key = (prompt_id.astype(np.int64) << _SAMPLE_BITS) | (sample_idx // size)
+    seg = Segments.of(key)
+    return seg, seg.sizes[seg.ids] == size
+
+
+def select_rows(prompt_id: np.ndarray, sample_idx: np.ndarray, reward: np.ndarray, hash_code: np.ndarray | None,
+                res: Resolved) -> RowSelection:
+    """Apply the resolved rule to rows made of whole prompts (any row order)."""
+    order = canonical_order(prompt_id, sample_idx)
+    base = np.arange(len(reward)) if order is None else order
+    p, s, r = prompt_id[base], sample_idx[base], reward[base]
+    prompts = Segments.of(p)
+    extra = np.zeros(len(r))
+    if res.dedup and hash_code is not None:
+        keep, copies = dedup_rows(prompts, r, hash_code[base])
+        extra = grs.dedup_log_ratio(copies)
+        base, p, s, r, extra = base[keep], p[keep], s[keep], r[keep], extra[keep]
+        prompts = Segments.of(p)
+    n = len(r)
+    sizes = prompts.sizes[prompts.ids].astype(float)
+
+    if res.method == "top_k" and res.m is None:  # the fast path: only the K best need ranks
+        mask = top_k_mask(prompts, r, res.k)
+        rank = ranks_of_top(prompts, r, mask)
+    else:
+        rank_all = ranks_desc(prompts, r)
+        u_all = (sizes - rank_all - 0.5) / sizes  # mid-rank empirical CDF within the prompt
+        if res.method in ("threshold", "quantile"):
+            mask = r >= res.threshold
+        elif res.method == "best_of_n":
+            groups, complete = _subgroup(p, s, res.n)
+            mask = complete & (ranks_desc(groups, r) == 0)
+        elif res.method == "top_k":
+            groups, complete = _subgroup(p, s, res.m)
+            mask = complete & (ranks_desc(groups, r) < res.k)
+        elif res.method == "rejection":
+            mask = uniform_draws(p, s, res.seed) < grs.rejection_acceptance(r, res.alpha, res.r_max)
+        else:
+            raise SelectionError(f"unknown filter.method {res.method!r}")
+        rank = rank_all[mask]
+
+    idx = np.flatnonzero(mask)
+    u = (sizes[idx] - rank - 0.5) / sizes[idx]
+    log_ratio = _log_ratio(res, r[idx], u, sizes[idx]) + extra[idx]
+    kept_prompts, counts = np.unique(p[idx], return_counts=True)
+    return RowSelection(index=base[idx], reshaped_reward=log_ratio, rank_in_prompt=rank.astype(np.int64),
+                        rows_considered=n, per_prompt={int(a): int(b) for a, b in zip(kept_prompts, counts)})
+
+
+def _log_ratio(res: Resolved, r: np.ndarray, u: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """log p̂/p̄ per accepted row; `m` is each row's prompt size (after dedup)."""
+    if res.method in ("threshold", "quantile"):
+        # −log P(r ≥ τ) needs the global acceptance rate: added by `add_threshold_ratio`.
+        return np.zeros(len(r))
+    if res.method == "best_of_n":
+        return grs.best_of_n_log_ratio(u, res.n)
+    if res.method == "top_k":
+        group = np.asarray(res.m or m, dtype=float)
+        return grs.top_k_log_ratio(u, np.minimum(res.k, group), group)
+    if res.method == "rejection":
+        return (r - res.r_max) / res.alpha - math.log(res.mean_acceptance)
+    raise SelectionError(f"unknown filter.method {res.method!r}")
+
+
+def add_threshold_ratio(res: Resolved, reshaped: np.ndarray, acceptance_rate: float) -> np.ndarray:
+    """Deterministic-set rules: p̂/p̄ = 1/P(accept) on the accepted set."""
+    if res.method in ("threshold", "quantile"):
+        return reshaped - math.log(acceptance_rate)
+    return reshaped
+
+
+def implied_kl(res: Resolved, rows_in: int, accepted: int, rewards: np.ndarray, prompt_sizes: np.ndarray) -> dict:
+    """KL(p̂ ‖ p̄) in nats: the closed form of DESIGN.md §3 and the plug-in estimate on this table."""
+    rate = accepted / rows_in if rows_in else 0.0
+    plug_in = -math.log(rate) if rate > 0 else math.inf
+    if res.method in ("threshold", "quantile"):
+        return {"kl": plug_in, "kl_formula": "-log P(r >= tau)", "kl_empirical": plug_in}
+    if res.method == "best_of_n":
+        return {"kl": grs.best_of_n_kl(res.n), "kl_formula": "log N - (N-1)/N", "kl_empirical": plug_in}
+    if res.method == "top_k":
+        ms = [res.m] if res.m else sorted(set(int(m) for m in prompt_sizes))
+        per_m = {m: grs.top_k_kl(min(res.k, m), m) for m in ms}
+        weights = np.array([1.0]) if res.m else np.array([np.sum(prompt_sizes == m) for m in ms], dtype=float)
+        kl = float(np.dot(weights / weights.sum(), [per_m[m] for m in ms]))
+        return {"kl": kl, "kl_formula": "int_0^1 g log g du, g = (M/K) P[Bin(M-1, 1-u) <= K-1]", "kl_empirical": plug_in}
+    if res.method == "rejection":
+        return {"kl": grs.rejection_kl(rewards, res.alpha, res.r_max), "kl_formula": "E_phat[log a] - log E_pbar[a]",
+                "kl_empirical": plug_in}
+    raise SelectionError(f"unknown filter.method {res.method!r}")

@@ -1,0 +1,78 @@
+"""Parquet tables of a run: reward parts (one per shard) and accepted selections.
+
+Writes go to a local temp file and then through `Storage.put_file`, so a part appears whole
+or not at all. Reads go through `Storage` too (local or S3), hashing the bytes they read:
+the hash of all parts is the table's fingerprint, recorded by every selection made from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pgraft import contract
+from pgraft.storage import Storage
+
+
+def arrow_schema(columns: dict[str, str]) -> pa.Schema:
+    return pa.schema([(name, getattr(pa, kind)()) for name, kind in columns.items()])
+
+
+def write_parquet(storage: Storage, key: str, table: pa.Table) -> None:
+    with tempfile.TemporaryDirectory(prefix="pgraft-parquet-") as tmp:
+        local = Path(tmp) / "part.parquet"
+        pq.write_table(table, local, compression="zstd")
+        storage.put_file(local, key)
+
+
+def read_parquet(storage: Storage, key: str) -> pa.Table:
+    return pq.read_table(io.BytesIO(storage.get_bytes(key)))
+
+
+@dataclass
+class RewardTable:
+    table: pa.Table
+    fingerprint: str  # sha256 over (part name, part sha256) of every part read
+
+
+def list_reward_parts(storage: Storage, round_idx: int, name: str) -> dict[int, str]:
+    parts = {}
+    for key in storage.list(contract.rewards_prefix(round_idx, name)):
+        shard_id = contract.part_shard_id(key)
+        if shard_id is not None:
+            parts[shard_id] = key
+    return parts
+
+
+def _fingerprint_line(key: str, sha256: str) -> bytes:
+    return f"{Path(key).name}:{sha256}\n".encode()
+
+
+def fingerprint_parts(storage: Storage, part_keys: list[str]) -> str:
+    """The table fingerprint without holding the parts in memory (streams each part)."""
+    fingerprint = hashlib.sha256()
+    for key in part_keys:
+        digest = hashlib.sha256()
+        with storage.open_read(key) as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(chunk)
+        fingerprint.update(_fingerprint_line(key, digest.hexdigest()))
+    return fingerprint.hexdigest()
+
+
+def read_reward_table(storage: Storage, part_keys: list[str], columns: list[str] | None = None) -> RewardTable:
+    """Read the given parts (in order) into one table, fingerprinting the bytes read."""
+    fingerprint = hashlib.sha256()
+    tables = []
+    for key in part_keys:
+        data = storage.get_bytes(key)
+        fingerprint.update(_fingerprint_line(key, hashlib.sha256(data).hexdigest()))
+        tables.append(pq.read_table(io.BytesIO(data), columns=columns))
+    table = pa.concat_tables(tables) if tables else arrow_schema(contract.REWARD_COLUMNS).empty_table()
+    return RewardTable(table, fingerprint.hexdigest())

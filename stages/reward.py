@@ -1,0 +1,193 @@
+"""Reward stage: score a round's committed shards into one Parquet part per shard.
+
+Reads only what generate committed (images and JSON; latents are not loaded), never touches
+the shards, and writes `rewards/<table>/part-<shard>.parquet` whole or not at all. Parts that
+exist are skipped, so a rerun finishes an interrupted stage.
+
+    pgraft reward --config configs/digits.yaml
+    python -m stages.reward --config configs/digits.yaml --set reward.name=jpeg_compressibility
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pgraft import contract
+from pgraft.config import Config, ConfigError
+from pgraft.contract import CommitRecord
+from pgraft.hashing import get_hash
+from pgraft.shards import IMAGE_EXT, META_EXT, list_committed, read_shard
+from pgraft.storage import open_storage
+from pgraft.tables import arrow_schema, list_reward_parts, write_parquet
+
+
+class RewardError(RuntimeError):
+    """A reward function failed or returned something unusable; names the shard and key."""
+
+
+@dataclass
+class RewardSummary:
+    run_uri: str
+    round: int
+    table: str
+    shards: int
+    skipped: int
+    written: int
+    rows_written: int
+    seconds: float
+    reward_mean: float | None
+    table_prefix: str
+
+    def render(self) -> str:
+        mean = "n/a" if self.reward_mean is None else f"{self.reward_mean:.4f}"
+        return "\n".join([
+            f"reward: {self.table} for round {self.round} of {self.run_uri}",
+            f"  parts    {self.shards} shards, {self.skipped} already scored, {self.written} written now",
+            f"  rows     {self.rows_written} scored in {self.seconds:.1f} s; mean reward of new rows {mean}",
+            f"  table at {self.table_prefix}/ (read it with DuckDB: SELECT * FROM '{self.table_prefix}/*.parquet')",
+        ])
+
+
+def reward_model_path(cfg: Config) -> str | None:
+    """The reward's weights; digits_alignment defaults to the task's classifier."""
+    if cfg.reward.model_path:
+        return cfg.reward.model_path
+    if cfg.reward.name == "digits_alignment":
+        return str(Path(cfg.task.dir) / "classifier")
+    return None
+
+
+class RewardWorker:
+    """One per actor: builds the reward once, then scores shards into Parquet parts."""
+
+    def __init__(self, cfg_tree: dict, threads: int | None = None):
+        import torch
+
+        from pgraft.models.adapters import resolve_device
+        from pgraft.rewards import make_reward
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.cfg = Config.model_validate(cfg_tree)
+        self.storage = open_storage(self.cfg.run.uri)
+        self.table = self.cfg.reward.table_name()
+        self.reward_fn = make_reward(self.cfg.reward.name, reward_model_path(self.cfg),
+                                     resolve_device(self.cfg.reward.device), dict(self.cfg.reward.options))
+        self.sample_hash = get_hash(self.cfg.reward.hash)
+
+    def _score(self, images, prompts, metadata, keys, shard):
+        from pgraft.rewards import as_output
+
+        try:
+            return as_output(self.reward_fn(images, prompts, metadata), len(images))
+        except Exception as batch_exc:  # noqa: BLE001 - find the sample, then report it
+            for i in range(len(images)):
+                try:
+                    as_output(self.reward_fn(images[i:i + 1], prompts[i:i + 1], metadata[i:i + 1]), 1)
+                except Exception as exc:  # noqa: BLE001
+                    raise RewardError(f"reward {self.cfg.reward.name} failed on {shard}, sample {keys[i]}: "
+                                      f"{exc.__class__.__name__}: {exc}; nothing was written for this shard") from None
+            raise RewardError(f"reward {self.cfg.reward.name} failed on {shard} (batch of {len(images)} from "
+                              f"{keys[0]}): {batch_exc.__class__.__name__}: {batch_exc}") from None
+
+    def score_shard(self, job: tuple[int, dict]) -> dict:
+        shard_id, record_fields = job
+        cfg, rnd = self.cfg, self.cfg.run.round
+        record = CommitRecord(**record_fields)
+        samples = read_shard(self.storage, rnd, shard_id, record, wanted=(IMAGE_EXT, META_EXT))
+        shard = record.shard
+        rewards, extra = [], {}
+        for lo in range(0, len(samples), cfg.reward.batch_size):
+            batch = samples[lo:lo + cfg.reward.batch_size]
+            out = self._score([s.image for s in batch], [s.meta.prompt for s in batch],
+                              [vars(s.meta) for s in batch], [s.key for s in batch], shard)
+            rewards.append(out.rewards)
+            for name, column in out.columns.items():
+                if name in contract.REWARD_COLUMNS:
+                    raise RewardError(f"reward {cfg.reward.name} returns column {name!r}, a reserved reward-table column")
+                extra.setdefault(name, []).append(np.asarray(column))
+        metas = [s.meta for s in samples]
+        columns = {
+            "key": [m.key for m in metas], "shard": [shard] * len(metas), "round": [rnd] * len(metas),
+            "prompt_id": [m.prompt_id for m in metas], "prompt": [m.prompt for m in metas],
+            "sample_idx": [m.sample_idx for m in metas], "seed": [m.seed for m in metas],
+            "reward": np.concatenate(rewards) if rewards else np.zeros(0), "reward_name": [cfg.reward.name] * len(metas),
+            "sample_hash": [self.sample_hash(s.image, vars(s.meta)) for s in samples],
+        }
+        table = pa.table(columns, schema=arrow_schema(contract.REWARD_COLUMNS))
+        for name, parts in extra.items():
+            table = table.append_column(name, pa.array(np.concatenate(parts)))
+        write_parquet(self.storage, contract.reward_part_key(rnd, self.table, shard_id), table)
+        finite = table["reward"].to_numpy()
+        finite = finite[np.isfinite(finite)]
+        return {"rows": table.num_rows, "reward_sum": float(finite.sum()), "finite": int(len(finite))}
+
+
+def check_reward_config(cfg: Config) -> None:
+    """Cheap checks before any actor starts: the reward exists, its weights are where named."""
+    from pgraft.plugins import load_plugin
+    from pgraft.rewards import REWARDS
+
+    name = cfg.reward.name
+    if name not in REWARDS:
+        if ":" not in name:
+            raise ConfigError(f"config error: reward.name: unknown reward {name!r}; built in: {sorted(REWARDS)}, or module:function")
+        load_plugin(name, "reward.name")
+    get_hash(cfg.reward.hash)
+    path = reward_model_path(cfg)
+    if name == "digits_alignment" and not (Path(path) / "model.safetensors").is_file():
+        raise ConfigError(f"config error: reward.model_path: no digits classifier at {path!r} "
+                          "(run `pgraft pretrain digits --out DIR` or set reward.model_path)")
+
+
+def run_reward(cfg: Config, progress: bool = True) -> RewardSummary:
+    import ray
+
+    import cluster
+
+    start = time.perf_counter()
+    check_reward_config(cfg)
+    storage = open_storage(cfg.run.uri)
+    rnd, table = cfg.run.round, cfg.reward.table_name()
+    committed = list_committed(storage, rnd)
+    if not committed:
+        raise RewardError(f"no committed shards in round {rnd} of {storage.uri}; run `pgraft generate` first")
+    done = list_reward_parts(storage, rnd, table)
+    pending = [(sid, vars(rec)) for sid, rec in sorted(committed.items()) if sid not in done]
+    summary = RewardSummary(run_uri=storage.uri, round=rnd, table=table, shards=len(committed),
+                            skipped=len(committed) - len(pending), written=0, rows_written=0, seconds=0.0,
+                            reward_mean=None, table_prefix=storage.url(contract.rewards_prefix(rnd, table)))
+    if pending:
+        cluster.connect()
+        count, resources = cluster.worker_resources(cfg.reward.num_workers, want_gpu=cfg.reward.device != "cpu")
+        threads = resources.get("num_cpus") if "num_gpus" not in resources else None
+        actors = [ray.remote(RewardWorker).options(**resources).remote(cfg.model_dump(mode="json"), threads)
+                  for _ in range(min(count, len(pending)))]
+        totals = {"sum": 0.0, "finite": 0}
+
+        def on_result(result: dict) -> None:
+            summary.written += 1
+            summary.rows_written += result["rows"]
+            totals["sum"] += result["reward_sum"]
+            totals["finite"] += result["finite"]
+
+        cluster.run_pool(actors, "score_shard", pending, on_result, f"reward {table} round {rnd}", progress)
+        summary.reward_mean = totals["sum"] / totals["finite"] if totals["finite"] else None
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pgraft.cli import run_stage
+
+    return run_stage("reward", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
