@@ -7,6 +7,7 @@ cluster; otherwise `ray.init()` starts a local one, the embedded default.
 from __future__ import annotations
 
 import os
+import re
 
 import ray
 
@@ -41,8 +42,11 @@ def unwrap_remote_error(exc: Exception) -> Exception:
     cause = getattr(exc, "cause", None)
     if isinstance(cause, Exception):
         return cause
-    text = str(exc).strip().splitlines()
-    return WorkerError(f"worker failed: {text[-1] if text else exc.__class__.__name__}")
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else exc.__class__.__name__
+    # An actor that failed to start reports "module.SomeError: message" as its last line.
+    match = re.match(r"^[\w.]+(Error|Exception): (.*)$", last)
+    return WorkerError(f"worker failed to start: {match.group(2)}" if match else f"worker failed: {last}")
 
 
 def run_pool(actors: list, method: str, items: list, on_result, desc: str, progress: bool = True) -> None:

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny_models.py
+TESTS = str(Path(__file__).parent)
+sys.path.insert(0, TESTS)  # tiny_models, helpers, plugin_rewards
+# Ray's worker processes inherit this, so plug-ins named module:function import there too.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH")) if p)
 
 # Keep every test on the CPU and quiet, whatever the machine has.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")

@@ -84,3 +84,21 @@ def save_tiny_sd3(out: Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(out)
     return out
+
+
+def save_tiny_clip(out: Path, seed: int = 0) -> Path:
+    """CLIPModel + tokenizer + image processor, all tiny, in one folder (as on the hub)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                         vocab_size=100, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                           image_size=16, patch_size=4),
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(out)
+    tiny_clip_tokenizer().save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(out)
+    return out
