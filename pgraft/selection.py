@@ -69,7 +69,8 @@ def resolve(spec: FilterSection, rewards: np.ndarray, prompt_sizes: np.ndarray, 
     elif spec.method == "top_k" and budget is not None:
         res.k, res.chosen_for_budget = grs.top_k_for_kl(budget, res.m or int(prompt_sizes.min())), "k"
     elif spec.method == "rejection":
-        top = float(rewards.max())
+        rewards = np.sort(rewards)  # sums below must not depend on the engine's row order
+        top = float(rewards[-1])
         if res.r_max is None:
             res.r_max = top
         elif res.r_max < top:
@@ -278,6 +279,6 @@ def implied_kl(res: Resolved, rows_in: int, accepted: int, rewards: np.ndarray, 
         kl = float(np.dot(weights / weights.sum(), [per_m[m] for m in ms]))
         return {"kl": kl, "kl_formula": "int_0^1 g log g du, g = (M/K) P[Bin(M-1, 1-u) <= K-1]", "kl_empirical": plug_in}
     if res.method == "rejection":
-        return {"kl": grs.rejection_kl(rewards, res.alpha, res.r_max), "kl_formula": "E_phat[log a] - log E_pbar[a]",
+        return {"kl": grs.rejection_kl(np.sort(rewards), res.alpha, res.r_max), "kl_formula": "E_phat[log a] - log E_pbar[a]",
                 "kl_empirical": plug_in}
     raise SelectionError(f"unknown filter.method {res.method!r}")

@@ -164,8 +164,10 @@ def _select_ray_data(storage, parts, cfg, seed):
         out["rows_considered"] = np.full(len(chosen.index), chosen.rows_considered)
         return out
 
-    result = ds.groupby("prompt_id").map_groups(per_prompt, batch_format="numpy").to_pandas()
-    considered = (int(ds.groupby(["prompt_id", "sample_hash"]).count().count()) if res.dedup else len(rewards))
+    partitions = max(2, min(64, len(parts)))  # Ray's default (200) is far too many for small tables
+    result = ds.groupby("prompt_id", num_partitions=partitions).map_groups(per_prompt, batch_format="numpy").to_pandas()
+    considered = (int(ds.groupby(["prompt_id", "sample_hash"], num_partitions=partitions).count().count())
+                  if res.dedup else len(rewards))
     counts = result.groupby("prompt_id").size()
     chosen = RowSelection(index=np.arange(len(result)), reshaped_reward=result["reshaped_reward"].to_numpy(),
                           rank_in_prompt=result["rank_in_prompt"].to_numpy(), rows_considered=considered,

@@ -81,16 +81,20 @@ def _ray_session_shutdown():
     ray.shutdown()
 
 
-@pytest.fixture
-def ray_local(s3_endpoint, _ray_session_shutdown):
-    """A real local Ray cluster with 2 CPUs, started once and kept for the session (restarted
-    only if a test stopped it)."""
+def ensure_local_ray():
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     return ray
+
+
+@pytest.fixture
+def ray_local(s3_endpoint, _ray_session_shutdown):
+    """A real local Ray cluster with 2 CPUs, started once and kept for the session (restarted
+    only if a test stopped it). Started after the S3 server so its workers see the endpoint."""
+    return ensure_local_ray()
 
 
 @pytest.fixture(scope="session")
