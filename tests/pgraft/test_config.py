@@ -24,7 +24,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
     ("generate.samples_per_promt=8", "config error: generate.samples_per_promt: unknown key"),
     ("generate.samples_per_prompt=-1", "config error: generate.samples_per_prompt: Input should be greater than or equal to 1 (got -1)"),
     ("model.kind=gan", "config error: model.kind:"),
-    ("generate.capture_steps=[5,5]", "config error: generate.capture_steps: Value error, duplicate step indices"),
+    ("generate.capture_steps=[5,5]", "config error: generate.capture_steps: duplicate step indices in [5, 5]"),
     ("nosection.x=1", "config error: nosection: unknown key"),
     ("run.seed", "is not of the form key.path=value"),
     ("run.seed.x=1", "config error: run.seed: Input should be a valid integer"),
