@@ -18,9 +18,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from stages.filter import FilterError
     from stages.generate import GenerateError
     from stages.reward import RewardError
+    from stages.train import TrainError
 
     return (ConfigError, StorageError, ModelError, ShardError, GenerateError, RewardError, FilterError,
-            SelectionError, WorkerError, FileNotFoundError)
+            SelectionError, WorkerError, TrainError, FileNotFoundError)
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +31,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-STAGES = ("generate", "reward", "filter")
+STAGES = ("generate", "reward", "filter", "train")
 # Stage-specific flags: (flag, keyword argument of the stage's run function, help).
 STAGE_FLAGS = {
     "filter": [("--force", "force", "replace an existing selection of the same name made with other parameters"),

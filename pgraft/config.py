@@ -58,6 +58,10 @@ class ModelSection(_Section):
     width: int | None = Field(None, ge=8, description="Image width for pipelines (None: the model's default).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Compute dtype; latents are stored as float32.")
     device: str = Field("auto", description="`auto` (cuda when visible, else cpu), `cpu`, or `cuda`.")
+    finetuned: str | None = Field(
+        None, description="A train stage's `model/` folder: sample with the composite sampler (fine-tuned model "
+        "for steps T→t, base model for t→0). The round pipeline sets it for rounds after the first.",
+    )
 
 
 class GenerateSection(_Section):
@@ -137,6 +141,33 @@ class FilterSection(_Section):
         return f"{self.method}-{label}" + ("-dedup" if self.dedup else "")
 
 
+class TrainSection(_Section):
+    selection: str | None = Field(None, description="Selection (filter/<name>) to train on; default: the filter section's name.")
+    t_step: int = Field(15, ge=1, description="Step index k of the accepted latents x_k to learn from (a captured step); "
+                        "k = model.num_inference_steps means x_0 (GRAFT).")
+    name: str | None = Field(None, description="Output name under train/ (default: <selection>-t<t_step>).")
+    mode: Literal["full", "lora"] = Field("full", description="Fine-tune every weight, or a LoRA adapter (peft).")
+    lora_rank: int = Field(8, ge=1, description="LoRA rank.")
+    lora_targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+                                    description="Module names that get LoRA adapters.")
+    steps: int = Field(400, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(64, ge=1, description="Global batch size (micro batch × accumulation × processes).")
+    micro_batch_size: int | None = Field(None, ge=1, description="Per-process micro batch (default: batch_size / processes).")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, ge=0, description="Gradient norm clipping (0: off).")
+    prompt_dropout: float = Field(0.1, ge=0, le=1, description="Probability of replacing the condition by the null "
+                                  "condition, as the base was trained for classifier-free guidance.")
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="`auto`: bf16 on CUDA, fp32 on CPU.")
+    checkpoint_every: int = Field(100, ge=1, description="Save a DeepSpeed checkpoint every this many steps (and at the end).")
+    seed: int = Field(0, ge=0, description="Seed of the data order, noise draws and dropout (per step, so resume is exact).")
+    cache_dir: str = Field("~/.cache/pgraft", description="Local staging for checkpoints and models of s3:// runs.")
+
+    def output_name(self, selection: str) -> str:
+        return self.name or f"{selection}-t{self.t_step}"
+
+
 class Config(_Section):
     run: RunSection = Field(default_factory=RunSection, description="Where and with which seed the run lives.")
     task: TaskSection = Field(default_factory=TaskSection, description="The built-in task, if any.")
@@ -144,6 +175,7 @@ class Config(_Section):
     generate: GenerateSection = Field(default_factory=GenerateSection, description="The generate stage.")
     reward: RewardSection = Field(default_factory=RewardSection, description="The reward stage.")
     filter: FilterSection = Field(default_factory=lambda: FilterSection(n=8), description="The filter stage.")
+    train: TrainSection = Field(default_factory=TrainSection, description="The train stage.")
 
 
 def _format_validation_error(err: ValidationError) -> str:

@@ -90,8 +90,8 @@ def _reward_parts(storage: Storage, cfg: Config, allow_partial: bool) -> list[st
 def _check_existing(storage: Storage, cfg: Config, name: str, force: bool) -> dict | None:
     """The stored summary when this selection exists with the same spec; refuse a different one."""
     key = contract.selection_summary_key(cfg.run.round, name)
-    if not storage.exists(key):
-        return None
+    if force or not storage.exists(key):
+        return None  # --force always recomputes
     old = json.loads(storage.get_bytes(key))
     mine = {"spec": cfg.filter.model_dump(mode="json"), "reward_table": cfg.reward.table_name(), "seed": cfg.run.seed}
     theirs = {"spec": old.get("spec"), "reward_table": old.get("reward_table"), "seed": old.get("source", {}).get("seed")}
