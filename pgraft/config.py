@@ -163,6 +163,8 @@ class TrainSection(_Section):
     checkpoint_every: int = Field(100, ge=1, description="Save a DeepSpeed checkpoint every this many steps (and at the end).")
     seed: int = Field(0, ge=0, description="Seed of the data order, noise draws and dropout (per step, so resume is exact).")
     cache_dir: str = Field("~/.cache/pgraft", description="Local staging for checkpoints and models of s3:// runs.")
+    eval_samples_per_prompt: int = Field(50, ge=0, description="Round pipeline: fresh samples per prompt scored for "
+                                         "the base and the fine-tuned composite after training (0: skip).")
 
     def output_name(self, selection: str) -> str:
         return self.name or f"{selection}-t{self.t_step}"

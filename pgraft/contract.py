@@ -145,6 +145,7 @@ class SampleMeta:
     guidance_scale: float
     captured_steps: dict[str, int] = field(default_factory=dict)  # latent name -> scheduler timestep
     timesteps: list[float] = field(default_factory=list)  # every timestep the sampler visited, in order
+    finetuned: str | None = None  # the train stage model/ folder of the composite sampler, if any
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> bytes:

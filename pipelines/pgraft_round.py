@@ -18,8 +18,8 @@ if __package__ in (None, ""):  # run as a script (ray job submit): make the repo
 
 from pgraft.config import Config, load_config  # noqa: E402
 
-# Stages this pipeline runs, in order. Train joins when it lands.
-STAGES = ("generate", "reward", "filter")
+# Stages this pipeline runs, in order, every round.
+STAGES = ("generate", "reward", "filter", "train")
 
 
 def ensure_task_models(cfg: Config, progress: bool = True) -> None:
@@ -34,18 +34,56 @@ def ensure_task_models(cfg: Config, progress: bool = True) -> None:
           f"{summary.get('ddpm_alignment_at_guidance_0.7', float('nan')):.3f}")
 
 
-def run_round_pipeline(cfg: Config, progress: bool = True) -> None:
+def finetuned_model_dir(cfg: Config, round_idx: int) -> str:
+    """A local folder holding round `round_idx`'s fine-tuned model (fetched if the run is on S3)."""
+    from pgraft import contract
+    from pgraft.storage import open_storage
+
+    storage = open_storage(cfg.run.uri)
+    selection = cfg.train.selection or cfg.filter.selection_name()
+    prefix = f"{contract.train_prefix(round_idx, cfg.train.output_name(selection))}/model"
+    local = storage.local_path(prefix)
+    if local is not None:
+        return local
+    target = Path(cfg.train.cache_dir).expanduser() / "models" / prefix.replace("/", "_")
+    for key in storage.list(prefix):
+        path = target / key[len(prefix) + 1:]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(storage.get_bytes(key))
+    return str(target)
+
+
+def run_round_pipeline(cfg: Config, progress: bool = True) -> list[dict]:
+    """Run `run.rounds` rounds from `run.round`; round r > first samples from round r−1's model."""
     from stages.filter import run_filter
-    from stages.generate import run_generate
-    from stages.reward import run_reward
+    from stages.generate import resolve_prompts, run_generate
+    from stages.reward import reward_model_path, run_reward
+    from stages.train import run_train
 
     ensure_task_models(cfg, progress)
-    if cfg.run.rounds > 1:
-        print("note: rounds after the first need the train stage (not built yet); running one round")
-    round_cfg = cfg.model_copy(deep=True)
-    for run_stage in (run_generate, run_reward, run_filter):
-        print(run_stage(round_cfg, progress=progress).render())
-    print(f"stages run: {', '.join(STAGES)}; the train stage is not built yet")
+    results = []
+    for rnd in range(cfg.run.round, cfg.run.round + cfg.run.rounds):
+        round_cfg = cfg.model_copy(deep=True)
+        round_cfg.run.round = rnd
+        if rnd > cfg.run.round or rnd > 0 and cfg.model.finetuned is None:
+            round_cfg.model.finetuned = finetuned_model_dir(cfg, rnd - 1)
+        print(f"== round {rnd}" + (f" (sampling from {round_cfg.model.finetuned})" if round_cfg.model.finetuned else ""))
+        for run_stage in (run_generate, run_reward, run_filter, run_train):
+            print(run_stage(round_cfg, progress=progress).render())
+        result = {"round": rnd}
+        if cfg.train.eval_samples_per_prompt:
+            from pgraft.evaluate import sample_rewards
+
+            trained = round_cfg.model.model_copy(update={"finetuned": finetuned_model_dir(cfg, rnd)})
+            args = (round_cfg.reward, reward_model_path(round_cfg), resolve_prompts(round_cfg.generate.prompts),
+                    cfg.train.eval_samples_per_prompt)
+            before = sample_rewards(round_cfg.model, *args)
+            after = sample_rewards(trained, *args)
+            result.update(reward_before=float(before.mean()), reward_after=float(after.mean()))
+            print(f"round {rnd}: mean {round_cfg.reward.name} on {len(after)} fresh samples "
+                  f"{before.mean():.4f} (sampler of this round) → {after.mean():.4f} (after its training)")
+        results.append(result)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ from pgraft.storage import Storage, open_storage
 # Config fields that change what a sample is; a run refuses to continue if they change.
 # (num_workers and batch_size only change how the work is spread.)
 _NOT_IDENTITY = {("generate", "num_workers"), ("generate", "batch_size"), ("model", "device"), ("run", "rounds"),
-                 ("run", "round")}
+                 ("run", "round"), ("run", "uri"), ("model", "finetuned")}  # uri: runs may move; finetuned: per round
 
 
 class GenerateError(RuntimeError):
@@ -145,7 +145,7 @@ class GenerateWorker:
                 meta = SampleMeta(
                     key=contract.sample_key(prompt_id, sample_idx), prompt=self.prompts[prompt_id],
                     prompt_id=prompt_id, sample_idx=sample_idx, seed=seed, round=rnd, model=cfg.model.path,
-                    model_kind=cfg.model.kind, scheduler=rollout.scheduler,
+                    model_kind=cfg.model.kind, finetuned=cfg.model.finetuned, scheduler=rollout.scheduler,
                     num_inference_steps=cfg.model.num_inference_steps, guidance_scale=cfg.model.guidance_scale,
                     captured_steps=dict(rollout.captured_timesteps), timesteps=rollout.timesteps,
                 )

@@ -158,11 +158,13 @@ def path_of(scheduler):
 
 def _trainable(net, cfg: Config):
     if cfg.train.mode == "lora":
-        from peft import LoraConfig
+        from pgraft.models.lora import inject_lora
 
         net.requires_grad_(False)
-        net.add_adapter(LoraConfig(r=cfg.train.lora_rank, lora_alpha=cfg.train.lora_rank, init_lora_weights="gaussian",
-                                   target_modules=cfg.train.lora_targets))
+        try:
+            inject_lora(net, cfg.train.lora_rank, cfg.train.lora_targets)
+        except ValueError as exc:
+            raise TrainError(f"train.lora_targets={cfg.train.lora_targets}: {exc}") from None
     params = [p for p in net.parameters() if p.requires_grad]
     if not params:
         raise TrainError(f"no trainable parameters (train.lora_targets={cfg.train.lora_targets} matched nothing?)")
@@ -178,14 +180,19 @@ def _free_port() -> int:
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
-    """Join the launcher's process group (torchrun/deepspeed set RANK etc.) or make one of one."""
+    """Join the launcher's process group (torchrun/deepspeed set RANK, WORLD_SIZE, MASTER_*),
+    or make a group of one on a free port without leaving MASTER_PORT in the environment
+    (a later subprocess would inherit a port that is taken)."""
     import deepspeed
 
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            deepspeed.init_distributed(dist_backend=backend, verbose=False, auto_mpi_discovery=False)
+        else:
+            os.environ.setdefault("LOCAL_RANK", "0")
+            deepspeed.init_distributed(dist_backend=backend, verbose=False, auto_mpi_discovery=False,
+                                       init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
@@ -291,7 +298,12 @@ def run_train(cfg: Config, progress: bool = True) -> TrainSummary:
     out_prefix = contract.train_prefix(rnd, name)
     data = load_accepted(storage, cfg, selection)
 
-    adapter = load_adapter(cfg.model.model_copy(update={"finetuned": None}))
+    adapter = load_adapter(cfg.model)
+    if adapter.composite is not None:
+        # A later round: keep tuning the previous round's T→t network (the base stays for t→0).
+        if adapter.composite.tuned is None or cfg.train.mode == "lora":
+            raise TrainError("training on top of a LoRA composite (a later round in train.mode=lora) is not supported yet")
+        adapter.composite.use_finetuned()
     device = adapter.device
     rank, world = init_distributed(device)
     torch.manual_seed(cfg.train.seed)  # LoRA initialisation
@@ -385,9 +397,9 @@ def export_model(engine, cfg: Config, storage: Storage, out_prefix: str, data: A
             return storage.url(f"{out_prefix}/model")
         with _staging(storage, f"{out_prefix}/model", cfg.train.cache_dir) as folder:
             if cfg.train.mode == "lora":
-                from peft import get_peft_model_state_dict
+                from pgraft.models.lora import lora_state_dict
 
-                lora = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(net).items()}
+                lora = lora_state_dict(net)
                 (folder / "lora").mkdir(parents=True, exist_ok=True)
                 save_file(lora, folder / "lora" / "adapter.safetensors")
                 (folder / "lora" / "config.json").write_text(json.dumps(
