@@ -130,3 +130,14 @@ def tiny_sd3(tmp_path_factory):
     from tiny_models import save_tiny_sd3
 
     return save_tiny_sd3(tmp_path_factory.mktemp("models") / "sd3")
+
+
+@pytest.fixture(scope="session")
+def classifier_dir(tmp_path_factory):
+    """A digits classifier trained for a few seconds: good enough to rank samples."""
+    from pgraft.tasks import digits
+
+    model, _ = digits.train_classifier(seed=0, epochs=5)
+    out = tmp_path_factory.mktemp("task") / "classifier"
+    digits.save_classifier(model, out)
+    return out

@@ -15,14 +15,6 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def classifier_dir(tmp_path_factory):
-    model, _ = digits.train_classifier(seed=0, epochs=5)
-    out = tmp_path_factory.mktemp("clf") / "classifier"
-    digits.save_classifier(model, out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     from tiny_models import save_tiny_clip
 
