@@ -52,7 +52,7 @@ def write_table(run: Path, rows: int, per_prompt: int, part_rows: int = 100_000,
             "prompt_id": prompt, "prompt": pc.binary_join_element_wise("prompt ", p_str, ""), "sample_idx": sample,
             "seed": rng.integers(0, 2**62, len(idx)), "reward": rng.random(len(idx)).round(6),
             "reward_name": pa.array(["synthetic"] * len(idx)),
-            "sample_hash": pa.array(hash_src).cast(pa.string()),
+            "sample_hash": pc.utf8_lpad(pa.array(hash_src).cast(pa.string()), 16, "0"),  # fixed width, like dHash
         }, schema=arrow_schema(contract.REWARD_COLUMNS))
         pq.write_table(table, prefix / f"part-{part:06d}.parquet", compression="zstd")
 

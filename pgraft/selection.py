@@ -149,21 +149,53 @@ def ranks_of_top(seg: Segments, values: np.ndarray, mask: np.ndarray) -> np.ndar
 
 
 def dedup_rows(seg: Segments, values: np.ndarray, hash_code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Keep the best row (highest value, then first) per (segment, hash); return (keep mask, copies)."""
+    """Keep the best row (highest value, then first) per (segment, hash); return (keep mask, copies).
+
+    A hash table finds the rows that have a twin (usually few); only those are sorted."""
+    import pandas as pd
+
     n = len(values)
-    key = seg.ids.astype(np.int64) * (int(hash_code.max(initial=0)) + 1) + hash_code
-    order = np.argsort(key, kind="stable")
-    sorted_key = key[order]
-    group_start = np.concatenate([[True], sorted_key[1:] != sorted_key[:-1]]) if n else np.zeros(0, bool)
-    if group_start.all():
-        return np.ones(n, dtype=bool), np.ones(n, dtype=np.int64)
-    groups = Segments.of(sorted_key)
+    keep = np.ones(n, dtype=bool)
+    copies = np.ones(n, dtype=np.int64)
+    with np.errstate(over="ignore"):  # one int64 per (segment, hash); a collision only adds a candidate
+        mixed = hash_code.astype(np.uint64) ^ (seg.ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    twins = np.flatnonzero(pd.Series(mixed.view(np.int64)).duplicated(keep=False).to_numpy())
+    if len(twins) == 0:
+        return keep, copies
+    order = twins[np.lexsort((np.arange(len(twins)), hash_code[twins], seg.ids[twins]))]  # stable within groups
+    s_seg, s_hash = seg.ids[order], hash_code[order]
+    starts = np.concatenate([[True], (s_seg[1:] != s_seg[:-1]) | (s_hash[1:] != s_hash[:-1])])
+    groups = Segments.of(np.cumsum(starts))
     best = ranks_desc(groups, values[order]) == 0
-    keep = np.zeros(n, dtype=bool)
-    keep[order[best]] = True
-    copies = np.empty(n, dtype=np.int64)
+    keep[order[~best]] = False
     copies[order] = groups.sizes[groups.ids]
     return keep, copies
+
+
+def hash_codes(hashes) -> np.ndarray:
+    """64-bit codes of sample_hash strings (a pyarrow array): equal strings, equal codes; distinct
+    strings collide with probability ~n²/2⁶⁴. Same-length strings (every built-in hash) are read
+    straight from Arrow's data buffer; others go through dictionary encoding."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = hashes.combine_chunks() if isinstance(hashes, pa.ChunkedArray) else hashes
+    arr = arr.cast(pa.string())
+    if len(arr) and arr.null_count == 0:
+        offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset:arr.offset + len(arr) + 1]
+        width = int(offsets[1] - offsets[0])
+        if width > 0 and np.all(np.diff(offsets) == width):
+            data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]].reshape(-1, width)
+            if width % 8:
+                data = np.concatenate([data, np.zeros((len(arr), 8 - width % 8), np.uint8)], axis=1)
+            words = np.ascontiguousarray(data).view(np.uint64)
+            code = np.zeros(len(arr), dtype=np.uint64)
+            with np.errstate(over="ignore"):
+                for j in range(words.shape[1]):  # FNV-style mixing of 8-byte words
+                    code = (code ^ words[:, j]) * np.uint64(0x100000001B3)
+                    code ^= code >> np.uint64(29)
+            return code.view(np.int64)
+    return pc.dictionary_encode(arr).indices.to_numpy().astype(np.int64)
 
 
 # Rules ---------------------------------------------------------------------------------

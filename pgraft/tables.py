@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -66,13 +67,18 @@ def fingerprint_parts(storage: Storage, part_keys: list[str]) -> str:
     return fingerprint.hexdigest()
 
 
-def read_reward_table(storage: Storage, part_keys: list[str], columns: list[str] | None = None) -> RewardTable:
-    """Read the given parts (in order) into one table, fingerprinting the bytes read."""
+def read_reward_table(storage: Storage, part_keys: list[str], columns: list[str] | None = None,
+                      with_part_ids: bool = False) -> RewardTable:
+    """Read the given parts (in order) into one table, fingerprinting the bytes read;
+    `with_part_ids` adds an int32 `_part` column: the shard id each row's part belongs to."""
     fingerprint = hashlib.sha256()
     tables = []
     for key in part_keys:
         data = storage.get_bytes(key)
         fingerprint.update(_fingerprint_line(key, hashlib.sha256(data).hexdigest()))
-        tables.append(pq.read_table(io.BytesIO(data), columns=columns))
+        table = pq.read_table(io.BytesIO(data), columns=columns)
+        if with_part_ids:
+            table = table.append_column("_part", pa.array(np.full(table.num_rows, contract.part_shard_id(key), np.int32)))
+        tables.append(table)
     table = pa.concat_tables(tables) if tables else arrow_schema(contract.REWARD_COLUMNS).empty_table()
     return RewardTable(table, fingerprint.hexdigest())

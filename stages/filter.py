@@ -22,11 +22,13 @@ import pyarrow.compute as pc
 
 from pgraft import contract
 from pgraft.config import Config
-from pgraft.selection import Resolved, RowSelection, SelectionError, add_threshold_ratio, implied_kl, resolve, select_rows
+from pgraft.selection import (Resolved, RowSelection, SelectionError, add_threshold_ratio, hash_codes, implied_kl,
+                              resolve, select_rows)
 from pgraft.shards import list_committed
 from pgraft.storage import Storage, open_storage
 from pgraft.tables import arrow_schema, fingerprint_parts, list_reward_parts, read_parquet, read_reward_table, write_parquet
 
+# Columns the Ray Data engine reads (the local engine reads fewer).
 _READ_COLUMNS = ["key", "shard", "prompt_id", "sample_idx", "reward", "sample_hash"]
 
 
@@ -116,23 +118,47 @@ def _nonfinite(rewards: np.ndarray, keys, cfg: Config) -> np.ndarray:
 
 
 def _select_local(storage, parts, cfg, seed):
-    source = read_reward_table(storage, parts, columns=_READ_COLUMNS)
+    """One process. Reads only the numeric columns (and sample_hash for dedup): `key` and
+    `shard` of the accepted rows follow from (prompt_id, sample_idx) and the part's shard."""
+    columns = ["prompt_id", "sample_idx", "reward"] + (["sample_hash"] if cfg.filter.dedup else [])
+    source = read_reward_table(storage, parts, columns=columns, with_part_ids=True)
     table = source.table
     rewards = table["reward"].to_numpy()
-    bad = _nonfinite(rewards, table["key"], cfg)
+    prompt_id, sample_idx = table["prompt_id"].to_numpy(), table["sample_idx"].to_numpy()
+    bad = _nonfinite(rewards, _LazyKeys(prompt_id, sample_idx), cfg)
     if bad.any():
         table = table.filter(pa.array(~bad))
-        rewards = table["reward"].to_numpy()
+        rewards, prompt_id, sample_idx = rewards[~bad], prompt_id[~bad], sample_idx[~bad]
     if table.num_rows == 0:
         raise FilterError("the reward table has no usable rows")
-    prompt_id, sample_idx = table["prompt_id"].to_numpy(), table["sample_idx"].to_numpy()
-    sizes = np.unique(prompt_id, return_counts=True)[1]
+    sizes = _prompt_sizes(prompt_id)
     res = resolve(cfg.filter, rewards, sizes, seed)
-    codes = (pc.dictionary_encode(table["sample_hash"]).combine_chunks().indices.to_numpy().astype(np.int64)
-             if res.dedup else None)
+    codes = hash_codes(table["sample_hash"]) if res.dedup else None
     chosen = select_rows(prompt_id, sample_idx, rewards, codes, res)
-    accepted = table.select(["key", "shard", "prompt_id", "sample_idx", "reward"]).take(pa.array(chosen.index))
+    idx = chosen.index
+    part_ids = table["_part"].to_numpy()[idx]
+    accepted = pa.table({
+        "key": [contract.sample_key(int(p), int(s)) for p, s in zip(prompt_id[idx], sample_idx[idx])],
+        "shard": [f"{contract.shard_name(int(sid))}.tar" for sid in part_ids],
+        "prompt_id": prompt_id[idx], "sample_idx": sample_idx[idx], "reward": rewards[idx],
+    })
     return res, chosen, accepted, rewards, sizes, int(bad.sum()), source.fingerprint
+
+
+class _LazyKeys:
+    """Sample keys computed only for the rows an error message shows."""
+
+    def __init__(self, prompt_id, sample_idx):
+        self.prompt_id, self.sample_idx = prompt_id, sample_idx
+
+    def __getitem__(self, i):
+        return contract.sample_key(int(self.prompt_id[i]), int(self.sample_idx[i]))
+
+
+def _prompt_sizes(prompt_id: np.ndarray) -> np.ndarray:
+    counts = np.bincount(prompt_id) if prompt_id.min() >= 0 and prompt_id.max() < 50_000_000 else \
+        np.unique(prompt_id, return_counts=True)[1]
+    return counts[counts > 0]
 
 
 def _select_ray_data(storage, parts, cfg, seed):
@@ -150,13 +176,11 @@ def _select_ray_data(storage, parts, cfg, seed):
     if bad.any():
         ds = ds.filter(lambda row: math.isfinite(row["reward"]))
     rewards = slim["reward"].to_numpy()[~bad]
-    sizes = np.unique(slim["prompt_id"].to_numpy()[~bad], return_counts=True)[1]
+    sizes = _prompt_sizes(slim["prompt_id"].to_numpy()[~bad])
     res = resolve(cfg.filter, rewards, sizes, seed)
 
     def per_prompt(batch: dict) -> dict:
-        codes = None
-        if res.dedup:
-            codes = np.unique(batch["sample_hash"], return_inverse=True)[1].astype(np.int64)
+        codes = hash_codes(pa.array(batch["sample_hash"])) if res.dedup else None
         chosen = select_rows(batch["prompt_id"], batch["sample_idx"], batch["reward"], codes, res)
         out = {name: batch[name][chosen.index] for name in ("key", "shard", "prompt_id", "sample_idx", "reward")}
         out["reshaped_reward"] = chosen.reshaped_reward

@@ -82,3 +82,19 @@ def test_uniform_draws_are_stable_and_uniform():
     u = uniform_draws(p, s, 3)
     assert np.array_equal(u, uniform_draws(p, s, 3)) and not np.array_equal(u, uniform_draws(p, s, 4))
     assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
+
+
+@pytest.mark.parametrize("values", [
+    ["00ff", "abcd", "00ff", "abce", "abcd"],  # one width: read from Arrow's buffer
+    ["a" * 32, "b" * 32, "a" * 32, "c" * 31 + "d", "b" * 32],
+    ["x", "yy", "x", "zzz", "yy"],  # mixed widths: dictionary encoding
+])
+def test_hash_codes_equal_iff_strings_equal(values):
+    import pyarrow as pa
+
+    from pgraft.selection import hash_codes
+
+    codes = hash_codes(pa.chunked_array([pa.array(values[:2]), pa.array(values[2:])]))
+    for i, a in enumerate(values):
+        for j, b in enumerate(values):
+            assert (codes[i] == codes[j]) == (a == b)
