@@ -1,0 +1,315 @@
+"""One interface over diffusers models: roll out a batch from given seeds, capture x_T, the
+latents after the configured step indices and x_0, and decode the final image.
+
+Capture rides on diffusers' `callback_on_step_end`, so the rollout *is* the pipeline call:
+the latent named `x_k` is the one the pipeline holds after k sampler steps, at noise level
+`scheduler.timesteps[k]` (DDIM `leading` 20/1000: step 15 → t = 200).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from pgraft import contract
+from pgraft.config import ModelSection
+
+MODEL_CARD = "pgraft_model.json"  # class_unet folders: prompt → class map, null class, task
+
+
+class ModelError(RuntimeError):
+    """The configured model cannot be used; the message names the path or field."""
+
+
+@dataclass
+class Rollout:
+    latents: dict[str, torch.Tensor]  # name -> (B, ...) float32 on CPU
+    images: np.ndarray  # uint8 (B, H, W) or (B, H, W, 3)
+    captured_timesteps: dict[str, int]  # latent name -> scheduler timestep of that latent
+    timesteps: list[float]  # every timestep the sampler visited
+    scheduler: str
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """x_T per sample from its own seed, drawn on the CPU so every device sees the same noise."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+def step_generators(seeds: list[int]) -> list[torch.Generator]:
+    # A stream distinct from the initial noise, for stochastic samplers' per-step noise.
+    return [torch.Generator().manual_seed((s + 0x9E3779B97F4A7C15) % (1 << 63)) for s in seeds]
+
+
+def _scheduler_for(current, model: ModelSection):
+    import diffusers
+
+    classes = {"ddim": diffusers.DDIMScheduler, "ddpm": diffusers.DDPMScheduler,
+               "flow_euler": diffusers.FlowMatchEulerDiscreteScheduler}
+    overrides = {} if model.timestep_spacing == "folder" else {"timestep_spacing": model.timestep_spacing}
+    cls = type(current) if model.scheduler == "folder" else classes[model.scheduler]
+    if cls is type(current) and not overrides:
+        return current
+    return cls.from_config(current.config, **overrides)
+
+
+def check_capture_steps(steps: list[int], num_inference_steps: int) -> None:
+    bad = [k for k in steps if not 1 <= k < num_inference_steps]
+    if bad:
+        raise ModelError(
+            f"generate.capture_steps: {bad} out of range; step indices must lie in 1..{num_inference_steps - 1} "
+            f"(model.num_inference_steps = {num_inference_steps}; x_T and x_0 are always stored)"
+        )
+
+
+class ModelAdapter:
+    """Base: subclasses build `self.pipe` and say how to call it for a batch."""
+
+    kind: str = ""
+    denoiser_name = "unet"  # the pipeline attribute holding the network the train stage tunes
+    scales_initial_noise = True  # the pipeline multiplies given latents by init_noise_sigma
+
+    def __init__(self, model: ModelSection):
+        self.config = model
+        self.path = Path(model.path)
+        self.device = resolve_device(model.device)
+        self.dtype = getattr(torch, model.dtype)
+        check_model_folder(model)
+        self.pipe = self._load()
+        self.pipe.scheduler = _scheduler_for(self.pipe.scheduler, model)
+        self.pipe.set_progress_bar_config(disable=True)
+        # Weights are loaded in self.dtype already; moving dtype again would re-cast fp32-pinned modules.
+        self.pipe.to(self.device)
+        self.composite = load_composite(self, model.finetuned) if model.finetuned else None
+
+    @property
+    def denoiser(self):
+        return getattr(self.pipe, self.denoiser_name)
+
+    # subclass hooks
+    def _load(self):
+        raise NotImplementedError
+
+    def latent_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def _call_pipeline(self, prompts: list[str], latents: torch.Tensor, generators, callback: Callable):
+        raise NotImplementedError
+
+    def rollout(self, prompts: list[str], seeds: list[int], capture_steps: list[int]) -> Rollout:
+        if len(prompts) != len(seeds):
+            raise ValueError("one seed per prompt")
+        n_steps = self.config.num_inference_steps
+        check_capture_steps(capture_steps, n_steps)
+        noise = initial_noise(seeds, self.latent_shape())
+        scale = float(getattr(self.pipe.scheduler, "init_noise_sigma", 1.0)) if self.scales_initial_noise else 1.0
+        captured: dict[str, torch.Tensor] = {contract.INITIAL_NOISE: noise * scale}
+        wanted = set(capture_steps)
+
+        if self.composite:
+            self.composite.use_finetuned()
+
+        def on_step_end(pipe, i, t, kwargs):
+            k = i + 1  # steps taken so far
+            if self.composite and k == self.composite.switch_step:
+                self.composite.use_base()  # steps T→t done: the base model takes over for t→0
+            if k in wanted:
+                captured[contract.latent_name(k)] = kwargs["latents"].detach().float().cpu()
+            if k == n_steps:
+                captured[contract.FINAL_LATENT] = kwargs["latents"].detach().float().cpu()
+            return kwargs
+
+        images = self._call_pipeline(prompts, noise.to(self.device, self.dtype), step_generators(seeds), on_step_end)
+        timesteps = [float(t) for t in self.pipe.scheduler.timesteps]
+        if len(timesteps) != n_steps:
+            raise ModelError(f"the sampler visited {len(timesteps)} timesteps, expected model.num_inference_steps = {n_steps}")
+        ordered = {contract.INITIAL_NOISE: captured[contract.INITIAL_NOISE]}
+        ordered.update({contract.latent_name(k): captured[contract.latent_name(k)] for k in sorted(wanted)})
+        ordered[contract.FINAL_LATENT] = captured[contract.FINAL_LATENT]
+        return Rollout(
+            latents=ordered,
+            images=images,
+            captured_timesteps={contract.latent_name(k): int(round(timesteps[k])) for k in sorted(wanted)},
+            timesteps=timesteps,
+            scheduler=type(self.pipe.scheduler).__name__,
+        )
+
+
+class ClassUNetAdapter(ModelAdapter):
+    """Class-conditional UNet2DModel (digits): prompts map to class ids via the model card."""
+
+    kind = "class_unet"
+
+    def _load(self):
+        import diffusers
+
+        from pgraft.models.class_pipeline import ClassConditionalPipeline
+
+        card = json.loads((self.path / MODEL_CARD).read_text())
+        self.prompt_to_class: dict[str, int] = card["prompts"]
+        self.null_class = int(card["null_class"])
+        unet = diffusers.UNet2DModel.from_pretrained(self.path / "unet", dtype=self.dtype)
+        sched_cfg = json.loads((self.path / "scheduler" / "scheduler_config.json").read_text())
+        scheduler_cls = getattr(diffusers, sched_cfg["_class_name"], None)
+        if scheduler_cls is None or not issubclass(scheduler_cls, diffusers.SchedulerMixin):
+            raise ModelError(f"{self.path}/scheduler: unknown scheduler class {sched_cfg['_class_name']!r}")
+        return ClassConditionalPipeline(unet=unet, scheduler=scheduler_cls.from_pretrained(self.path / "scheduler"))
+
+    def class_ids(self, prompts: list[str]) -> torch.Tensor:
+        unknown = sorted({p for p in prompts if p not in self.prompt_to_class})
+        if unknown:
+            known = list(self.prompt_to_class)[:3]
+            raise ModelError(f"prompt {unknown[0]!r} is not one the model at {self.path} knows (e.g. {known})")
+        return torch.tensor([self.prompt_to_class[p] for p in prompts], dtype=torch.long)
+
+    def latent_shape(self):
+        cfg = self.pipe.unet.config
+        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+
+    def _call_pipeline(self, prompts, latents, generators, callback):
+        return self.pipe(
+            class_labels=self.class_ids(prompts), null_class=self.null_class,
+            num_inference_steps=self.config.num_inference_steps, guidance_scale=self.config.guidance_scale,
+            latents=latents, generator=generators, output_type="np", callback_on_step_end=callback,
+        )
+
+
+class _TextPipelineAdapter(ModelAdapter):
+    pipeline_class_name = ""
+
+    def _load(self):
+        import diffusers
+
+        cls = getattr(diffusers, self.pipeline_class_name)
+        # Components saved as absent (e.g. SD3 without its T5 encoder) must be passed as None.
+        index = json.loads((self.path / "model_index.json").read_text())
+        absent = {name: None for name, entry in index.items() if isinstance(entry, list) and entry[0] is None}
+        return cls.from_pretrained(self.path, dtype=self.dtype, **absent)
+
+    def _denoiser_config(self):
+        raise NotImplementedError
+
+    def _size(self) -> tuple[int, int]:
+        default = self._denoiser_config().sample_size * self.pipe.vae_scale_factor
+        return (self.config.height or default, self.config.width or default)
+
+    def latent_shape(self):
+        h, w = self._size()
+        f = self.pipe.vae_scale_factor
+        return (self._denoiser_config().in_channels, h // f, w // f)
+
+    def _call_pipeline(self, prompts, latents, generators, callback):
+        h, w = self._size()
+        out = self.pipe(
+            prompt=prompts, height=h, width=w, num_inference_steps=self.config.num_inference_steps,
+            guidance_scale=self.config.guidance_scale, latents=latents, generator=generators,
+            output_type="np", callback_on_step_end=callback,
+        )
+        return (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)
+
+
+class StableDiffusionAdapter(_TextPipelineAdapter):
+    """StableDiffusionPipeline 2.x (epsilon or v-prediction), classifier-free guidance."""
+
+    kind = "stable_diffusion"
+    pipeline_class_name = "StableDiffusionPipeline"
+
+    def _denoiser_config(self):
+        return self.pipe.unet.config
+
+
+class SD3Adapter(_TextPipelineAdapter):
+    """StableDiffusion3Pipeline: rectified flow with FlowMatchEulerDiscreteScheduler."""
+
+    kind = "sd3"
+    pipeline_class_name = "StableDiffusion3Pipeline"
+    denoiser_name = "transformer"
+    scales_initial_noise = False  # SD3's prepare_latents uses given latents as they are
+
+    def _denoiser_config(self):
+        return self.pipe.transformer.config
+
+
+# Dispatch table: model.kind -> adapter class.
+ADAPTERS: dict[str, type[ModelAdapter]] = {
+    ClassUNetAdapter.kind: ClassUNetAdapter,
+    StableDiffusionAdapter.kind: StableDiffusionAdapter,
+    SD3Adapter.kind: SD3Adapter,
+}
+
+
+def check_model_folder(model: ModelSection) -> None:
+    """Cheap checks (no weights loaded) so a bad path fails before any worker starts."""
+    path = Path(model.path)
+    if not path.exists():
+        raise ModelError(f"model.path {str(path)!r} does not exist (for digits run `pgraft pretrain digits --out DIR`)")
+    marker = MODEL_CARD if model.kind == "class_unet" else "model_index.json"
+    if not (path / marker).is_file():
+        raise ModelError(f"model.path {str(path)!r} is not a {model.kind} model folder (no {marker})")
+
+
+def load_adapter(model: ModelSection) -> ModelAdapter:
+    return ADAPTERS[model.kind](model)
+
+
+COMPOSITE_CARD = "composite.json"
+
+
+class Composite:
+    """The composite sampler of P-GRAFT: fine-tuned denoiser for steps 0..switch_step-1 (T→t),
+    the base for the rest. A full fine-tune swaps the network; a LoRA is switched off."""
+
+    def __init__(self, adapter: ModelAdapter, card: dict, tuned=None):
+        self.adapter, self.card, self.tuned = adapter, card, tuned
+        self.base = adapter.denoiser
+        self.switch_step = int(card["switch_step"])
+
+    def use_finetuned(self) -> None:
+        from pgraft.models.lora import set_lora_enabled
+
+        if self.tuned is not None:
+            setattr(self.adapter.pipe, self.adapter.denoiser_name, self.tuned)
+        else:
+            set_lora_enabled(self.base, True)
+
+    def use_base(self) -> None:
+        from pgraft.models.lora import set_lora_enabled
+
+        setattr(self.adapter.pipe, self.adapter.denoiser_name, self.base)
+        if self.tuned is None:
+            set_lora_enabled(self.base, False)
+
+
+def load_composite(adapter: ModelAdapter, folder: str) -> Composite:
+    """Load a train stage's `model/` folder onto the base model of `adapter`."""
+    path = Path(folder)
+    if not (path / COMPOSITE_CARD).is_file():
+        raise ModelError(f"model.finetuned {folder!r} is not a train stage model folder (no {COMPOSITE_CARD})")
+    card = json.loads((path / COMPOSITE_CARD).read_text())
+    if card["kind"] != adapter.kind:
+        raise ModelError(f"model.finetuned {folder!r} was trained from a {card['kind']} model, not {adapter.kind}")
+    if card["num_inference_steps"] != adapter.config.num_inference_steps:
+        raise ModelError(f"model.finetuned {folder!r} was trained for {card['num_inference_steps']} sampler steps; "
+                         f"model.num_inference_steps is {adapter.config.num_inference_steps}")
+    if card["finetuned"] == "lora":
+        from safetensors.torch import load_file
+
+        from pgraft.models.lora import inject_lora, load_lora
+
+        lora = json.loads((path / "lora" / "config.json").read_text())
+        inject_lora(adapter.denoiser, lora["r"], lora["target_modules"], lora["lora_alpha"], init=False)
+        load_lora(adapter.denoiser, load_file(path / "lora" / "adapter.safetensors"))
+        adapter.denoiser.to(adapter.device, adapter.dtype)
+        return Composite(adapter, card)
+    tuned = type(adapter.denoiser).from_pretrained(path / "unet", dtype=adapter.dtype).to(adapter.device).eval()
+    return Composite(adapter, card, tuned)
