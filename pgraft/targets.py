@@ -24,7 +24,7 @@ class PathCoefficients:
 
 def ddpm_coefficients(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> PathCoefficients:
     """DDPM/DDIM: a = √ᾱ, σ = √(1 − ᾱ) at integer timesteps."""
-    abar = alphas_cumprod.to(torch.float64)[timesteps.long()]
+    abar = alphas_cumprod.to(timesteps.device, torch.float64)[timesteps.long()]
     return PathCoefficients(abar.sqrt(), (1 - abar).sqrt())
 
 
