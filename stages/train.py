@@ -312,6 +312,7 @@ def run_train(cfg: Config, progress: bool = True) -> TrainSummary:
     visited = scheduler.timesteps[:cfg.train.t_step].clone()  # the sampler's timesteps above x_k
     coefficients, prediction_type = path_of(scheduler)
     t_coef = targets.clean() if data.t_level is None else coefficients(torch.tensor([data.t_level]))
+    t_coef = targets.PathCoefficients(t_coef.a.to(device), t_coef.sigma.to(device))
 
     model = Denoiser(adapter, data.prompts)
     params = _trainable(model.net, cfg)
