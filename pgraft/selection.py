@@ -148,18 +148,37 @@ def ranks_of_top(seg: Segments, values: np.ndarray, mask: np.ndarray) -> np.ndar
     return ranks_desc(sub, values[mask])
 
 
-def dedup_rows(seg: Segments, values: np.ndarray, hash_code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Keep the best row (highest value, then first) per (segment, hash); return (keep mask, copies).
-
-    A hash table finds the rows that have a twin (usually few); only those are sorted."""
+def _twin_rows(seg: Segments, hash_code: np.ndarray) -> np.ndarray:
+    """Indices of rows whose (segment, hash) occurs more than once."""
+    n = len(hash_code)
+    width = int(seg.sizes.max(initial=0))
+    low = int(hash_code.min(initial=0))
+    if n and len(seg.sizes) * width <= 2 * n and low > np.iinfo(np.int64).min:
+        # Segments of similar size: sort each row of a (segments × size) matrix, compare neighbours.
+        mat = seg.matrix(hash_code, low - 1)  # padding sorts first and matches no real hash
+        order = np.argsort(mat, axis=1)
+        ordered = np.take_along_axis(mat, order, axis=1)
+        same = ordered[:, 1:] == ordered[:, :-1]
+        flag_sorted = np.zeros(mat.shape, dtype=bool)
+        flag_sorted[:, 1:] |= same
+        flag_sorted[:, :-1] |= same
+        flags = np.empty_like(flag_sorted)
+        np.put_along_axis(flags, order, flag_sorted, axis=1)
+        return np.flatnonzero(flags[seg.ids, seg.pos])
     import pandas as pd
 
+    with np.errstate(over="ignore"):  # one int64 per (segment, hash); a collision only adds a candidate
+        mixed = hash_code.astype(np.uint64) ^ (seg.ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    return np.flatnonzero(pd.Series(mixed.view(np.int64)).duplicated(keep=False).to_numpy())
+
+
+def dedup_rows(seg: Segments, values: np.ndarray, hash_code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the best row (highest value, then first) per (segment, hash); return (keep mask, copies).
+    Only rows that have a twin (usually few) are sorted."""
     n = len(values)
     keep = np.ones(n, dtype=bool)
     copies = np.ones(n, dtype=np.int64)
-    with np.errstate(over="ignore"):  # one int64 per (segment, hash); a collision only adds a candidate
-        mixed = hash_code.astype(np.uint64) ^ (seg.ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
-    twins = np.flatnonzero(pd.Series(mixed.view(np.int64)).duplicated(keep=False).to_numpy())
+    twins = _twin_rows(seg, hash_code)
     if len(twins) == 0:
         return keep, copies
     order = twins[np.lexsort((np.arange(len(twins)), hash_code[twins], seg.ids[twins]))]  # stable within groups
@@ -189,11 +208,11 @@ def hash_codes(hashes) -> np.ndarray:
             if width % 8:
                 data = np.concatenate([data, np.zeros((len(arr), 8 - width % 8), np.uint8)], axis=1)
             words = np.ascontiguousarray(data).view(np.uint64)
-            code = np.zeros(len(arr), dtype=np.uint64)
+            code = words[:, 0].copy()
             with np.errstate(over="ignore"):
-                for j in range(words.shape[1]):  # FNV-style mixing of 8-byte words
-                    code = (code ^ words[:, j]) * np.uint64(0x100000001B3)
-                    code ^= code >> np.uint64(29)
+                for j in range(1, words.shape[1]):  # mix in further 8-byte words
+                    code *= np.uint64(0x9E3779B97F4A7C15)
+                    code ^= words[:, j] + (code >> np.uint64(29))
             return code.view(np.int64)
     return pc.dictionary_encode(arr).indices.to_numpy().astype(np.int64)
 

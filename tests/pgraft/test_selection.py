@@ -98,3 +98,23 @@ def test_hash_codes_equal_iff_strings_equal(values):
     for i, a in enumerate(values):
         for j, b in enumerate(values):
             assert (codes[i] == codes[j]) == (a == b)
+
+
+def test_dedup_paths_agree_on_regular_and_ragged_prompts():
+    """Similar-sized prompts use the per-row sort, ragged ones the hash table: same answer."""
+    from pgraft.selection import dedup_rows
+
+    rng = np.random.default_rng(3)
+    for sizes in ([50] * 40, [400] + [1] * 60):
+        p = np.repeat(np.arange(len(sizes)), sizes)
+        seg = Segments.of(p)
+        codes = rng.integers(0, 30, len(p))  # many twins
+        values = rng.integers(0, 4, len(p)).astype(float)
+        keep, copies = dedup_rows(seg, values, codes)
+        for prompt in range(len(sizes)):
+            rows = np.flatnonzero(p == prompt)
+            for code in np.unique(codes[rows]):
+                group = rows[codes[rows] == code]
+                best = group[np.lexsort((group, -values[group]))[0]]
+                assert keep[group].tolist() == [g == best for g in group]
+                assert (copies[group] == len(group)).all()
