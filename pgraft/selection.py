@@ -253,14 +253,17 @@ def select_rows(prompt_id: np.ndarray, sample_idx: np.ndarray, reward: np.ndarra
                 res: Resolved) -> RowSelection:
     """Apply the resolved rule to rows made of whole prompts (any row order)."""
     order = canonical_order(prompt_id, sample_idx)
-    base = np.arange(len(reward)) if order is None else order
-    p, s, r = prompt_id[base], sample_idx[base], reward[base]
+    if order is None:  # already canonical (tables read in shard order are): no copies
+        base, p, s, r = None, prompt_id, sample_idx, reward
+    else:
+        base, p, s, r = order, prompt_id[order], sample_idx[order], reward[order]
     prompts = Segments.of(p)
     extra = np.zeros(len(r))
     if res.dedup and hash_code is not None:
-        keep, copies = dedup_rows(prompts, r, hash_code[base])
+        keep, copies = dedup_rows(prompts, r, hash_code if base is None else hash_code[base])
         extra = grs.dedup_log_ratio(copies)
-        base, p, s, r, extra = base[keep], p[keep], s[keep], r[keep], extra[keep]
+        base = np.flatnonzero(keep) if base is None else base[keep]
+        p, s, r, extra = p[keep], s[keep], r[keep], extra[keep]
         prompts = Segments.of(p)
     n = len(r)
     sizes = prompts.sizes[prompts.ids].astype(float)
@@ -289,7 +292,7 @@ def select_rows(prompt_id: np.ndarray, sample_idx: np.ndarray, reward: np.ndarra
     u = (sizes[idx] - rank - 0.5) / sizes[idx]
     log_ratio = _log_ratio(res, r[idx], u, sizes[idx]) + extra[idx]
     kept_prompts, counts = np.unique(p[idx], return_counts=True)
-    return RowSelection(index=base[idx], reshaped_reward=log_ratio, rank_in_prompt=rank.astype(np.int64),
+    return RowSelection(index=idx if base is None else base[idx], reshaped_reward=log_ratio, rank_in_prompt=rank.astype(np.int64),
                         rows_considered=n, per_prompt={int(a): int(b) for a, b in zip(kept_prompts, counts)})
 
 

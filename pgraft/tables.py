@@ -71,14 +71,21 @@ def read_reward_table(storage: Storage, part_keys: list[str], columns: list[str]
                       with_part_ids: bool = False) -> RewardTable:
     """Read the given parts (in order) into one table, fingerprinting the bytes read;
     `with_part_ids` adds an int32 `_part` column: the shard id each row's part belongs to."""
-    fingerprint = hashlib.sha256()
-    tables = []
-    for key in part_keys:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def load(key: str) -> tuple[str, pa.Table]:
         data = storage.get_bytes(key)
-        fingerprint.update(_fingerprint_line(key, hashlib.sha256(data).hexdigest()))
         table = pq.read_table(io.BytesIO(data), columns=columns)
         if with_part_ids:
             table = table.append_column("_part", pa.array(np.full(table.num_rows, contract.part_shard_id(key), np.int32)))
-        tables.append(table)
+        return hashlib.sha256(data).hexdigest(), table
+
+    # Parts are independent: fetch and decode them on a few threads (I/O and Arrow release the GIL).
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        loaded = list(pool.map(load, part_keys))
+    fingerprint = hashlib.sha256()
+    for key, (digest, _) in zip(part_keys, loaded):
+        fingerprint.update(_fingerprint_line(key, digest))
+    tables = [table for _, table in loaded]
     table = pa.concat_tables(tables) if tables else arrow_schema(contract.REWARD_COLUMNS).empty_table()
     return RewardTable(table, fingerprint.hexdigest())
