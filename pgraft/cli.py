@@ -11,6 +11,7 @@ from pgraft.config import ConfigError, load_config
 # Errors that are the user's to fix: shown as one line, no traceback.
 def _user_errors() -> tuple[type[Exception], ...]:
     from cluster import WorkerError
+    from pgraft.contract import ContractError
     from pgraft.models.adapters import ModelError
     from pgraft.selection import SelectionError
     from pgraft.shards import ShardError
@@ -21,7 +22,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from stages.train import TrainError
 
     return (ConfigError, StorageError, ModelError, ShardError, GenerateError, RewardError, FilterError,
-            SelectionError, WorkerError, TrainError, FileNotFoundError)
+            SelectionError, WorkerError, TrainError, ContractError, FileNotFoundError)
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:

@@ -104,6 +104,10 @@ def train_prefix(round_idx: int, name: str) -> str:
 
 # Records ----------------------------------------------------------------------------------
 
+class ContractError(ValueError):
+    """A record in storage does not follow the data contract; the message says what to do."""
+
+
 @dataclass
 class CommitRecord:
     """Written after a shard's tar is complete and uploaded; only then does the shard count."""
@@ -125,7 +129,7 @@ class CommitRecord:
             raw = json.loads(data)
             return cls(**raw)
         except (ValueError, TypeError) as exc:
-            raise ValueError(f"{where} is not a valid commit record ({exc}); delete it to regenerate that shard") from None
+            raise ContractError(f"{where} is not a valid commit record ({exc}); delete it to regenerate that shard") from None
 
 
 @dataclass

@@ -237,7 +237,7 @@ class S3Storage(Storage):
         return response["Body"]
 
     def exists(self, key):
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             self.client.head_object(Bucket=self.bucket, Key=self._key(key))
@@ -245,6 +245,8 @@ class S3Storage(Storage):
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
                 return False
+            raise self._translate(exc, key) from None
+        except BotoCoreError as exc:  # unreachable endpoint, missing credentials
             raise self._translate(exc, key) from None
 
     def list(self, prefix=""):

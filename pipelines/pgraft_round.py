@@ -16,7 +16,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (ray job submit): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pgraft.config import Config, load_config  # noqa: E402
+from pgraft.config import Config, ConfigError, load_config  # noqa: E402
 
 # Stages this pipeline runs, in order, every round.
 STAGES = ("generate", "reward", "filter", "train")
@@ -60,6 +60,9 @@ def run_round_pipeline(cfg: Config, progress: bool = True) -> list[dict]:
     from stages.reward import reward_model_path, run_reward
     from stages.train import run_train
 
+    if cfg.run.rounds > 1 and cfg.train.mode == "lora":
+        raise ConfigError("config error: train.mode: lora supports one round so far (run.rounds=1); "
+                          "use train.mode=full for several rounds")
     ensure_task_models(cfg, progress)
     results = []
     for rnd in range(cfg.run.round, cfg.run.round + cfg.run.rounds):

@@ -95,8 +95,9 @@ def _check_existing(storage: Storage, cfg: Config, name: str, force: bool) -> di
     if force or not storage.exists(key):
         return None  # --force always recomputes
     old = json.loads(storage.get_bytes(key))
-    mine = {"spec": cfg.filter.model_dump(mode="json"), "reward_table": cfg.reward.table_name(), "seed": cfg.run.seed}
-    theirs = {"spec": old.get("spec"), "reward_table": old.get("reward_table"), "seed": old.get("source", {}).get("seed")}
+    # The engine is not part of a selection's identity: both give the same accepted set.
+    mine = {"spec": cfg.filter.model_dump(mode="json", exclude={"engine"}), "reward_table": cfg.reward.table_name(), "seed": cfg.run.seed}
+    theirs = {"spec": {k: v for k, v in (old.get("spec") or {}).items() if k != "engine"}, "reward_table": old.get("reward_table"), "seed": old.get("source", {}).get("seed")}
     if mine == theirs:
         return old
     if not force:
@@ -171,8 +172,8 @@ def _select_ray_data(storage, parts, cfg, seed):
     cluster.connect()
     fs, paths = _arrow_location(storage, parts)
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=_READ_COLUMNS)
-    slim = ds.select_columns(["key", "prompt_id", "reward"]).to_pandas()
-    bad = _nonfinite(slim["reward"].to_numpy(), slim["key"].to_numpy(), cfg)
+    slim = ds.select_columns(["prompt_id", "sample_idx", "reward"]).to_pandas()  # 24 bytes a row on the driver
+    bad = _nonfinite(slim["reward"].to_numpy(), _LazyKeys(slim["prompt_id"].to_numpy(), slim["sample_idx"].to_numpy()), cfg)
     if bad.any():
         ds = ds.filter(lambda row: math.isfinite(row["reward"]))
     rewards = slim["reward"].to_numpy()[~bad]

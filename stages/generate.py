@@ -11,7 +11,6 @@ sample_idx), so the same config gives byte-identical shards.
 
 from __future__ import annotations
 
-import shutil
 import sys
 import tempfile
 import time
@@ -130,7 +129,6 @@ class GenerateWorker:
         self.prompts = prompts
         self.storage = open_storage(self.cfg.run.uri)
         self.adapter = load_adapter(self.cfg.model)
-        self.scratch = Path(tempfile.mkdtemp(prefix="pgraft-generate-"))
 
     def run_unit(self, unit: WorkUnit) -> dict:
         cfg, rnd = self.cfg, self.cfg.run.round
@@ -150,16 +148,11 @@ class GenerateWorker:
                     captured_steps=dict(rollout.captured_timesteps), timesteps=rollout.timesteps,
                 )
                 samples.append(Sample(meta, {k: v[i] for k, v in rollout.latents.items()}, rollout.images[i]))
-        local = self.scratch / f"{contract.shard_name(unit.shard_id)}.tar"
-        try:
+        with tempfile.TemporaryDirectory(prefix="pgraft-generate-") as scratch:  # gone even if the actor is killed later
+            local = Path(scratch) / f"{contract.shard_name(unit.shard_id)}.tar"
             record = write_shard(samples, local, rnd)
             commit_shard(self.storage, local, record, rnd, unit.shard_id)
-        finally:
-            local.unlink(missing_ok=True)
         return {"shard_id": unit.shard_id, "count": record.count, "bytes": record.bytes, "captured": captured}
-
-    def __del__(self):
-        shutil.rmtree(getattr(self, "scratch", ""), ignore_errors=True)
 
 
 def run_generate(cfg: Config, progress: bool = True) -> GenerateSummary:
@@ -186,6 +179,8 @@ def run_generate(cfg: Config, progress: bool = True) -> GenerateSummary:
         cluster.connect()
         # Size actors for the configured worker count even when fewer units remain: threads per
         # worker fix the float summation order, so a resumed unit gets the same bytes.
+        if cfg.model.device.startswith("cuda") and ray.cluster_resources().get("GPU", 0) < 1:
+            raise GenerateError("model.device=cuda but the Ray cluster has no GPUs; use model.device=auto or cpu")
         count, resources = cluster.worker_resources(cfg.generate.num_workers, want_gpu=cfg.model.device != "cpu")
         count = min(count, len(pending))
         actor_cls = ray.remote(GenerateWorker)

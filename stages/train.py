@@ -49,6 +49,7 @@ class AcceptedLatents:
     t_level: float | None  # scheduler timestep of x_k (None: x_0)
     num_inference_steps: int
     model: str
+    model_timesteps: list[float]  # timesteps of the sampler's model calls before x_k
 
 
 def load_accepted(storage: Storage, cfg: Config, selection: str) -> AcceptedLatents:
@@ -83,8 +84,14 @@ def load_accepted(storage: Storage, cfg: Config, selection: str) -> AcceptedLate
             latents.append(sample.latents[name])
             prompts.append(meta.prompt)
             keys.append(sample.key)
-    t_level = None if k == info.num_inference_steps else float(info.timesteps[k])
-    return AcceptedLatents(torch.stack(latents), prompts, keys, t_level, info.num_inference_steps, info.model)
+    if info is None:
+        raise TrainError(f"none of the {accepted.num_rows} accepted keys of selection {selection!r} is in its shards; "
+                         "the selection was made from another run's reward table")
+    # The noise level of x_k as the sampler recorded it (DDIM steps to t − T/N, which is not
+    # always timesteps[k]), and the timesteps at which it called the model before x_k.
+    t_level = None if k == info.num_inference_steps else float(info.captured_steps[contract.latent_name(k)])
+    return AcceptedLatents(torch.stack(latents), prompts, keys, t_level, info.num_inference_steps, info.model,
+                           [float(t) for t in info.timesteps[:k]])
 
 
 def _check_step(cfg: Config, meta) -> None:
@@ -265,17 +272,23 @@ class CheckpointStore:
         self.dir = Path(local) if local else Path(cache_dir).expanduser() / "checkpoints" / digest
 
     def pull(self) -> None:
-        if self.remote:
-            for key in self.storage.list(self.prefix):
-                target = self.dir / key[len(self.prefix) + 1:]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(self.storage.get_bytes(key))
+        """Fetch the latest checkpoint only (remote runs), streaming each file to disk."""
+        if not self.remote or not self.storage.exists(f"{self.prefix}/latest"):
+            return
+        tag = self.storage.get_bytes(f"{self.prefix}/latest").decode().strip()
+        for key in self.storage.list(f"{self.prefix}/{tag}") + [f"{self.prefix}/latest"]:
+            target = self.dir / key[len(self.prefix) + 1:]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with self.storage.open_read(key) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
 
-    def push(self) -> None:
+    def push(self, tag: str) -> None:
+        """Upload the checkpoint just written, then `latest` (remote runs)."""
         if self.remote:
-            for path in sorted(self.dir.rglob("*")):
+            for path in sorted((self.dir / tag).rglob("*")):
                 if path.is_file():
                     self.storage.put_file(path, f"{self.prefix}/{path.relative_to(self.dir).as_posix()}")
+            self.storage.put_file(self.dir / "latest", f"{self.prefix}/latest")
 
     def latest_step(self) -> int | None:
         latest = self.dir / "latest"
@@ -298,18 +311,25 @@ def run_train(cfg: Config, progress: bool = True) -> TrainSummary:
     out_prefix = contract.train_prefix(rnd, name)
     data = load_accepted(storage, cfg, selection)
 
+    device_type = "cuda" if cfg.model.device != "cpu" and torch.cuda.is_available() else "cpu"
+    rank, world = init_distributed(torch.device(device_type))
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
     adapter = load_adapter(cfg.model)
     if adapter.composite is not None:
         # A later round: keep tuning the previous round's T→t network (the base stays for t→0).
         if adapter.composite.tuned is None or cfg.train.mode == "lora":
             raise TrainError("training on top of a LoRA composite (a later round in train.mode=lora) is not supported yet")
         adapter.composite.use_finetuned()
-    device = adapter.device
-    rank, world = init_distributed(device)
+    device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else adapter.device
     torch.manual_seed(cfg.train.seed)  # LoRA initialisation
     scheduler = adapter.pipe.scheduler
     scheduler.set_timesteps(data.num_inference_steps)
     visited = scheduler.timesteps[:cfg.train.t_step].clone()  # the sampler's timesteps above x_k
+    if [float(t) for t in visited] != data.model_timesteps:
+        raise TrainError(f"the configured sampler visits {[float(t) for t in visited][:4]}… before step "
+                         f"{cfg.train.t_step}, the shards' sampler visited {data.model_timesteps[:4]}…; use the "
+                         "model.scheduler and model.timestep_spacing that generated them")
     coefficients, prediction_type = path_of(scheduler)
     t_coef = targets.clean() if data.t_level is None else coefficients(torch.tensor([data.t_level]))
     t_coef = targets.PathCoefficients(t_coef.a.to(device), t_coef.sigma.to(device))
@@ -363,8 +383,9 @@ def run_train(cfg: Config, progress: bool = True) -> TrainSummary:
         done = step + 1
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
             engine.save_checkpoint(str(checkpoints.dir), tag=f"step{done:07d}", client_state={"step": done})
-            if rank == 0:
-                checkpoints.push()
+            torch.distributed.barrier()
+            if rank == 0:  # one node: every rank's files are in this folder (multi-node S3 runs: see docs)
+                checkpoints.push(f"step{done:07d}")
         if done == exit_after:
             os._exit(17)  # simulated crash: no cleanup, no export
     bar.close()

@@ -63,6 +63,16 @@ def _scheduler_for(current, model: ModelSection):
     return cls.from_config(current.config, **overrides)
 
 
+def noise_level_after(scheduler, timesteps: list[float], k: int) -> int:
+    """The training timestep whose noise level x_k has, after k sampler steps.
+
+    Flow schedulers move to σ_k, i.e. timesteps[k]. DDIM/DDPM step from t to t − T/N, which
+    equals timesteps[k] for `leading` spacing but not for every `linspace`/`trailing` one."""
+    if "FlowMatch" in type(scheduler).__name__:
+        return int(round(timesteps[k]))
+    return int(round(timesteps[k - 1])) - scheduler.config.num_train_timesteps // len(timesteps)
+
+
 def check_capture_steps(steps: list[int], num_inference_steps: int) -> None:
     bad = [k for k in steps if not 1 <= k < num_inference_steps]
     if bad:
@@ -139,7 +149,8 @@ class ModelAdapter:
         return Rollout(
             latents=ordered,
             images=images,
-            captured_timesteps={contract.latent_name(k): int(round(timesteps[k])) for k in sorted(wanted)},
+            captured_timesteps={contract.latent_name(k): noise_level_after(self.pipe.scheduler, timesteps, k)
+                                for k in sorted(wanted)},
             timesteps=timesteps,
             scheduler=type(self.pipe.scheduler).__name__,
         )
@@ -308,7 +319,10 @@ def load_composite(adapter: ModelAdapter, folder: str) -> Composite:
 
         lora = json.loads((path / "lora" / "config.json").read_text())
         inject_lora(adapter.denoiser, lora["r"], lora["target_modules"], lora["lora_alpha"], init=False)
-        load_lora(adapter.denoiser, load_file(path / "lora" / "adapter.safetensors"))
+        try:
+            load_lora(adapter.denoiser, load_file(path / "lora" / "adapter.safetensors"))
+        except ValueError as exc:
+            raise ModelError(f"model.finetuned {folder!r}: {exc}") from None
         adapter.denoiser.to(adapter.device, adapter.dtype)
         return Composite(adapter, card)
     tuned = type(adapter.denoiser).from_pretrained(path / "unet", dtype=adapter.dtype).to(adapter.device).eval()

@@ -127,11 +127,22 @@ def test_lora_trains_adapters_and_the_composite_switches_them_off(run_dir, tiny_
     with_lora = composite.rollout(["a handwritten digit 2"], [4], [3])
     plain = base.rollout(["a handwritten digit 2"], [4], [3])
     assert not torch.allclose(with_lora.latents["x_3"], plain.latents["x_3"])  # the adapter ran for steps 0..2
-    # ...and was off afterwards: from the same x_3, the rest of the composite is the plain base.
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    # Step by step: adapter on for steps 0..2, off from step 3 (switch_step = t_step = 3).
+    from pgraft.models.adapters import initial_noise
+    from pgraft.models.lora import set_lora_enabled
 
-    layers = [m for m in composite.denoiser.modules() if isinstance(m, BaseTunerLayer)]
-    assert layers and all(m.disable_adapters for m in layers)
+    net, sched = composite.denoiser, composite.pipe.scheduler
+    sched.set_timesteps(6)
+    x = initial_noise([4], (1, 8, 8))
+    label, null = torch.tensor([2]), torch.tensor([10])
+    with torch.no_grad():
+        for i, t in enumerate(sched.timesteps):
+            set_lora_enabled(net, i < 3)
+            cond, uncond = net(x, t, class_labels=label).sample, net(x, t, class_labels=null).sample
+            x = sched.step(uncond + cfg.model.guidance_scale * (cond - uncond), t, x).prev_sample
+            if i + 1 == 3:
+                torch.testing.assert_close(with_lora.latents["x_3"], x, rtol=0, atol=1e-5)
+    torch.testing.assert_close(with_lora.latents["x_0"], x, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("case, extra, message", [
