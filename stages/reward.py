@@ -165,6 +165,8 @@ def run_reward(cfg: Config, progress: bool = True) -> RewardSummary:
                             reward_mean=None, table_prefix=storage.url(contract.rewards_prefix(rnd, table)))
     if pending:
         cluster.connect()
+        if cfg.reward.device.startswith("cuda") and ray.cluster_resources().get("GPU", 0) < 1:
+            raise RewardError("reward.device=cuda but the Ray cluster has no GPUs; use reward.device=auto or cpu")
         count, resources = cluster.worker_resources(cfg.reward.num_workers, want_gpu=cfg.reward.device != "cpu")
         threads = resources.get("num_cpus") if "num_gpus" not in resources else None
         actors = [ray.remote(RewardWorker).options(**resources).remote(cfg.model_dump(mode="json"), threads)

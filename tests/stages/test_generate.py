@@ -184,3 +184,9 @@ def test_cli_against_ray_start_head_cluster(tiny_digits, tmp_path):
         assert "1 planned, 0 already committed, 1 written now" in out.stdout  # 20 samples, 128 per shard
     finally:
         subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+def test_cuda_without_gpus_is_refused(ray_local, tiny_digits, tmp_path):
+    with pytest.raises(GenerateError, match="model.device=cuda but the Ray cluster has no GPUs"):
+        run_generate(small_config(tiny_digits, tmp_path / "run", "model.device=cuda"), progress=False)
+    assert list_committed(open_storage(str(tmp_path / "run")), 0) == {}
