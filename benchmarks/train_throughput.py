@@ -82,7 +82,7 @@ def main() -> None:
 
         data = load_accepted(open_storage(cfg.run.uri), cfg, cfg.filter.selection_name())
         labels = load_adapter(cfg.model).class_ids(data.prompts)
-        visited = torch.tensor([950 - 50 * i for i in range(15)])  # DDIM leading 20/1000 above x_15
+        visited = torch.tensor(data.model_timesteps).long()  # the sampler's model calls before x_15
         bare_args = (args.model, data.latents, labels, visited, data.t_level, args.steps, args.batch, cfg.train.lr)
         before = bare_loop(*bare_args)
         summary = run_train(cfg, progress=False)

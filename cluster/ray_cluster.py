@@ -22,19 +22,35 @@ def connect(num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
-def worker_resources(num_workers: int, want_gpu: bool) -> tuple[int, dict]:
-    """(actors to start, resources per actor): one GPU each where the cluster has GPUs,
-    otherwise the CPUs split evenly. Capped at what fits at once, so no actor waits forever."""
+class WorkerError(RuntimeError):
+    """Stage actors cannot start, or failed in a way their own error type did not describe."""
+
+
+def worker_resources(num_workers: int, device: str, device_key: str) -> tuple[int, dict]:
+    """(actors to start, resources per actor) for a stage whose config puts its models on
+    `device` (`device_key` names that config key): one GPU each where the cluster has GPUs and
+    the device is not `cpu`, otherwise the CPUs split evenly. Capped at what fits at once, so
+    no actor waits forever; sized by the configured count, so threads per worker (and so
+    float summation order) do not depend on how much work is left."""
     resources = ray.cluster_resources()
-    if want_gpu and resources.get("GPU", 0) >= 1:
-        return min(num_workers, int(resources["GPU"])), {"num_gpus": 1, "num_cpus": 1}
+    gpus = int(resources.get("GPU", 0))
+    if device.startswith("cuda") and gpus < 1:
+        raise WorkerError(f"{device_key}={device} but the Ray cluster has no GPUs; use {device_key}=auto or cpu")
+    if device != "cpu" and gpus >= 1:
+        return min(num_workers, gpus), {"num_gpus": 1, "num_cpus": 1}
     cpus = max(1, int(resources.get("CPU", 1)))
     count = min(num_workers, cpus)
     return count, {"num_cpus": max(1, cpus // count)}
 
 
-class WorkerError(RuntimeError):
-    """A stage actor failed in a way its own error type did not describe."""
+def start_workers(worker_cls, num_workers: int, device: str, device_key: str, needed: int, *args) -> list:
+    """Start up to `needed` actors of `worker_cls(*args, threads)`; `threads` is the CPUs each
+    actor holds (None on GPUs), for torch.set_num_threads."""
+    connect()
+    count, resources = worker_resources(num_workers, device, device_key)
+    threads = None if "num_gpus" in resources else resources["num_cpus"]
+    remote = ray.remote(worker_cls).options(**resources)
+    return [remote.remote(*args, threads) for _ in range(min(count, needed))]
 
 
 def unwrap_remote_error(exc: Exception) -> Exception:

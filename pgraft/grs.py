@@ -113,9 +113,3 @@ def rejection_alpha_for_kl(rewards: np.ndarray, kl_budget: float, r_max: float) 
 def dedup_log_ratio(copies: np.ndarray) -> np.ndarray:
     """Keeping one of N identical copies reweights that sample by 1/N."""
     return -np.log(np.asarray(copies, dtype=float))
-
-
-def empirical_cdf(rewards: np.ndarray) -> np.ndarray:
-    """Mid-rank u = (rank − ½)/M in (0, 1) within one group: never 0, so log u is finite."""
-    ranks = stats.rankdata(rewards, method="average")
-    return (ranks - 0.5) / len(rewards)

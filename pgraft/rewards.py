@@ -184,13 +184,17 @@ REWARDS: dict[str, Callable[..., RewardFn]] = {
 }
 
 
-def make_reward(name: str, model_path: str | None, device: torch.device, options: dict) -> RewardFn:
+def reward_factory(name: str) -> Callable[..., RewardFn]:
+    """The factory registered as `name`, or a plug-in `module:function`."""
     if name in REWARDS:
-        factory = REWARDS[name]
-    elif ":" in name:
-        factory = load_plugin(name, "reward.name")
-    else:
-        raise ConfigError(f"config error: reward.name: unknown reward {name!r}; built in: {sorted(REWARDS)}, or module:function")
+        return REWARDS[name]
+    if ":" in name:
+        return load_plugin(name, "reward.name")
+    raise ConfigError(f"config error: reward.name: unknown reward {name!r}; built in: {sorted(REWARDS)}, or module:function")
+
+
+def make_reward(name: str, model_path: str | None, device: torch.device, options: dict) -> RewardFn:
+    factory = reward_factory(name)
     try:
         return factory(model_path, device, **options)
     except TypeError as exc:

@@ -273,7 +273,6 @@ def select_rows(prompt_id: np.ndarray, sample_idx: np.ndarray, reward: np.ndarra
         rank = ranks_of_top(prompts, r, mask)
     else:
         rank_all = ranks_desc(prompts, r)
-        u_all = (sizes - rank_all - 0.5) / sizes  # mid-rank empirical CDF within the prompt
         if res.method in ("threshold", "quantile"):
             mask = r >= res.threshold
         elif res.method == "best_of_n":
@@ -289,7 +288,7 @@ def select_rows(prompt_id: np.ndarray, sample_idx: np.ndarray, reward: np.ndarra
         rank = rank_all[mask]
 
     idx = np.flatnonzero(mask)
-    u = (sizes[idx] - rank - 0.5) / sizes[idx]
+    u = (sizes[idx] - rank - 0.5) / sizes[idx]  # mid-rank empirical CDF within the prompt
     log_ratio = _log_ratio(res, r[idx], u, sizes[idx]) + extra[idx]
     kept_prompts, counts = np.unique(p[idx], return_counts=True)
     return RowSelection(index=idx if base is None else base[idx], reshaped_reward=log_ratio, rank_in_prompt=rank.astype(np.int64),
@@ -321,7 +320,7 @@ def add_threshold_ratio(res: Resolved, reshaped: np.ndarray, acceptance_rate: fl
 def implied_kl(res: Resolved, rows_in: int, accepted: int, rewards: np.ndarray, prompt_sizes: np.ndarray) -> dict:
     """KL(p̂ ‖ p̄) in nats: the closed form of DESIGN.md §3 and the plug-in estimate on this table."""
     rate = accepted / rows_in if rows_in else 0.0
-    plug_in = -math.log(rate) if rate > 0 else math.inf
+    plug_in = grs.threshold_kl(rate) if rate > 0 else math.inf
     if res.method in ("threshold", "quantile"):
         return {"kl": plug_in, "kl_formula": "-log P(r >= tau)", "kl_empirical": plug_in}
     if res.method == "best_of_n":

@@ -55,6 +55,25 @@ class Storage:
     def url(self, key: str) -> str:
         return join_uri(self.uri, key)
 
+    def upload_folder(self, folder: str | os.PathLike, prefix: str) -> None:
+        """Every file under a local folder to `prefix/<relative path>`."""
+        folder = Path(folder)
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                self.put_file(path, f"{prefix}/{path.relative_to(folder).as_posix()}")
+
+    def download_prefix(self, prefix: str, folder: str | os.PathLike) -> None:
+        """Every object under `prefix` to a local folder, streamed to disk."""
+        for key in self.list(prefix):
+            target = Path(folder) / key[len(prefix.rstrip("/")) + 1:]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with self.open_read(key) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+
+    def arrow_location(self, key: str):
+        """(pyarrow filesystem or None, path) for readers such as Ray Data and pyarrow.parquet."""
+        return None, self.local_path(key)
+
     def check_writable(self) -> None:
         """Fail early, before any work is done, if the root cannot be written."""
         probe = ".pgraft-write-probe"
@@ -265,6 +284,9 @@ class S3Storage(Storage):
     def delete(self, key):
         self._call(key, lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))
 
+    def arrow_location(self, key: str):
+        return self.arrow_filesystem(), f"{self.bucket}/{self._key(key)}"
+
     def arrow_filesystem(self):
         """pyarrow's S3 filesystem with the same endpoint, for Parquet readers."""
         from pyarrow import fs
@@ -291,18 +313,3 @@ def open_storage(uri: str) -> Storage:
     except KeyError:
         raise StorageError(f"unsupported storage scheme {scheme!r} in {uri!r}; supported: {sorted(s for s in SCHEMES if s)} or a local path") from None
     return factory(uri)
-
-
-def read_stream(uri: str) -> BinaryIO:
-    """Open any storage URI (not a store-relative key) for streaming reads."""
-    if "://" in uri and not uri.startswith("file://"):
-        parsed = urlparse(uri)
-        root = f"{parsed.scheme}://{parsed.netloc}"
-        return open_storage(root).open_read(parsed.path.lstrip("/"))
-    path = urlparse(uri).path if uri.startswith("file://") else uri
-    try:
-        return open(path, "rb")
-    except FileNotFoundError:
-        raise StorageError(f"{path} does not exist") from None
-
-

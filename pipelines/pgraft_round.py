@@ -46,10 +46,7 @@ def finetuned_model_dir(cfg: Config, round_idx: int) -> str:
     if local is not None:
         return local
     target = Path(cfg.train.cache_dir).expanduser() / "models" / prefix.replace("/", "_")
-    for key in storage.list(prefix):
-        path = target / key[len(prefix) + 1:]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(storage.get_bytes(key))
+    storage.download_prefix(prefix, target)
     return str(target)
 
 
@@ -65,19 +62,21 @@ def run_round_pipeline(cfg: Config, progress: bool = True) -> list[dict]:
                           "use train.mode=full for several rounds")
     ensure_task_models(cfg, progress)
     results = []
+    previous = finetuned_model_dir(cfg, cfg.run.round - 1) if cfg.run.round > 0 and cfg.model.finetuned is None \
+        else cfg.model.finetuned
     for rnd in range(cfg.run.round, cfg.run.round + cfg.run.rounds):
         round_cfg = cfg.model_copy(deep=True)
         round_cfg.run.round = rnd
-        if rnd > cfg.run.round or rnd > 0 and cfg.model.finetuned is None:
-            round_cfg.model.finetuned = finetuned_model_dir(cfg, rnd - 1)
+        round_cfg.model.finetuned = previous
         print(f"== round {rnd}" + (f" (sampling from {round_cfg.model.finetuned})" if round_cfg.model.finetuned else ""))
         for run_stage in (run_generate, run_reward, run_filter, run_train):
             print(run_stage(round_cfg, progress=progress).render())
         result = {"round": rnd}
+        previous = finetuned_model_dir(cfg, rnd)  # this round's model: next round samples from it
         if cfg.train.eval_samples_per_prompt:
             from pgraft.evaluate import sample_rewards
 
-            trained = round_cfg.model.model_copy(update={"finetuned": finetuned_model_dir(cfg, rnd)})
+            trained = round_cfg.model.model_copy(update={"finetuned": previous})
             args = (round_cfg.reward, reward_model_path(round_cfg), resolve_prompts(round_cfg.generate.prompts),
                     cfg.train.eval_samples_per_prompt)
             before = sample_rewards(round_cfg.model, *args)

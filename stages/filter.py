@@ -96,16 +96,16 @@ def _check_existing(storage: Storage, cfg: Config, name: str, force: bool) -> di
         return None  # --force always recomputes
     old = json.loads(storage.get_bytes(key))
     # The engine is not part of a selection's identity: both give the same accepted set.
-    mine = {"spec": cfg.filter.model_dump(mode="json", exclude={"engine"}), "reward_table": cfg.reward.table_name(), "seed": cfg.run.seed}
-    theirs = {"spec": {k: v for k, v in (old.get("spec") or {}).items() if k != "engine"}, "reward_table": old.get("reward_table"), "seed": old.get("source", {}).get("seed")}
+    mine = {"spec": cfg.filter.model_dump(mode="json", exclude={"engine"}), "reward_table": cfg.reward.table_name(),
+            "seed": cfg.run.seed}
+    theirs = {"spec": {k: v for k, v in (old.get("spec") or {}).items() if k != "engine"},
+              "reward_table": old.get("reward_table"), "seed": old.get("source", {}).get("seed")}
     if mine == theirs:
         return old
-    if not force:
-        changed = sorted(k for k in set(mine["spec"]) | set(theirs["spec"] or {})
-                         if mine["spec"].get(k) != (theirs["spec"] or {}).get(k))
-        raise FilterError(f"selection {name!r} exists with other parameters ({', '.join('filter.' + c for c in changed) or 'reward table/seed'}); "
-                          "choose another filter.name or pass --force to replace it")
-    return None
+    changed = sorted(k for k in set(mine["spec"]) | set(theirs["spec"]) if mine["spec"].get(k) != theirs["spec"].get(k))
+    raise FilterError(f"selection {name!r} exists with other parameters "
+                      f"({', '.join('filter.' + c for c in changed) or 'reward table/seed'}); "
+                      "choose another filter.name or pass --force to replace it")
 
 
 def _nonfinite(rewards: np.ndarray, keys, cfg: Config) -> np.ndarray:
@@ -170,8 +170,8 @@ def _select_ray_data(storage, parts, cfg, seed):
     import cluster
 
     cluster.connect()
-    fs, paths = _arrow_location(storage, parts)
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=_READ_COLUMNS)
+    locations = [storage.arrow_location(part) for part in parts]
+    ds = ray.data.read_parquet([path for _, path in locations], filesystem=locations[0][0], columns=_READ_COLUMNS)
     slim = ds.select_columns(["prompt_id", "sample_idx", "reward"]).to_pandas()  # 24 bytes a row on the driver
     bad = _nonfinite(slim["reward"].to_numpy(), _LazyKeys(slim["prompt_id"].to_numpy(), slim["sample_idx"].to_numpy()), cfg)
     if bad.any():
@@ -186,7 +186,6 @@ def _select_ray_data(storage, parts, cfg, seed):
         out = {name: batch[name][chosen.index] for name in ("key", "shard", "prompt_id", "sample_idx", "reward")}
         out["reshaped_reward"] = chosen.reshaped_reward
         out["rank_in_prompt"] = chosen.rank_in_prompt
-        out["rows_considered"] = np.full(len(chosen.index), chosen.rows_considered)
         return out
 
     partitions = max(2, min(64, len(parts)))  # Ray's default (200) is far too many for small tables
@@ -199,12 +198,6 @@ def _select_ray_data(storage, parts, cfg, seed):
                           per_prompt={int(k): int(v) for k, v in counts.items()})
     accepted = pa.Table.from_pandas(result[["key", "shard", "prompt_id", "sample_idx", "reward"]], preserve_index=False)
     return res, chosen, accepted, rewards, sizes, int(bad.sum()), fingerprint_parts(storage, parts)
-
-
-def _arrow_location(storage: Storage, parts: list[str]):
-    if storage.local_path("") is not None:
-        return None, [storage.local_path(p) for p in parts]
-    return storage.arrow_filesystem(), [f"{storage.bucket}/{storage._key(p)}" for p in parts]
 
 
 ENGINES = {"local": _select_local, "ray": _select_ray_data}

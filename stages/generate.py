@@ -156,8 +156,6 @@ class GenerateWorker:
 
 
 def run_generate(cfg: Config, progress: bool = True) -> GenerateSummary:
-    import ray
-
     import cluster
 
     start = time.perf_counter()
@@ -176,18 +174,9 @@ def run_generate(cfg: Config, progress: bool = True) -> GenerateSummary:
                               written=0, samples_written=0, bytes_written=0, seconds=0.0, workers=0,
                               shard_prefix=storage.url(contract.generate_prefix(rnd)))
     if pending:
-        cluster.connect()
-        # Size actors for the configured worker count even when fewer units remain: threads per
-        # worker fix the float summation order, so a resumed unit gets the same bytes.
-        if cfg.model.device.startswith("cuda") and ray.cluster_resources().get("GPU", 0) < 1:
-            raise GenerateError("model.device=cuda but the Ray cluster has no GPUs; use model.device=auto or cpu")
-        count, resources = cluster.worker_resources(cfg.generate.num_workers, want_gpu=cfg.model.device != "cpu")
-        count = min(count, len(pending))
-        actor_cls = ray.remote(GenerateWorker)
-        tree = cfg.model_dump(mode="json")
-        threads = resources.get("num_cpus") if "num_gpus" not in resources else None
-        actors = [actor_cls.options(**resources).remote(tree, prompts, threads) for _ in range(count)]
-        summary.workers = count
+        actors = cluster.start_workers(GenerateWorker, cfg.generate.num_workers, cfg.model.device, "model.device",
+                                       len(pending), cfg.model_dump(mode="json"), prompts)
+        summary.workers = len(actors)
 
         def on_result(result: dict) -> None:
             summary.written += 1

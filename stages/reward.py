@@ -131,14 +131,10 @@ class RewardWorker:
 
 def check_reward_config(cfg: Config) -> None:
     """Cheap checks before any actor starts: the reward exists, its weights are where named."""
-    from pgraft.plugins import load_plugin
-    from pgraft.rewards import REWARDS
+    from pgraft.rewards import reward_factory
 
     name = cfg.reward.name
-    if name not in REWARDS:
-        if ":" not in name:
-            raise ConfigError(f"config error: reward.name: unknown reward {name!r}; built in: {sorted(REWARDS)}, or module:function")
-        load_plugin(name, "reward.name")
+    reward_factory(name)
     get_hash(cfg.reward.hash)
     path = reward_model_path(cfg)
     if name == "digits_alignment" and not (Path(path) / "model.safetensors").is_file():
@@ -147,8 +143,6 @@ def check_reward_config(cfg: Config) -> None:
 
 
 def run_reward(cfg: Config, progress: bool = True) -> RewardSummary:
-    import ray
-
     import cluster
 
     start = time.perf_counter()
@@ -164,13 +158,8 @@ def run_reward(cfg: Config, progress: bool = True) -> RewardSummary:
                             skipped=len(committed) - len(pending), written=0, rows_written=0, seconds=0.0,
                             reward_mean=None, table_prefix=storage.url(contract.rewards_prefix(rnd, table)))
     if pending:
-        cluster.connect()
-        if cfg.reward.device.startswith("cuda") and ray.cluster_resources().get("GPU", 0) < 1:
-            raise RewardError("reward.device=cuda but the Ray cluster has no GPUs; use reward.device=auto or cpu")
-        count, resources = cluster.worker_resources(cfg.reward.num_workers, want_gpu=cfg.reward.device != "cpu")
-        threads = resources.get("num_cpus") if "num_gpus" not in resources else None
-        actors = [ray.remote(RewardWorker).options(**resources).remote(cfg.model_dump(mode="json"), threads)
-                  for _ in range(min(count, len(pending)))]
+        actors = cluster.start_workers(RewardWorker, cfg.reward.num_workers, cfg.reward.device, "reward.device",
+                                       len(pending), cfg.model_dump(mode="json"))
         totals = {"sum": 0.0, "finite": 0}
 
         def on_result(result: dict) -> None:

@@ -14,11 +14,13 @@ train/<name>/{checkpoints/, model/, summary.json}; model/ is what the composite 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +31,7 @@ import torch
 from pgraft import contract, targets
 from pgraft.config import Config
 from pgraft.models.adapters import COMPOSITE_CARD
-from pgraft.shards import IMAGE_EXT, LATENTS_EXT, META_EXT, list_committed, read_shard
+from pgraft.shards import LATENTS_EXT, META_EXT, list_committed, read_shard
 from pgraft.storage import Storage, open_storage
 
 EXIT_AFTER_ENV = "PGRAFT_TRAIN_EXIT_AFTER_STEP"  # crash simulation for resume tests: hard exit after this step
@@ -268,26 +270,21 @@ class CheckpointStore:
         self.storage, self.prefix = storage, prefix
         local = storage.local_path(prefix)
         self.remote = local is None
-        digest = __import__("hashlib").sha256(storage.url(prefix).encode()).hexdigest()[:16]
+        digest = hashlib.sha256(storage.url(prefix).encode()).hexdigest()[:16]
         self.dir = Path(local) if local else Path(cache_dir).expanduser() / "checkpoints" / digest
 
     def pull(self) -> None:
-        """Fetch the latest checkpoint only (remote runs), streaming each file to disk."""
+        """Fetch the latest checkpoint only (remote runs)."""
         if not self.remote or not self.storage.exists(f"{self.prefix}/latest"):
             return
         tag = self.storage.get_bytes(f"{self.prefix}/latest").decode().strip()
-        for key in self.storage.list(f"{self.prefix}/{tag}") + [f"{self.prefix}/latest"]:
-            target = self.dir / key[len(self.prefix) + 1:]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with self.storage.open_read(key) as src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
+        self.storage.download_prefix(f"{self.prefix}/{tag}", self.dir / tag)
+        (self.dir / "latest").write_text(tag)
 
     def push(self, tag: str) -> None:
         """Upload the checkpoint just written, then `latest` (remote runs)."""
         if self.remote:
-            for path in sorted((self.dir / tag).rglob("*")):
-                if path.is_file():
-                    self.storage.put_file(path, f"{self.prefix}/{path.relative_to(self.dir).as_posix()}")
+            self.storage.upload_folder(self.dir / tag, f"{self.prefix}/{tag}")
             self.storage.put_file(self.dir / "latest", f"{self.prefix}/latest")
 
     def latest_step(self) -> int | None:
@@ -447,7 +444,7 @@ class _staging:
         self.local = storage.local_path(prefix)
         base = Path(self.local).parent if self.local else Path(cache_dir).expanduser()
         base.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(__import__("tempfile").mkdtemp(prefix=".model-", dir=base))
+        self.tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=base))
 
     def __enter__(self) -> Path:
         return self.tmp
@@ -458,9 +455,7 @@ class _staging:
                 shutil.rmtree(self.local, ignore_errors=True)
                 os.replace(self.tmp, self.local)
             else:
-                for path in sorted(self.tmp.rglob("*")):
-                    if path.is_file():
-                        self.storage.put_file(path, f"{self.prefix}/{path.relative_to(self.tmp).as_posix()}")
+                self.storage.upload_folder(self.tmp, self.prefix)
         shutil.rmtree(self.tmp, ignore_errors=True)
         return False
 

@@ -28,10 +28,6 @@ def prompt_for(digit: int) -> str:
     return f"a handwritten digit {digit}"
 
 
-def digit_prompts() -> list[str]:
-    return [prompt_for(d) for d in range(NUM_CLASSES)]
-
-
 def load_data(split: str = "all", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (N, 1, 8, 8) in [-1, 1] (pixels x/8 − 1) and labels; `train`/`test` is a fixed 80/20 split."""
     from sklearn.datasets import load_digits

@@ -148,7 +148,8 @@ def test_filter_on_s3_read_back_with_pyarrow(ray_local, tiny_digits, classifier_
     run_reward(cfg, progress=False)
     summary = run_filter(cfg, progress=False)
     store = open_storage(s3_uri)
-    table = pq.read_table(f"{store.bucket}/{store._key(contract.accepted_key(0, 'best'))}", filesystem=store.arrow_filesystem())
+    fs, path = store.arrow_location(contract.accepted_key(0, "best"))
+    table = pq.read_table(path, filesystem=fs)
     assert table.num_rows == summary.rows_accepted == 6
     assert json.loads(store.get_bytes(contract.selection_summary_key(0, "best")))["rows_accepted"] == 6
 

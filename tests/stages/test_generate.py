@@ -187,6 +187,8 @@ def test_cli_against_ray_start_head_cluster(tiny_digits, tmp_path):
 
 
 def test_cuda_without_gpus_is_refused(ray_local, tiny_digits, tmp_path):
-    with pytest.raises(GenerateError, match="model.device=cuda but the Ray cluster has no GPUs"):
+    from cluster import WorkerError
+
+    with pytest.raises(WorkerError, match="model.device=cuda but the Ray cluster has no GPUs"):
         run_generate(small_config(tiny_digits, tmp_path / "run", "model.device=cuda"), progress=False)
     assert list_committed(open_storage(str(tmp_path / "run")), 0) == {}

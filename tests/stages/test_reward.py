@@ -77,14 +77,16 @@ def test_reward_on_s3_read_back_with_pyarrow(ray_local, tiny_digits, classifier_
     run_reward(cfg, progress=False)
     store = open_storage(s3_uri)
     assert len(list_committed(store, 0)) == 9
-    table = pq.read_table(f"{store.bucket}/{store._key(contract.rewards_prefix(0, 'digits_alignment'))}",
-                          filesystem=store.arrow_filesystem())
+    fs, path = store.arrow_location(contract.rewards_prefix(0, "digits_alignment"))
+    table = pq.read_table(path, filesystem=fs)
     assert table.num_rows == 72 and table.schema.field("reward").type == "double"
 
 
 def test_cuda_reward_without_gpus_is_refused(ray_local, tiny_digits, classifier_dir, tmp_path):
     cfg = stage_config(tiny_digits, tmp_path / "run", classifier_dir, "generate.samples_per_prompt=8")
     run_generate(cfg, progress=False)
-    with pytest.raises(RewardError, match="reward.device=cuda but the Ray cluster has no GPUs"):
+    from cluster import WorkerError
+
+    with pytest.raises(WorkerError, match="reward.device=cuda but the Ray cluster has no GPUs"):
         run_reward(stage_config(tiny_digits, tmp_path / "run", classifier_dir, "generate.samples_per_prompt=8",
                                 "reward.device=cuda"), progress=False)
