@@ -2,7 +2,7 @@
 
     python benchmarks/filter_topk.py [--rows 10000000] [--per-prompt 1000] [--k 8]
 
-Writes `--rows` reward rows (DESIGN.md §2 columns, ~2 % duplicate sample hashes within a
+Writes `--rows` reward rows (docs/DESIGN.md §2 columns, ~2 % duplicate sample hashes within a
 prompt) as Parquet parts of a run, then times, each in a fresh subprocess that also reports
 its peak RSS:
   * pgraft: `run_filter` with method=top_k, k=K, dedup=true (reads the parts, dedups, selects,

@@ -1,4 +1,4 @@
-"""The data contract between stages: names, layout, seeds and record schemas (DESIGN.md §2).
+"""The data contract between stages: names, layout, seeds and record schemas (docs/DESIGN.md §2).
 
 Every stage imports its paths and formats from here and nowhere else, so that a stage can
 be rerun alone against what an earlier stage left in storage.

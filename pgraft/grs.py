@@ -1,4 +1,4 @@
-"""Generalized rejection sampling: closed forms of DESIGN.md §3 as small pure functions.
+"""Generalized rejection sampling: closed forms of docs/DESIGN.md §3 as small pure functions.
 
 Every rule turns base samples x ~ p̄ into accepted samples x ~ p̂ with p̂/p̄ a function of
 u = F(r(x)), the reward's CDF under p̄. `*_log_ratio` gives log p̂/p̄ (the reshaped reward

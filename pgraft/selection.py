@@ -318,7 +318,7 @@ def add_threshold_ratio(res: Resolved, reshaped: np.ndarray, acceptance_rate: fl
 
 
 def implied_kl(res: Resolved, rows_in: int, accepted: int, rewards: np.ndarray, prompt_sizes: np.ndarray) -> dict:
-    """KL(p̂ ‖ p̄) in nats: the closed form of DESIGN.md §3 and the plug-in estimate on this table."""
+    """KL(p̂ ‖ p̄) in nats: the closed form of docs/DESIGN.md §3 and the plug-in estimate on this table."""
     rate = accepted / rows_in if rows_in else 0.0
     plug_in = grs.threshold_kl(rate) if rate > 0 else math.inf
     if res.method in ("threshold", "quantile"):

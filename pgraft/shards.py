@@ -1,4 +1,4 @@
-"""WebDataset shards of rollouts: encode, write, commit, list, read back (DESIGN.md §2).
+"""WebDataset shards of rollouts: encode, write, commit, list, read back (docs/DESIGN.md §2).
 
 A shard is data, never code: members are `.latents.safetensors`, `.png` and `.json` only,
 and the reader refuses anything else. A shard counts once its commit record exists; the

@@ -1,4 +1,4 @@
-"""P-GRAFT training targets (DESIGN.md §4) as small pure functions.
+"""P-GRAFT training targets (docs/DESIGN.md §4) as small pure functions.
 
 A Gaussian path x_s = a_s x_0 + σ_s ε is Markov for s > t:
     x_s = (a_s/a_t) x_t + σ_{s|t} ε′,   σ_{s|t}² = σ_s² − (a_s/a_t)² σ_t².

@@ -1,4 +1,4 @@
-"""Filter stage: a GRS selection over a round's reward table (DESIGN.md §3).
+"""Filter stage: a GRS selection over a round's reward table (docs/DESIGN.md §3).
 
 Reads only the reward parts; writes `filter/<name>/accepted.parquet`, then `summary.json`
 (its commit marker) with the resolved parameters, the implied KL and per-prompt counts.

@@ -1,4 +1,4 @@
-"""The built-in `digits` task (DESIGN.md §6): data, base models and the alignment classifier.
+"""The built-in `digits` task (docs/DESIGN.md §6): data, base models and the alignment classifier.
 
 Everything here trains from scikit-learn's bundled `load_digits` (no download) and saves in
 the formats the rest of the pipeline loads: diffusers folders for the base models, a
@@ -125,7 +125,7 @@ def prompt_alignment(classifier: DigitClassifier, images: np.ndarray, digits: li
 # Base diffusion / flow models -------------------------------------------------------------
 
 def unet_config() -> dict:
-    """The reference architecture of DESIGN.md §6 (1.0 M parameters)."""
+    """The reference architecture of docs/DESIGN.md §6 (1.0 M parameters)."""
     return dict(
         sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 64), layers_per_block=2,
         down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),

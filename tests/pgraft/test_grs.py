@@ -1,4 +1,4 @@
-"""GRS rules against their closed forms (DESIGN.md §3): the real selection code is applied to
+"""GRS rules against their closed forms (docs/DESIGN.md §3): the real selection code is applied to
 rewards drawn from known distributions; accepted rewards must follow p̂ (KS test, p > 0.01)
 and the reported KL must match a Monte Carlo estimate."""
 

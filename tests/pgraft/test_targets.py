@@ -1,4 +1,4 @@
-"""P-GRAFT targets against closed forms (DESIGN.md §4).
+"""P-GRAFT targets against closed forms (docs/DESIGN.md §4).
 
 With Gaussian data x_t ~ N(m, c²) (per coordinate), x_s = (a_s/a_t) x_t + σ_{s|t} ε′ is
 Gaussian too, so the optimal predictor of each target given x_s is linear with analytic

@@ -35,7 +35,7 @@ def test_two_rounds_second_samples_from_the_first_model(ray_local, tiny_digits, 
 
 
 def test_one_pgraft_round_raises_the_reward_of_fresh_samples(ray_local, tmp_path):
-    """Method check, DESIGN.md §6 at small scale: a briefly trained digits base, 640 samples,
+    """Method check, docs/DESIGN.md §6 at small scale: a briefly trained digits base, 640 samples,
     best-of-8, P-GRAFT at step 15 of 20 (t = 200). Statistic: Welch's one-sided t-test on the
     prompt alignment of 1,000 fresh samples from the composite sampler against 1,000 from the
     base (fresh seeds, never used in training); required p < 1e-3."""
