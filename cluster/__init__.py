@@ -1,5 +1,17 @@
 """How pgraft reaches Ray: a running cluster (RAY_ADDRESS, `ray job submit`) or a local one."""
 
-from cluster.ray_cluster import WorkerError, connect, run_pool, start_workers, unwrap_remote_error, worker_resources
+from cluster.ray_cluster import (
+    Placement,
+    WorkerError,
+    WorkerPool,
+    connect,
+    current_node_id,
+    plan_placement,
+    reserve,
+    run_pool,
+    start_workers,
+    unwrap_remote_error,
+)
 
-__all__ = ["WorkerError", "connect", "run_pool", "start_workers", "unwrap_remote_error", "worker_resources"]
+__all__ = ["Placement", "WorkerError", "WorkerPool", "connect", "current_node_id", "plan_placement", "reserve",
+           "run_pool", "start_workers", "unwrap_remote_error"]

@@ -1,56 +1,202 @@
-"""Connect to Ray and size stage actors.
+"""Connect to Ray, place stage actors by the resources they declare, and run work on them.
 
 Inside `ray job submit` (or with RAY_ADDRESS set, e.g. after `ray start --head`) we join that
-cluster; otherwise `ray.init()` starts a local one, the embedded default.
+cluster; otherwise `ray.init()` starts a local one, the embedded default. The process that
+calls these functions only orchestrates: every model lives in an actor placed by resources.
+
+Placement goes through a placement group, so a demand the cluster cannot meet now (GPU
+nodes at `min_workers: 0`) is visible to the autoscaler, and a demand it never meets ends
+after `cluster.placement_timeout_s` with one line naming the missing resource.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import socket
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
 
 import ray
+
+from pgraft.errors import PgraftError
+
+# Set when this process started a local Ray itself: no autoscaler can add nodes to it, so a
+# placement that does not fit fails at once instead of after the configured wait.
+_STARTED_LOCAL = False
+LOCAL_PLACEMENT_TIMEOUT_S = 5.0
+
+
+class WorkerError(PgraftError):
+    """Stage actors cannot be placed or started, or failed in a way their own error type did not describe."""
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds with one line when RAY_ADDRESS names a host:port that does not answer
+    (ray.init would otherwise retry for a long time)."""
+    if address in ("auto", "local"):
+        return
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    if not parsed.hostname or not parsed.port:
+        return
+    try:
+        socket.create_connection((parsed.hostname, parsed.port), timeout=3).close()
+    except OSError as exc:
+        raise WorkerError(f"the Ray cluster at RAY_ADDRESS={address} does not answer ({exc.strerror or exc}); "
+                          "start it (`ray start --head`) or unset RAY_ADDRESS to run on a local Ray") from None
 
 
 def connect(num_cpus: int | None = None) -> None:
     """Join the cluster Ray would pick (RAY_ADDRESS / job context) or start a local one."""
+    global _STARTED_LOCAL
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_reachable(address)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            raise WorkerError(f"cannot join the Ray cluster at RAY_ADDRESS={address}: {first}") from None
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, log_to_driver=True)  # dashboard on: Ray Train polls its state API
+        _STARTED_LOCAL = True
 
 
-class WorkerError(RuntimeError):
-    """Stage actors cannot start, or failed in a way their own error type did not describe."""
+def current_node_id() -> str:
+    """The Ray node this process runs on (recorded in stage summaries: what ran where)."""
+    return ray.get_runtime_context().get_node_id()
 
 
-def worker_resources(num_workers: int, device: str, device_key: str) -> tuple[int, dict]:
-    """(actors to start, resources per actor) for a stage whose config puts its models on
-    `device` (`device_key` names that config key): one GPU each where the cluster has GPUs and
-    the device is not `cpu`, otherwise the CPUs split evenly. Capped at what fits at once, so
-    no actor waits forever; sized by the configured count, so threads per worker (and so
-    float summation order) do not depend on how much work is left."""
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    if device.startswith("cuda") and gpus < 1:
+def _alive_nodes() -> list[dict]:
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+
+
+@dataclass
+class Placement:
+    """How many actors a stage starts and what each one asks Ray for."""
+
+    count: int
+    num_cpus: float
+    num_gpus: float = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def bundle(self) -> dict[str, float]:
+        bundle = {"CPU": self.num_cpus, "GPU": self.num_gpus, **self.extra}
+        return {k: v for k, v in bundle.items() if v}
+
+    @property
+    def threads(self) -> int | None:
+        """torch threads per actor: its CPU share on CPU actors, torch's default on GPUs."""
+        return None if self.num_gpus else max(1, int(self.num_cpus))
+
+    def actor_options(self) -> dict:
+        options = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.extra:
+            options["resources"] = dict(self.extra)
+        return options
+
+
+def plan_placement(num_workers: int, device: str, device_key: str, extra: dict[str, float] | None = None,
+                   cpus_per_worker: int | None = None, exact: bool = False) -> Placement:
+    """Actors and resources for a stage whose models go on `device` (`device_key` names that
+    config key). GPUs are declared whenever the device asks for them (`cuda`, or `auto` on a
+    cluster that has GPUs), so an autoscaler can add GPU nodes; on CPU, the CPUs of the nodes
+    that offer `extra` are split evenly, never more per actor than one node has. Sized by the
+    configured count, so threads per worker (and float summation order) do not depend on how
+    much work is left. `exact` keeps the count even where it cannot fit (a training group
+    of that size or an error, never a smaller group)."""
+    extra = dict(extra or {})
+    nodes = [n for n in _alive_nodes() if all(n.get(k, 0) >= v for k, v in extra.items())] or _alive_nodes()
+    gpus = sum(n.get("GPU", 0) for n in nodes)
+    if device.startswith("cuda") and gpus < 1 and _STARTED_LOCAL:
         raise WorkerError(f"{device_key}={device} but the Ray cluster has no GPUs; use {device_key}=auto or cpu")
-    if device != "cpu" and gpus >= 1:
-        return min(num_workers, gpus), {"num_gpus": 1, "num_cpus": 1}
-    cpus = max(1, int(resources.get("CPU", 1)))
-    count = min(num_workers, cpus)
-    return count, {"num_cpus": max(1, cpus // count)}
+    if device.startswith("cuda") or (device == "auto" and gpus >= 1):
+        count = min(num_workers, int(gpus)) if gpus >= 1 and not exact else num_workers
+        return Placement(count, 1, 1, extra)
+    node_cpus = [int(n.get("CPU", 0)) for n in nodes if n.get("CPU", 0) >= 1] or [1]
+    total, largest = sum(node_cpus), max(node_cpus)
+    count = num_workers if exact else min(num_workers, total)
+    share = cpus_per_worker or max(1, min(largest, total // count))
+    return Placement(count, share, 0, extra)
 
 
-def start_workers(worker_cls, num_workers: int, device: str, device_key: str, needed: int, *args) -> list:
-    """Start up to `needed` actors of `worker_cls(*args, threads)`; `threads` is the CPUs each
-    actor holds (None on GPUs), for torch.set_num_threads."""
+def _describe_cluster() -> str:
+    nodes = _alive_nodes()
+    shown = []
+    for n in nodes:
+        keys = ["CPU", "GPU"] + sorted(k for k in n if not k.startswith(("node:", "memory", "object_store", "CPU", "GPU",
+                                                                        "accelerator_type")))
+        shown.append("{" + ", ".join(f"{k}: {n.get(k, 0):g}" for k in keys) + "}")
+    return f"{len(nodes)} node(s): " + ", ".join(shown)
+
+
+def _missing(bundle: dict[str, float], count: int) -> str:
+    nodes = _alive_nodes()
+    for key, need in bundle.items():
+        if not any(n.get(key, 0) >= need for n in nodes):
+            return f"no node offers {key} ≥ {need:g}"
+    for key, need in bundle.items():
+        have = sum(n.get(key, 0) for n in nodes)
+        if have < need * count:
+            return f"{count} × {key} {need:g} = {need * count:g} needed, the cluster has {have:g}"
+    return "the resources exist but are held by other work"
+
+
+def reserve(placement: Placement, what: str, timeout_s: float):
+    """A ready placement group for `placement.count` bundles, or WorkerError naming what is
+    missing once `timeout_s` has passed (an autoscaler sees the pending group as demand)."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    if _STARTED_LOCAL:
+        timeout_s = min(timeout_s, LOCAL_PLACEMENT_TIMEOUT_S)
+    group = placement_group([placement.bundle] * placement.count, strategy="SPREAD")
+    if not group.wait(timeout_seconds=timeout_s):
+        missing = _missing(placement.bundle, placement.count)
+        remove_placement_group(group)
+        raise WorkerError(f"{what}: {placement.count} × {placement.bundle} could not be placed within {timeout_s:g} s: "
+                          f"{missing} ({_describe_cluster()}); lower the worker count, fix the device/resources "
+                          "setting, or add nodes (cluster.placement_timeout_s sets the wait)")
+    return group
+
+
+@dataclass
+class WorkerPool:
+    """Actors of one stage inside their placement group."""
+
+    actors: list
+    group: object
+    placement: Placement
+
+    def close(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in self.actors:
+            ray.kill(actor)
+        remove_placement_group(self.group)
+
+
+def start_workers(worker_cls, num_workers: int, device: str, device_key: str, needed: int, *args,
+                  extra_resources: dict | None = None, timeout_s: float = 300.0, max_restarts: int = 3) -> WorkerPool:
+    """Start up to `needed` actors of `worker_cls(*args, threads)`, where `threads` is the CPUs
+    each actor holds (None on GPUs), for torch.set_num_threads. A lost actor is restarted up to
+    `max_restarts` times and the call it was running is retried on the new one."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     connect()
-    count, resources = worker_resources(num_workers, device, device_key)
-    threads = None if "num_gpus" in resources else resources["num_cpus"]
-    remote = ray.remote(worker_cls).options(**resources)
-    return [remote.remote(*args, threads) for _ in range(min(count, needed))]
+    placement = plan_placement(num_workers, device, device_key, extra_resources)
+    placement.count = min(placement.count, needed)
+    group = reserve(placement, f"{worker_cls.__name__} actors", timeout_s)
+    remote = ray.remote(worker_cls)
+    actors = [
+        remote.options(**placement.actor_options(), max_restarts=max_restarts, max_task_retries=max_restarts,
+                       scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i))
+        .remote(*args, placement.threads)
+        for i in range(placement.count)
+    ]
+    return WorkerPool(actors, group, placement)
 
 
 def unwrap_remote_error(exc: Exception) -> Exception:
@@ -65,18 +211,19 @@ def unwrap_remote_error(exc: Exception) -> Exception:
     return WorkerError(f"worker failed to start: {match.group(2)}" if match else f"worker failed: {last}")
 
 
-def run_pool(actors: list, method: str, items: list, on_result, desc: str, progress: bool = True) -> None:
-    """Feed `items` to `actor.<method>` over a pool of actors, refilling whichever finishes
-    first; `on_result(result)` runs on the driver per item. The first failure stops the pool
-    and is re-raised as the worker's own error. Actors are killed at the end."""
+def run_pool(pool: WorkerPool, method: str, items: list, on_result, desc: str, progress: bool = True) -> None:
+    """Feed `items` to `actor.<method>` over the pool, refilling whichever finishes first;
+    `on_result(result)` runs here per item. A lost actor's item is retried by Ray on the
+    restarted actor; a failure that survives the retries stops the pool and is re-raised as
+    the worker's own error. The actors and their placement group are released at the end."""
     from tqdm.auto import tqdm
 
     queue = list(items)
     in_flight = {}
-    for actor in actors:
+    for actor in pool.actors:
         if queue:
             in_flight[getattr(actor, method).remote(queue.pop(0))] = actor
-    bar = tqdm(total=len(items), desc=desc, unit="shard", disable=not progress)
+    bar = tqdm(total=len(items), desc=desc, unit="unit", disable=not progress)
     try:
         while in_flight:
             done, _ = ray.wait(list(in_flight), num_returns=1)
@@ -91,5 +238,4 @@ def run_pool(actors: list, method: str, items: list, on_result, desc: str, progr
                 in_flight[getattr(actor, method).remote(queue.pop(0))] = actor
     finally:
         bar.close()
-        for actor in actors:
-            ray.kill(actor)
+        pool.close()

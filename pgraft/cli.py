@@ -6,23 +6,11 @@ import argparse
 import sys
 import time
 
-from pgraft.config import ConfigError, load_config
+from pgraft.config import load_config
+from pgraft.errors import PgraftError
 
 # Errors that are the user's to fix: shown as one line, no traceback.
-def _user_errors() -> tuple[type[Exception], ...]:
-    from cluster import WorkerError
-    from pgraft.contract import ContractError
-    from pgraft.models.adapters import ModelError
-    from pgraft.selection import SelectionError
-    from pgraft.shards import ShardError
-    from pgraft.storage import StorageError
-    from stages.filter import FilterError
-    from stages.generate import GenerateError
-    from stages.reward import RewardError
-    from stages.train import TrainError
-
-    return (ConfigError, StorageError, ModelError, ShardError, GenerateError, RewardError, FilterError,
-            SelectionError, WorkerError, TrainError, ContractError, FileNotFoundError)
+USER_ERRORS = (PgraftError, FileNotFoundError)
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -70,7 +58,7 @@ def _run_and_print(name: str, args) -> None:
 def _guarded(name: str, fn) -> int:
     try:
         fn()
-    except _user_errors() as exc:
+    except USER_ERRORS as exc:
         print(f"pgraft {name}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -13,9 +13,11 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pgraft.errors import PgraftError
+from pgraft.models.fetch import child
 
 
-class ConfigError(ValueError):
+class ConfigError(PgraftError, ValueError):
     """A config file or override is wrong; the message names the key."""
 
 
@@ -35,7 +37,9 @@ class TaskSection(_Section):
     name: Literal["digits"] | None = Field(
         "digits", description="Built-in task whose models the round pipeline pretrains into `task.dir` when missing; null for none."
     )
-    dir: str = Field("models/digits", description="Where the built-in task's models live (ddpm/, flow/, classifier/).")
+    dir: str = Field("models/digits", description="Where the built-in task's models live (ddpm/, flow/, classifier/): "
+                     "a local folder or a storage location such as s3://bucket/models/digits (use storage on a "
+                     "multi-node cluster). The round pipeline pretrains them in a Ray task and publishes them there once.")
     seed: int = Field(0, ge=0, description="Seed of the built-in task's pretraining.")
 
 
@@ -45,7 +49,8 @@ class ModelSection(_Section):
         description="Adapter: class-conditional UNet2DModel (digits, DDPM/DDIM or flow), "
         "StableDiffusionPipeline 2.x, or StableDiffusion3Pipeline (flow matching).",
     )
-    path: str = Field("models/digits/ddpm", description="Local diffusers folder of the base model.")
+    path: str | None = Field(None, description="The base model's diffusers folder: a local path or a storage location "
+                             "(s3://…), fetched once per node into PGRAFT_CACHE_DIR. Default: the task's `ddpm` model under task.dir.")
     scheduler: Literal["folder", "ddim", "ddpm", "flow_euler"] = Field(
         "folder", description="Sampler; `folder` uses the scheduler saved with the model."
     )
@@ -59,7 +64,7 @@ class ModelSection(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Compute dtype; latents are stored as float32.")
     device: str = Field("auto", description="`auto` (cuda when visible, else cpu), `cpu`, or `cuda`.")
     finetuned: str | None = Field(
-        None, description="A train stage's `model/` folder: sample with the composite sampler (fine-tuned model "
+        None, description="A train stage's `model/` location (path or storage URI): sample with the composite sampler (fine-tuned model "
         "for steps T→t, base model for t→0). The round pipeline sets it for rounds after the first.",
     )
 
@@ -77,6 +82,8 @@ class GenerateSection(_Section):
     samples_per_shard: int = Field(128, ge=1, description="Samples per work unit; one WebDataset shard per unit.")
     num_workers: int = Field(2, ge=1, description="Ray generate actors (one GPU each where the cluster has GPUs).")
     batch_size: int = Field(32, ge=1, description="Samples per model call inside an actor.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources each generate actor "
+                                        "requests, e.g. {gpu_node: 1} to pin actors to a node type.")
 
     @field_validator("capture_steps")
     @classmethod
@@ -98,6 +105,7 @@ class RewardSection(_Section):
     batch_size: int = Field(256, ge=1, description="Images per reward call.")
     num_workers: int = Field(1, ge=1, description="Ray reward actors (one GPU each where the cluster has GPUs).")
     device: str = Field("auto", description="`auto`, `cpu` or `cuda` for reward models.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources each reward actor requests.")
 
     def table_name(self) -> str:
         if self.table:
@@ -162,12 +170,28 @@ class TrainSection(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="`auto`: bf16 on CUDA, fp32 on CPU.")
     checkpoint_every: int = Field(100, ge=1, description="Save a DeepSpeed checkpoint every this many steps (and at the end).")
     seed: int = Field(0, ge=0, description="Seed of the data order, noise draws and dropout (per step, so resume is exact).")
-    cache_dir: str = Field("~/.cache/pgraft", description="Local staging for checkpoints and models of s3:// runs.")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (processes of the DeepSpeed group); one GPU "
+                             "each when model.device is cuda (or auto on a cluster with GPUs), else CPUs.")
+    cpus_per_worker: int | None = Field(None, ge=1, description="CPUs per train worker on CPU (default: a node's CPUs "
+                                        "split evenly between the workers that fit on it, at least 1).")
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources per train "
+                                                   "worker, e.g. {gpu_node: 1} to pin training to a node type.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in storage (the newest); older ones are deleted.")
+    max_failures: int = Field(2, ge=-1, description="Ray Train restarts of the worker group after a lost worker; each "
+                              "restart resumes from the last checkpoint (-1: unlimited).")
     eval_samples_per_prompt: int = Field(50, ge=0, description="Round pipeline: fresh samples per prompt scored for "
                                          "the base and the fine-tuned composite after training (0: skip).")
 
     def output_name(self, selection: str) -> str:
         return self.name or f"{selection}-t{self.t_step}"
+
+
+class ClusterSection(_Section):
+    placement_timeout_s: float = Field(300.0, gt=0, description="How long a stage waits for the cluster to offer "
+                                       "the resources its actors ask for (an autoscaler may be adding nodes) before "
+                                       "it stops with an error naming the missing resource.")
+    max_restarts: int = Field(3, ge=0, description="Restarts of a lost generate/reward/eval actor; its unfinished "
+                              "unit is retried on the restarted actor.")
 
 
 class Config(_Section):
@@ -178,12 +202,45 @@ class Config(_Section):
     reward: RewardSection = Field(default_factory=RewardSection, description="The reward stage.")
     filter: FilterSection = Field(default_factory=lambda: FilterSection(n=8), description="The filter stage.")
     train: TrainSection = Field(default_factory=TrainSection, description="The train stage.")
+    cluster: ClusterSection = Field(default_factory=ClusterSection, description="Placement and fault tolerance on Ray.")
+
+    def with_absolute_paths(self) -> "Config":
+        """A copy whose local locations are absolute, resolved where this process runs.
+
+        Actors run in their own working directory (under `ray job submit`, each node unpacks
+        its own copy), so a relative path would name a different folder in every process.
+        Storage URIs are left alone; so is a relative model/reward reference that is not a
+        local folder here (e.g. a hub id)."""
+        out = self.model_copy(deep=True)
+
+        def absolute(value: str | None, must_exist: bool) -> str | None:
+            if value is None or "://" in value or Path(value).expanduser().is_absolute():
+                return value
+            path = Path(value).expanduser()
+            return str(path.absolute()) if path.exists() or not must_exist else value
+
+        out.run.uri = absolute(out.run.uri, must_exist=False)
+        out.task.dir = absolute(out.task.dir, must_exist=False)
+        out.model.path = absolute(out.model.path, must_exist=False)
+        out.model.finetuned = absolute(out.model.finetuned, must_exist=False)
+        out.reward.model_path = absolute(out.reward.model_path, must_exist=True)
+        if isinstance(out.generate.prompts, str):
+            out.generate.prompts = absolute(out.generate.prompts, must_exist=False)
+        return out
+
+    @model_validator(mode="after")
+    def _model_from_task(self) -> "Config":
+        if self.model.path is None:
+            if self.task.name is None:
+                raise ValueError("model.path is required when task.name is null")
+            self.model.path = child(self.task.dir, "ddpm")
+        return self
 
 
 def _format_validation_error(err: ValidationError) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "<root>"
-    if first["type"] == "value_error" and first["msg"].startswith("Value error, filter."):
+    if first["type"] == "value_error" and first["msg"].split(".", 1)[0].removeprefix("Value error, ") in Config.model_fields:
         key = first["msg"].removeprefix("Value error, ").split(" ", 1)[0]  # the validator names the key itself
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":

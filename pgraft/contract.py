@@ -11,6 +11,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from pgraft.errors import PgraftError
 
 CONFIG_KEY = "config.yaml"
 SCHEMA_VERSION = 1
@@ -102,9 +103,32 @@ def train_prefix(round_idx: int, name: str) -> str:
     return f"{round_prefix(round_idx)}/train/{name}"
 
 
+def model_prefix(round_idx: int, name: str) -> str:
+    """The exported model of a training run: what the next round's sampler loads."""
+    return f"{train_prefix(round_idx, name)}/model"
+
+
+def train_summary_key(round_idx: int, name: str) -> str:
+    return f"{train_prefix(round_idx, name)}/summary.json"
+
+
+# Ray Train's run name under train/<name>/: its checkpoints and state live in this folder.
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def eval_prefix(round_idx: int, variant: str) -> str:
+    """One evaluation variant (base, finetuned) of a round, laid out as a one-round run of its
+    own: config.yaml, round-000/generate/ shards, round-000/rewards/<table>/ parts, summary.json."""
+    return f"{round_prefix(round_idx)}/eval/{variant}"
+
+
+def eval_summary_key(round_idx: int) -> str:
+    return f"{round_prefix(round_idx)}/eval/summary.json"
+
+
 # Records ----------------------------------------------------------------------------------
 
-class ContractError(ValueError):
+class ContractError(PgraftError, ValueError):
     """A record in storage does not follow the data contract; the message says what to do."""
 
 
@@ -191,3 +215,64 @@ ACCEPTED_COLUMNS: dict[str, str] = {
     "key": "string", "shard": "string", "prompt_id": "int64", "sample_idx": "int64", "reward": "float64",
     "reshaped_reward": "float64", "rank_in_prompt": "int64",
 }
+
+
+# Train outputs -----------------------------------------------------------------------------
+
+COMPOSITE_CARD = "composite.json"  # in train/<name>/model/: how to sample with the fine-tuned model
+
+
+def composite_card(base_model: str, kind: str, finetuned: str, switch_step: int, t_level: float | None,
+                   num_inference_steps: int, guidance_scale: float, timesteps_trained: list[float]) -> dict:
+    """The composite sampler's card: fine-tuned denoiser for steps 0..switch_step-1, base after."""
+    return {
+        "base_model": base_model, "kind": kind, "finetuned": finetuned, "switch_step": switch_step,
+        "t_level": t_level, "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+        "timesteps_trained": timesteps_trained,
+        "usage": "run the fine-tuned denoiser for sampler steps 0..switch_step-1, the base for the rest",
+    }
+
+
+@dataclass
+class TrainSummary:
+    """train/<name>/summary.json, written by rank 0 once the model is exported."""
+
+    name: str
+    selection: str
+    round: int
+    t_step: int
+    t_level: float | None
+    mode: str
+    samples: int
+    steps: int
+    resumed_from: int
+    batch_size: int
+    processes: int
+    timesteps_trained: list[float]
+    final_loss: float
+    samples_per_second: float
+    data_wait_fraction: float
+    seconds: float
+    model_dir: str
+    deepspeed: dict
+    nodes: list[str] = field(default_factory=list)  # Ray node id of every rank
+
+    def render(self) -> str:
+        level = "x_0 (GRAFT)" if self.t_level is None else f"x_{self.t_step} (t={self.t_level:g}, P-GRAFT)"
+        return "\n".join([
+            f"train: {self.name!r} on selection {self.selection!r}, round {self.round}, from {level}",
+            f"  data     {self.samples} accepted latents; s drawn from {len(self.timesteps_trained)} sampler timesteps "
+            f"{self.timesteps_trained[0]:g}…{self.timesteps_trained[-1]:g}",
+            f"  steps    {self.steps} ({self.mode}, batch {self.batch_size}, {self.processes} Ray Train worker(s)"
+            + (f", resumed at step {self.resumed_from}" if self.resumed_from else "") + ")",
+            f"  loss     {self.final_loss:.4f} (mean of the last steps); {self.samples_per_second:.1f} samples/s, "
+            f"{self.data_wait_fraction:.1%} of step time waiting for data",
+            f"  model    {self.model_dir}/ (composite: fine-tuned for steps 0..{self.t_step - 1}, base after)",
+        ])
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> "TrainSummary":
+        try:
+            return cls(**json.loads(data))
+        except (ValueError, TypeError) as exc:
+            raise ContractError(f"{where} is not a train summary ({exc}); delete it to train again") from None

@@ -17,11 +17,12 @@ import numpy as np
 
 from pgraft import grs
 from pgraft.config import FilterSection
+from pgraft.errors import PgraftError
 
 _SAMPLE_BITS = 20  # sample_idx < 10**5 < 2**20 (the key format's range)
 
 
-class SelectionError(ValueError):
+class SelectionError(PgraftError, ValueError):
     """A selection cannot be made as asked; the message says what to change."""
 
 

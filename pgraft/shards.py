@@ -24,6 +24,7 @@ from safetensors.torch import save as save_safetensors
 from pgraft import contract
 from pgraft.contract import CommitRecord, SampleMeta
 from pgraft.storage import Storage
+from pgraft.errors import PgraftError
 
 # Tar members per sample (the part after the key).
 LATENTS_EXT = "latents.safetensors"
@@ -34,7 +35,7 @@ ALLOWED_EXTS = (LATENTS_EXT, IMAGE_EXT, META_EXT)
 TAR_MTIME = 0.0
 
 
-class ShardError(RuntimeError):
+class ShardError(PgraftError):
     """A shard is torn, replaced, or holds something that is not sample data."""
 
 

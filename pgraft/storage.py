@@ -14,9 +14,10 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 from urllib.parse import urlparse
+from pgraft.errors import PgraftError
 
 
-class StorageError(RuntimeError):
+class StorageError(PgraftError):
     """Storage is unreachable, missing, refuses us, or lacks a key; the message says which."""
 
 
@@ -48,6 +49,11 @@ class Storage:
     def delete(self, key: str) -> None:
         raise NotImplementedError
 
+    def manifest(self, prefix: str = "") -> list[tuple[str, int, str]]:
+        """(key relative to `prefix`, size, version tag) of every object under `prefix`,
+        sorted: what a content-keyed cache hashes. The tag is the ETag on S3, mtime locally."""
+        raise NotImplementedError
+
     def local_path(self, key: str) -> str | None:
         """A local filesystem path for `key`, or None for remote stores."""
         return None
@@ -64,8 +70,9 @@ class Storage:
 
     def download_prefix(self, prefix: str, folder: str | os.PathLike) -> None:
         """Every object under `prefix` to a local folder, streamed to disk."""
+        strip = len(prefix.rstrip("/")) + 1 if prefix.strip("/") else 0
         for key in self.list(prefix):
-            target = Path(folder) / key[len(prefix.rstrip("/")) + 1:]
+            target = Path(folder) / key[strip:]
             target.parent.mkdir(parents=True, exist_ok=True)
             with self.open_read(key) as src, open(target, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
@@ -148,6 +155,14 @@ class LocalStorage(Storage):
 
     def delete(self, key):
         self._path(key).unlink(missing_ok=True)
+
+    def manifest(self, prefix=""):
+        strip = len(prefix.rstrip("/")) + 1 if prefix.strip("/") else 0
+        out = []
+        for key in self.list(prefix):
+            stat = self._path(key).stat()
+            out.append((key[strip:], stat.st_size, str(stat.st_mtime_ns)))
+        return out
 
     def local_path(self, key):
         return str(self._path(key))
@@ -283,6 +298,19 @@ class S3Storage(Storage):
 
     def delete(self, key):
         self._call(key, lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))
+
+    def manifest(self, prefix=""):
+        full = self._key(prefix).rstrip("/")
+        full = f"{full}/" if full else ""
+
+        def run():
+            out = []
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                out.extend((obj["Key"][len(full):], int(obj["Size"]), obj["ETag"].strip('"'))
+                           for obj in page.get("Contents", []))
+            return sorted(out)
+
+        return self._call(prefix, run)
 
     def arrow_location(self, key: str):
         return self.arrow_filesystem(), f"{self.bucket}/{self._key(key)}"

@@ -27,12 +27,13 @@ from pgraft.selection import (Resolved, RowSelection, SelectionError, add_thresh
 from pgraft.shards import list_committed
 from pgraft.storage import Storage, open_storage
 from pgraft.tables import arrow_schema, fingerprint_parts, list_reward_parts, read_parquet, read_reward_table, write_parquet
+from pgraft.errors import PgraftError
 
 # Columns the Ray Data engine reads (the local engine reads fewer).
 _READ_COLUMNS = ["key", "shard", "prompt_id", "sample_idx", "reward", "sample_hash"]
 
 
-class FilterError(RuntimeError):
+class FilterError(PgraftError):
     """The selection cannot be made or would clash with an existing one; says what to do."""
 
 

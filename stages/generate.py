@@ -19,12 +19,15 @@ from pathlib import Path
 
 import yaml
 
+import cluster
+
 from pgraft import contract
 from pgraft.config import Config, ConfigError, config_to_yaml
 from pgraft.contract import SampleMeta
 from pgraft.models.adapters import check_capture_steps, check_model_folder
 from pgraft.shards import Sample, commit_shard, list_committed, write_shard
 from pgraft.storage import Storage, open_storage
+from pgraft.errors import PgraftError
 
 # Config fields that change what a sample is; a run refuses to continue if they change.
 # (num_workers and batch_size only change how the work is spread.)
@@ -32,7 +35,7 @@ _NOT_IDENTITY = {("generate", "num_workers"), ("generate", "batch_size"), ("mode
                  ("run", "round"), ("run", "uri"), ("model", "finetuned")}  # uri: runs may move; finetuned: per round
 
 
-class GenerateError(RuntimeError):
+class GenerateError(PgraftError):
     """The generate stage cannot run as configured; the message says why."""
 
 
@@ -55,6 +58,7 @@ class GenerateSummary:
     workers: int
     captured: dict[str, int] = field(default_factory=dict)  # latent name -> timestep
     shard_prefix: str = ""
+    nodes: list[str] = field(default_factory=list)  # Ray node ids the shards were written on
 
     def render(self) -> str:
         rate = self.samples_written / self.seconds if self.seconds > 0 else 0.0
@@ -152,13 +156,13 @@ class GenerateWorker:
             local = Path(scratch) / f"{contract.shard_name(unit.shard_id)}.tar"
             record = write_shard(samples, local, rnd)
             commit_shard(self.storage, local, record, rnd, unit.shard_id)
-        return {"shard_id": unit.shard_id, "count": record.count, "bytes": record.bytes, "captured": captured}
+        return {"shard_id": unit.shard_id, "count": record.count, "bytes": record.bytes, "captured": captured,
+                "node_id": cluster.current_node_id()}
 
 
 def run_generate(cfg: Config, progress: bool = True) -> GenerateSummary:
-    import cluster
-
     start = time.perf_counter()
+    cfg = cfg.with_absolute_paths()
     prompts = resolve_prompts(cfg.generate.prompts)
     check_capture_steps(cfg.generate.capture_steps, cfg.model.num_inference_steps)
     check_model_folder(cfg.model)
@@ -174,17 +178,21 @@ def run_generate(cfg: Config, progress: bool = True) -> GenerateSummary:
                               written=0, samples_written=0, bytes_written=0, seconds=0.0, workers=0,
                               shard_prefix=storage.url(contract.generate_prefix(rnd)))
     if pending:
-        actors = cluster.start_workers(GenerateWorker, cfg.generate.num_workers, cfg.model.device, "model.device",
-                                       len(pending), cfg.model_dump(mode="json"), prompts)
-        summary.workers = len(actors)
+        pool = cluster.start_workers(GenerateWorker, cfg.generate.num_workers, cfg.model.device, "model.device",
+                                     len(pending), cfg.model_dump(mode="json"), prompts,
+                                     extra_resources=cfg.generate.resources, timeout_s=cfg.cluster.placement_timeout_s,
+                                     max_restarts=cfg.cluster.max_restarts)
+        summary.workers = len(pool.actors)
 
         def on_result(result: dict) -> None:
             summary.written += 1
             summary.samples_written += result["count"]
             summary.bytes_written += result["bytes"]
             summary.captured = result["captured"]
+            if result["node_id"] not in summary.nodes:
+                summary.nodes.append(result["node_id"])
 
-        cluster.run_pool(actors, "run_unit", pending, on_result, f"generate round {rnd}", progress)
+        cluster.run_pool(pool, "run_unit", pending, on_result, f"generate round {rnd}", progress)
     summary.seconds = time.perf_counter() - start
     if not summary.captured and committed:
         from pgraft.shards import read_shard

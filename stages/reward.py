@@ -12,22 +12,25 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+
+import cluster
 
 from pgraft import contract
 from pgraft.config import Config, ConfigError
 from pgraft.contract import CommitRecord
 from pgraft.hashing import get_hash
+from pgraft.models.fetch import child, fetch_model, is_remote, model_file_exists
 from pgraft.shards import IMAGE_EXT, META_EXT, list_committed, read_shard
 from pgraft.storage import open_storage
 from pgraft.tables import arrow_schema, list_reward_parts, write_parquet
+from pgraft.errors import PgraftError
 
 
-class RewardError(RuntimeError):
+class RewardError(PgraftError):
     """A reward function failed or returned something unusable; names the shard and key."""
 
 
@@ -43,6 +46,7 @@ class RewardSummary:
     seconds: float
     reward_mean: float | None
     table_prefix: str
+    nodes: list[str] = field(default_factory=list)  # Ray node ids the parts were scored on
 
     def render(self) -> str:
         mean = "n/a" if self.reward_mean is None else f"{self.reward_mean:.4f}"
@@ -55,11 +59,12 @@ class RewardSummary:
 
 
 def reward_model_path(cfg: Config) -> str | None:
-    """The reward's weights; digits_alignment defaults to the task's classifier."""
+    """The reward's weights as configured (a path, storage URI or hub id); digits_alignment
+    defaults to the task's classifier."""
     if cfg.reward.model_path:
         return cfg.reward.model_path
     if cfg.reward.name == "digits_alignment":
-        return str(Path(cfg.task.dir) / "classifier")
+        return child(cfg.task.dir, "classifier")
     return None
 
 
@@ -77,7 +82,9 @@ class RewardWorker:
         self.cfg = Config.model_validate(cfg_tree)
         self.storage = open_storage(self.cfg.run.uri)
         self.table = self.cfg.reward.table_name()
-        self.reward_fn = make_reward(self.cfg.reward.name, reward_model_path(self.cfg),
+        weights = reward_model_path(self.cfg)
+        weights = fetch_model(weights) if weights and is_remote(weights) else weights  # this node's copy
+        self.reward_fn = make_reward(self.cfg.reward.name, weights,
                                      resolve_device(self.cfg.reward.device), dict(self.cfg.reward.options))
         self.sample_hash = get_hash(self.cfg.reward.hash)
 
@@ -126,7 +133,8 @@ class RewardWorker:
         write_parquet(self.storage, contract.reward_part_key(rnd, self.table, shard_id), table)
         finite = table["reward"].to_numpy()
         finite = finite[np.isfinite(finite)]
-        return {"rows": table.num_rows, "reward_sum": float(finite.sum()), "finite": int(len(finite))}
+        return {"rows": table.num_rows, "reward_sum": float(finite.sum()), "finite": int(len(finite)),
+                "node_id": cluster.current_node_id()}
 
 
 def check_reward_config(cfg: Config) -> None:
@@ -137,15 +145,14 @@ def check_reward_config(cfg: Config) -> None:
     reward_factory(name)
     get_hash(cfg.reward.hash)
     path = reward_model_path(cfg)
-    if name == "digits_alignment" and not (Path(path) / "model.safetensors").is_file():
+    if name == "digits_alignment" and not model_file_exists(path, "model.safetensors"):
         raise ConfigError(f"config error: reward.model_path: no digits classifier at {path!r} "
                           "(run `pgraft pretrain digits --out DIR` or set reward.model_path)")
 
 
 def run_reward(cfg: Config, progress: bool = True) -> RewardSummary:
-    import cluster
-
     start = time.perf_counter()
+    cfg = cfg.with_absolute_paths()
     check_reward_config(cfg)
     storage = open_storage(cfg.run.uri)
     rnd, table = cfg.run.round, cfg.reward.table_name()
@@ -158,8 +165,9 @@ def run_reward(cfg: Config, progress: bool = True) -> RewardSummary:
                             skipped=len(committed) - len(pending), written=0, rows_written=0, seconds=0.0,
                             reward_mean=None, table_prefix=storage.url(contract.rewards_prefix(rnd, table)))
     if pending:
-        actors = cluster.start_workers(RewardWorker, cfg.reward.num_workers, cfg.reward.device, "reward.device",
-                                       len(pending), cfg.model_dump(mode="json"))
+        pool = cluster.start_workers(RewardWorker, cfg.reward.num_workers, cfg.reward.device, "reward.device",
+                                     len(pending), cfg.model_dump(mode="json"), extra_resources=cfg.reward.resources,
+                                     timeout_s=cfg.cluster.placement_timeout_s, max_restarts=cfg.cluster.max_restarts)
         totals = {"sum": 0.0, "finite": 0}
 
         def on_result(result: dict) -> None:
@@ -167,8 +175,10 @@ def run_reward(cfg: Config, progress: bool = True) -> RewardSummary:
             summary.rows_written += result["rows"]
             totals["sum"] += result["reward_sum"]
             totals["finite"] += result["finite"]
+            if result["node_id"] not in summary.nodes:
+                summary.nodes.append(result["node_id"])
 
-        cluster.run_pool(actors, "score_shard", pending, on_result, f"reward {table} round {rnd}", progress)
+        cluster.run_pool(pool, "score_shard", pending, on_result, f"reward {table} round {rnd}", progress)
         summary.reward_mean = totals["sum"] / totals["finite"] if totals["finite"] else None
     summary.seconds = time.perf_counter() - start
     return summary

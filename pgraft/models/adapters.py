@@ -8,6 +8,7 @@ the latent named `x_k` is the one the pipeline holds after k sampler steps, at n
 
 from __future__ import annotations
 
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +18,12 @@ import numpy as np
 import torch
 
 from pgraft import contract
+from pgraft.contract import COMPOSITE_CARD
 from pgraft.config import ModelSection
+from pgraft.models.fetch import ModelError, fetch_model, is_remote, local_folder, model_file_exists
+from pgraft.storage import open_storage
 
 MODEL_CARD = "pgraft_model.json"  # class_unet folders: prompt → class map, null class, task
-
-
-class ModelError(RuntimeError):
-    """The configured model cannot be used; the message names the path or field."""
 
 
 @dataclass
@@ -91,10 +91,10 @@ class ModelAdapter:
 
     def __init__(self, model: ModelSection):
         self.config = model
-        self.path = Path(model.path)
+        check_model_folder(model)
+        self.path = Path(fetch_model(model.path))  # this node's copy when the model is in storage
         self.device = resolve_device(model.device)
         self.dtype = getattr(torch, model.dtype)
-        check_model_folder(model)
         self.pipe = self._load()
         self.pipe.scheduler = _scheduler_for(self.pipe.scheduler, model)
         self.pipe.set_progress_bar_config(disable=True)
@@ -112,6 +112,21 @@ class ModelAdapter:
 
     def latent_shape(self) -> tuple[int, ...]:
         raise NotImplementedError
+
+    @property
+    def scheduler(self):
+        """The sampler's scheduler (its timesteps and noise path define the training targets)."""
+        return self.pipe.scheduler
+
+    def training_condition(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(condition per prompt, the null condition) as tensors the train stage can hold as
+        buffers: what `denoise` takes, computed once (text encoders are not trained)."""
+        raise ModelError(f"model.kind={self.kind}: the train stage supports class_unet and stable_diffusion")
+
+    def denoise(self, net, x: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """One forward of the trainable network `net` (this adapter's denoiser or a copy) on a
+        batch with one condition row per sample."""
+        raise ModelError(f"model.kind={self.kind}: the train stage supports class_unet and stable_diffusion")
 
     def _call_pipeline(self, prompts: list[str], latents: torch.Tensor, generators, callback: Callable):
         raise NotImplementedError
@@ -187,6 +202,12 @@ class ClassUNetAdapter(ModelAdapter):
         cfg = self.pipe.unet.config
         return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
 
+    def training_condition(self, prompts):
+        return self.class_ids(prompts), torch.tensor(self.null_class, dtype=torch.long)
+
+    def denoise(self, net, x, timesteps, condition):
+        return net(x, timesteps, class_labels=condition).sample
+
     def _call_pipeline(self, prompts, latents, generators, callback):
         return self.pipe(
             class_labels=self.class_ids(prompts), null_class=self.null_class,
@@ -238,6 +259,15 @@ class StableDiffusionAdapter(_TextPipelineAdapter):
     def _denoiser_config(self):
         return self.pipe.unet.config
 
+    def training_condition(self, prompts):
+        with torch.no_grad():
+            embeds, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
+            null, _ = self.pipe.encode_prompt([""], self.device, 1, False)
+        return embeds.float(), null[0].float()
+
+    def denoise(self, net, x, timesteps, condition):
+        return net(x, timesteps, encoder_hidden_states=condition.to(x.dtype)).sample
+
 
 class SD3Adapter(_TextPipelineAdapter):
     """StableDiffusion3Pipeline: rectified flow with FlowMatchEulerDiscreteScheduler."""
@@ -260,20 +290,26 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
 
 
 def check_model_folder(model: ModelSection) -> None:
-    """Cheap checks (no weights loaded) so a bad path fails before any worker starts."""
-    path = Path(model.path)
-    if not path.exists():
-        raise ModelError(f"model.path {str(path)!r} does not exist (for digits run `pgraft pretrain digits --out DIR`)")
+    """Cheap checks (no weights loaded or downloaded) so a bad path or URI fails before any
+    worker starts. The references may name storage (s3://…) or a local folder."""
     marker = MODEL_CARD if model.kind == "class_unet" else "model_index.json"
-    if not (path / marker).is_file():
-        raise ModelError(f"model.path {str(path)!r} is not a {model.kind} model folder (no {marker})")
+    if not model_file_exists(model.path, marker):
+        if not _has_any(model.path):
+            raise ModelError(f"model.path {model.path!r} does not exist (for digits run `pgraft pretrain digits "
+                             "--out DIR`, or let the round pipeline publish the task's models)")
+        raise ModelError(f"model.path {model.path!r} is not a {model.kind} model folder (no {marker})")
+    if model.finetuned and not model_file_exists(model.finetuned, COMPOSITE_CARD):
+        raise ModelError(f"model.finetuned {model.finetuned!r} is not a train stage model folder (no {COMPOSITE_CARD})")
+
+
+def _has_any(ref: str) -> bool:
+    return bool(open_storage(ref).list("")) if is_remote(ref) else local_folder(ref).exists()
 
 
 def load_adapter(model: ModelSection) -> ModelAdapter:
     return ADAPTERS[model.kind](model)
 
 
-COMPOSITE_CARD = "composite.json"
 
 
 class Composite:
@@ -302,8 +338,9 @@ class Composite:
 
 
 def load_composite(adapter: ModelAdapter, folder: str) -> Composite:
-    """Load a train stage's `model/` folder onto the base model of `adapter`."""
-    path = Path(folder)
+    """Load a train stage's `model/` folder (a local folder or a storage location) onto the
+    base model of `adapter`."""
+    path = Path(fetch_model(folder))
     if not (path / COMPOSITE_CARD).is_file():
         raise ModelError(f"model.finetuned {folder!r} is not a train stage model folder (no {COMPOSITE_CARD})")
     card = json.loads((path / COMPOSITE_CARD).read_text())

@@ -68,8 +68,17 @@ class DigitClassifier(nn.Module):
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * c * 16, config.hidden), nn.ReLU(), nn.Dropout(0.2),
                                   nn.Linear(config.hidden, NUM_CLASSES))
 
+    def penultimate(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, hidden) activations feeding the final linear layer (after its ReLU and Dropout).
+
+        Named `penultimate` because `features` is already the convolutional trunk, whose name
+        fixes the saved state-dict keys (`features.0.weight`, …) of existing classifiers.
+        """
+        return self.head[:-1](self.features(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        # Same modules in the same order as head(features(x)): logits (and dropout draws) unchanged.
+        return self.head[-1](self.penultimate(x))
 
 
 def train_classifier(seed: int = 0, epochs: int = 30, batch_size: int = 128) -> tuple[DigitClassifier, float]:
@@ -114,6 +123,40 @@ def load_classifier(path: str | Path) -> DigitClassifier:
 def class_probabilities(classifier: DigitClassifier, images: np.ndarray) -> np.ndarray:
     """(N, 10) float64 class probabilities of decoded uint8 images."""
     return classifier(uint8_to_model_space(images)).softmax(-1).double().numpy()
+
+
+@torch.no_grad()
+def classifier_features(classifier: DigitClassifier, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """(N, hidden) float64 penultimate-layer activations of decoded uint8 images (N, 8, 8).
+
+    The feature space for a Fréchet distance between image sets (pgraft.metrics). The classifier
+    runs in eval mode (dropout off, so features are deterministic) and its mode is restored.
+    """
+    images = np.asarray(images)
+    if images.ndim != 3 or images.shape[1:] != (8, 8):
+        raise ValueError(f"images must be (N, 8, 8) uint8, got shape {images.shape}")
+    was_training = classifier.training
+    classifier.eval()
+    try:
+        out = [classifier.penultimate(uint8_to_model_space(images[lo:lo + batch_size])).double().numpy()
+               for lo in range(0, len(images), batch_size)]
+    finally:
+        classifier.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, classifier.config.hidden))
+
+
+def real_images(split: str = "test", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as decoded uint8 images (N, 8, 8), like generate's samples, and labels (N,).
+
+    Pixels 0…16 map to round(x · 255/16), the same quantisation train_classifier applies, so
+    uint8_to_model_space gives load_data's values to within half a grey level (0 and 16 exactly).
+    `split` is `all`, `train` or `test` (load_data's fixed 80/20 split for `seed`).
+    """
+    if split not in ("all", "train", "test"):
+        raise ValueError(f"unknown split {split!r}; expected 'all', 'train' or 'test'")
+    x, y = load_data(split, seed)
+    images = ((x[:, 0] + 1) * 127.5).round().clamp(0, 255).numpy().astype(np.uint8)
+    return images, y.numpy()
 
 
 def prompt_alignment(classifier: DigitClassifier, images: np.ndarray, digits: list[int] | np.ndarray) -> np.ndarray:

@@ -1,0 +1,19 @@
+"""Train stage: fine-tune the T→t segment on accepted X_t with DeepSpeed on Ray Train
+(P-GRAFT; t = 0 is GRAFT).
+
+    pgraft train --config C --set train.selection=thr07 --set train.t_step=15
+    pgraft train --config C --set train.num_workers=2          # two Ray Train workers
+
+One job per module: `data` (accepted latents, seeded batches), `denoiser` (conditioning via
+the model adapter, noise path), `loop` (the DeepSpeed step loop each worker runs),
+`checkpoints` (save/report/resume through Ray Train), `export` (model/ and its card) and
+`launch` (the driver side: checks, placement, TorchTrainer). Output:
+train/<name>/{checkpoints/, model/, summary.json}; model/ is what the composite sampler loads.
+"""
+
+from pgraft.contract import TrainSummary
+from stages.train.data import global_batch, load_accepted, step_generator
+from stages.train.errors import TrainError
+from stages.train.launch import run_train
+
+__all__ = ["TrainError", "TrainSummary", "global_batch", "load_accepted", "run_train", "step_generator"]

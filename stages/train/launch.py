@@ -1,0 +1,80 @@
+"""Launch the train stage on Ray Train from the driver, which holds no model.
+
+`run_train` checks the selection and the model (cheap reads), makes sure the cluster can
+ever hold `train.num_workers` workers (failing with one line naming the missing resource,
+not hanging), then runs `train_worker` under a `TorchTrainer`: process group set up by Ray
+Train (gloo on CPU, NCCL on GPUs), checkpoints reported to train/<name>/checkpoints/ in the
+run's storage, the worker group restarted from the latest checkpoint after a lost worker
+(`train.max_failures`), and a rerun of the same command resuming from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import cluster
+from pgraft import contract
+from pgraft.config import Config
+from pgraft.models.adapters import check_model_folder
+from pgraft.storage import open_storage
+from stages.train.data import check_selection
+from stages.train.errors import TrainError
+from stages.train.loop import train_worker
+
+
+def _worker_error(exc: Exception) -> TrainError:
+    """The first user-facing error a worker raised, as one line."""
+    seen, stack = set(), [exc]
+    while stack:
+        err = stack.pop()
+        if id(err) in seen or err is None:
+            continue
+        seen.add(id(err))
+        if isinstance(err, TrainError):
+            return TrainError(str(err))
+        stack.extend([getattr(err, "cause", None), err.__cause__, err.__context__])
+        for inner in (getattr(err, "worker_failures", None) or {}).values():
+            stack.append(inner)
+    text = str(exc).strip().splitlines()
+    return TrainError(f"training failed: {text[-1] if text else exc.__class__.__name__}")
+
+
+def run_train(cfg: Config, progress: bool = True) -> contract.TrainSummary:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.placement_group import remove_placement_group
+
+    cfg = cfg.with_absolute_paths()
+    storage = open_storage(cfg.run.uri)
+    selection = cfg.train.selection or cfg.filter.selection_name()
+    name = cfg.train.output_name(selection)
+    rnd = cfg.run.round
+    summary_key = contract.train_summary_key(rnd, name)
+    if storage.exists(summary_key):
+        done = contract.TrainSummary.from_json(storage.get_bytes(summary_key), storage.url(summary_key))
+        if done.steps == cfg.train.steps and storage.exists(f"{contract.model_prefix(rnd, name)}/{contract.COMPOSITE_CARD}"):
+            return done  # trained and exported already: a rerun of the round goes on from here
+    check_selection(storage, cfg, selection)
+    check_model_folder(cfg.model)
+
+    cluster.connect()
+    placement = cluster.plan_placement(cfg.train.num_workers, cfg.model.device, "model.device",
+                                       cfg.train.resources_per_worker, cfg.train.cpus_per_worker, exact=True)
+    # Can the cluster ever hold the group? Reserve it once (an autoscaler sees the demand), then free it for Ray Train.
+    remove_placement_group(cluster.reserve(placement, "train workers", cfg.cluster.placement_timeout_s))
+    use_gpu = placement.num_gpus > 0
+    filesystem, path = storage.arrow_location(contract.train_prefix(rnd, name))
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "selection": selection, "name": name,
+                           "progress": progress, "threads": placement.threads},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=placement.count, use_gpu=use_gpu,
+                                     resources_per_worker=placement.bundle),
+        run_config=RunConfig(name=contract.CHECKPOINTS_DIR, storage_path=path, storage_filesystem=filesystem,
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
+    )
+    try:
+        trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - Ray Train wraps worker errors in its own types
+        raise _worker_error(exc) from None
+    return contract.TrainSummary.from_json(storage.get_bytes(summary_key), storage.url(summary_key))

@@ -1,0 +1,163 @@
+"""The DeepSpeed step loop, run by every Ray Train worker (`train_worker`).
+
+Ray Train has set up the process group (gloo on CPU, NCCL on GPUs) before this runs;
+DeepSpeed initialises on it. Every rank computes the same seeded global batch of a step and
+takes its own slice; noise, noise levels and prompt dropout are drawn from generators seeded
+by (seed, step, rank, micro step), so a run resumed from a checkpoint ends with the same
+weights as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from pgraft import contract, targets
+from pgraft.config import Config
+from pgraft.storage import open_storage
+from stages.train.checkpoints import resume, save_and_report
+from stages.train.data import global_batch, load_accepted, step_generator
+from stages.train.denoiser import Denoiser, path_of, trainable_parameters
+from stages.train.errors import TrainError
+from stages.train.export import export_model
+
+
+def deepspeed_config(cfg: Config, world: int, device: torch.device) -> dict:
+    t = cfg.train
+    micro = t.micro_batch_size or max(1, t.batch_size // world)
+    if t.batch_size % (micro * world):
+        raise TrainError(f"train.batch_size={t.batch_size} is not a multiple of micro batch {micro} × {world} workers")
+    precision = t.precision if t.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    return {
+        "train_batch_size": t.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": t.batch_size // (micro * world),
+        # torch_adam: the PyTorch AdamW, no fused-kernel build (which takes ~40 s on CPU).
+        "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "weight_decay": t.weight_decay, "torch_adam": True}},
+        "zero_optimization": {"stage": t.zero_stage},
+        "gradient_clipping": t.grad_clip,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _join_ray_train_group() -> tuple[int, int, torch.device]:
+    """Rank, world size and device of this worker; the environment DeepSpeed reads."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(ctx.get_local_rank()),
+                      LOCAL_WORLD_SIZE=str(ctx.get_local_world_size()))
+    device = ray.train.torch.get_device()
+    if device.type != "cuda":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return rank, world, device
+
+
+def train_worker(params: dict) -> None:
+    """Entry point of each Ray Train worker: load data and model, resume, train, checkpoint,
+    export (rank 0) and write the summary (rank 0)."""
+    start = time.perf_counter()
+    if params.get("threads"):
+        torch.set_num_threads(params["threads"])
+    rank, world, device = _join_ray_train_group()
+    import deepspeed
+    import ray
+    import ray.train
+    from tqdm.auto import tqdm
+
+    from pgraft.models.adapters import load_adapter
+
+    cfg = Config.model_validate(params["cfg"])
+    selection, name = params["selection"], params["name"]
+    storage = open_storage(cfg.run.uri)
+    out_prefix = contract.train_prefix(cfg.run.round, name)
+    data = load_accepted(storage, cfg, selection)
+
+    adapter = load_adapter(cfg.model.model_copy(update={"device": str(device)}))
+    if adapter.composite is not None:
+        # A later round: keep tuning the previous round's T→t network (the base stays for t→0).
+        if adapter.composite.tuned is None or cfg.train.mode == "lora":
+            raise TrainError("training on top of a LoRA composite (a later round in train.mode=lora) is not supported yet")
+        adapter.composite.use_finetuned()
+    torch.manual_seed(cfg.train.seed)  # LoRA initialisation
+    scheduler = adapter.scheduler
+    scheduler.set_timesteps(data.num_inference_steps)
+    visited = scheduler.timesteps[:cfg.train.t_step].clone()  # the sampler's timesteps above x_k
+    if [float(t) for t in visited] != data.model_timesteps:
+        raise TrainError(f"the configured sampler visits {[float(t) for t in visited][:4]}… before step "
+                         f"{cfg.train.t_step}, the shards' sampler visited {data.model_timesteps[:4]}…; use the "
+                         "model.scheduler and model.timestep_spacing that generated them")
+    coefficients, prediction_type = path_of(scheduler)
+    t_coef = targets.clean() if data.t_level is None else coefficients(torch.tensor([data.t_level]))
+    t_coef = targets.PathCoefficients(t_coef.a.to(device), t_coef.sigma.to(device))
+
+    model = Denoiser(adapter, data.prompts)
+    params_to_train = trainable_parameters(model.net, cfg.train.mode, cfg.train.lora_rank, cfg.train.lora_targets)
+    ds_config = deepspeed_config(cfg, world, device)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params_to_train, config=ds_config)
+    micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
+    first_step = resume(engine)
+
+    latents = data.latents.to(device)
+    prompt_idx = torch.tensor([model.prompt_index[p] for p in data.prompts], device=device)
+    dtype = next(p for p in engine.module.parameters()).dtype
+    losses, data_seconds, step_seconds = [], 0.0, 0.0
+    bar = tqdm(range(first_step, cfg.train.steps), desc=f"train {name}", disable=not params.get("progress") or rank != 0,
+               initial=first_step, total=cfg.train.steps)
+    engine.train()
+    for step in bar:
+        t0 = time.perf_counter()
+        batch = global_batch(len(latents), cfg.train.batch_size, step, cfg.train.seed)
+        mine = batch[rank * micro * accum:(rank + 1) * micro * accum]
+        step_loss = 0.0
+        for m in range(accum):
+            t_data = time.perf_counter()
+            idx = mine[m * micro:(m + 1) * micro].to(device)
+            gen = step_generator(cfg.train.seed, 2, step, rank, m)
+            noise = torch.randn(latents[idx].shape, generator=gen).to(device)
+            s_pick = torch.randint(0, len(visited), (len(idx),), generator=gen)
+            drop = (torch.rand(len(idx), generator=gen) < cfg.train.prompt_dropout).to(device)
+            s_steps = visited[s_pick].to(device)
+            x_s, target = targets.training_pair(latents[idx], coefficients(s_steps), t_coef, noise, prediction_type)
+            data_seconds += time.perf_counter() - t_data
+            pred = engine(x_s.to(dtype), s_steps, prompt_idx[idx], drop)
+            loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+            engine.backward(loss)
+            engine.step()
+            step_loss += loss.item() / accum
+        losses.append(step_loss)
+        step_seconds += time.perf_counter() - t0
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        done = step + 1
+        if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
+            save_and_report(engine, done, {"loss": float(np.mean(losses[-20:]))})
+    bar.close()
+
+    card = contract.composite_card(cfg.model.path, cfg.model.kind, cfg.train.mode, cfg.train.t_step, data.t_level,
+                                   data.num_inference_steps, cfg.model.guidance_scale, [float(t) for t in visited])
+    model_dir = export_model(engine.module.net, cfg, storage, contract.model_prefix(cfg.run.round, name), card, rank)
+    nodes = [None] * world
+    torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    if rank != 0:
+        return
+    steps_run = cfg.train.steps - first_step
+    summary = contract.TrainSummary(
+        name=name, selection=selection, round=cfg.run.round, t_step=cfg.train.t_step, t_level=data.t_level,
+        mode=cfg.train.mode, samples=len(latents), steps=cfg.train.steps, resumed_from=first_step,
+        batch_size=cfg.train.batch_size, processes=world, timesteps_trained=[float(t) for t in visited],
+        final_loss=float(np.mean(losses[-20:])) if losses else float("nan"),
+        samples_per_second=steps_run * cfg.train.batch_size / step_seconds if step_seconds else 0.0,
+        data_wait_fraction=data_seconds / step_seconds if step_seconds else 0.0,
+        seconds=time.perf_counter() - start, model_dir=model_dir, deepspeed=ds_config, nodes=nodes,
+    )
+    storage.put_bytes(contract.train_summary_key(cfg.run.round, name), json.dumps(asdict(summary), indent=1).encode())
