@@ -20,7 +20,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-STAGES = ("generate", "reward", "filter", "train")
+STAGES = ("generate", "reward", "filter", "train", "evaluate")
 # Stage-specific flags: (flag, keyword argument of the stage's run function, help).
 STAGE_FLAGS = {
     "filter": [("--force", "force", "replace an existing selection of the same name made with other parameters"),

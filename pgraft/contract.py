@@ -122,6 +122,11 @@ def eval_prefix(round_idx: int, variant: str) -> str:
     return f"{round_prefix(round_idx)}/eval/{variant}"
 
 
+def pipeline_record_key(round_idx: int) -> str:
+    """What the round pipeline did in a round: stage wall times, the Ray nodes each stage ran on."""
+    return f"{round_prefix(round_idx)}/pipeline.json"
+
+
 def eval_summary_key(round_idx: int) -> str:
     return f"{round_prefix(round_idx)}/eval/summary.json"
 

@@ -1,91 +1,132 @@
-"""The round pipeline: generate → reward → filter → train, for `run.rounds` rounds.
+"""The round pipeline: generate → reward → filter → train → evaluate, for `run.rounds` rounds.
 
     ray job submit --working-dir . -- python pipelines/pgraft_round.py --config configs/digits.yaml
     python pipelines/pgraft_round.py --config configs/digits.yaml      # local Ray, same file
 
-Each stage talks to the next only through storage under `run.uri`, so any stage can be rerun
-alone with `pgraft <stage>`. Stages that are not built yet are listed, not faked.
+This process only orchestrates: models are loaded, sampled, scored and trained in Ray actors
+and Ray Train workers placed by resources, and what passes between stages and rounds is a
+location in storage (shards, tables, the task's models, each round's fine-tuned model).
+Every stage skips what is already complete, so rerunning the same command after the driver
+died resumes where the round stopped; earlier rounds are never deleted.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (ray job submit): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pgraft import contract  # noqa: E402
 from pgraft.config import Config, ConfigError, load_config  # noqa: E402
+from pgraft.errors import PgraftError  # noqa: E402
 
-# Stages this pipeline runs, in order, every round.
-STAGES = ("generate", "reward", "filter", "train")
+# Stages this pipeline runs, in order, every round (evaluate when train.eval_samples_per_prompt > 0).
+STAGES = ("generate", "reward", "filter", "train", "evaluate")
 
 
-def ensure_task_models(cfg: Config, progress: bool = True) -> None:
-    """Pretrain the built-in task's models once, when the configured model folder is missing."""
-    if cfg.task.name != "digits" or Path(cfg.model.path).exists():
+def publish_task_models(cfg: Config, progress: bool = True) -> None:
+    """Pretrain the built-in task's models in a Ray task and publish them to `task.dir`, once:
+    every node then fetches them from there (the driver never trains anything)."""
+    import ray
+
+    import cluster
+    from pgraft.models.fetch import model_file_exists
+
+    # summary.json is written last, locally and in storage: its presence means a whole set of models.
+    if cfg.task.name != "digits" or model_file_exists(cfg.task.dir, "summary.json"):
         return
-    from pgraft.tasks.digits import pretrain_digits
+    from pgraft.tasks.digits import pretrain_and_publish
 
-    print(f"pretraining the digits task into {cfg.task.dir} (once; cached afterwards)")
-    summary = pretrain_digits(cfg.task.dir, seed=cfg.task.seed, progress=progress)
+    print(f"pretraining the digits task in a Ray task, published to {cfg.task.dir} (once; fetched afterwards)")
+    cpus = cluster.plan_placement(1, "cpu", "task", cfg.generate.resources).num_cpus
+    task = ray.remote(pretrain_and_publish).options(num_cpus=cpus, resources=cfg.generate.resources or None)
+    try:
+        summary = ray.get(task.remote(cfg.task.dir, cfg.task.seed, int(cpus)))
+    except Exception as exc:  # noqa: BLE001 - re-raised as the task's own error
+        raise cluster.unwrap_remote_error(exc) from None
     print(f"  done in {summary['total_seconds']:.0f} s; base alignment "
           f"{summary.get('ddpm_alignment_at_guidance_0.7', float('nan')):.3f}")
 
 
-def finetuned_model_dir(cfg: Config, round_idx: int) -> str:
-    """A local folder holding round `round_idx`'s fine-tuned model (fetched if the run is on S3)."""
-    from pgraft import contract
+def previous_model(cfg: Config, round_idx: int) -> str | None:
+    """The model round `round_idx` samples from: round r−1's fine-tuned model (r > 0)."""
+    from pgraft.models.fetch import model_file_exists
     from pgraft.storage import open_storage
+    from stages.evaluate import trained_model
 
-    storage = open_storage(cfg.run.uri)
-    selection = cfg.train.selection or cfg.filter.selection_name()
-    prefix = f"{contract.train_prefix(round_idx, cfg.train.output_name(selection))}/model"
-    local = storage.local_path(prefix)
-    if local is not None:
-        return local
-    target = Path(cfg.train.cache_dir).expanduser() / "models" / prefix.replace("/", "_")
-    storage.download_prefix(prefix, target)
-    return str(target)
+    if round_idx == 0 or cfg.model.finetuned is not None and round_idx == cfg.run.round:
+        return cfg.model.finetuned
+    before = cfg.model_copy(deep=True)
+    before.run.round = round_idx - 1
+    location = trained_model(before)
+    if not model_file_exists(location, contract.COMPOSITE_CARD):
+        raise PgraftError(f"round {round_idx - 1} of {open_storage(cfg.run.uri).uri} has no fine-tuned model at "
+                          f"{location}; run round {round_idx - 1} first (run.round={round_idx - 1}) or set model.finetuned")
+    return location
+
+
+def _warn_local_storage_on_many_nodes(cfg: Config) -> None:
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and "://" not in cfg.run.uri:
+        print(f"warning: run.uri={cfg.run.uri} is a local path on a {len(nodes)}-node cluster; it works only if every "
+              "node mounts it (shared file system). Use s3://… otherwise.", file=sys.stderr)
 
 
 def run_round_pipeline(cfg: Config, progress: bool = True) -> list[dict]:
     """Run `run.rounds` rounds from `run.round`; round r > first samples from round r−1's model."""
+    import cluster
+    from pgraft.storage import open_storage
+    from stages.evaluate import run_evaluate
     from stages.filter import run_filter
-    from stages.generate import resolve_prompts, run_generate
-    from stages.reward import reward_model_path, run_reward
+    from stages.generate import run_generate
+    from stages.reward import run_reward
     from stages.train import run_train
 
     if cfg.run.rounds > 1 and cfg.train.mode == "lora":
         raise ConfigError("config error: train.mode: lora supports one round so far (run.rounds=1); "
                           "use train.mode=full for several rounds")
-    ensure_task_models(cfg, progress)
+    cfg = cfg.with_absolute_paths()
+    cluster.connect()
+    _warn_local_storage_on_many_nodes(cfg)
+    publish_task_models(cfg, progress)
+    storage = open_storage(cfg.run.uri)
+    driver_node = cluster.current_node_id()
     results = []
-    previous = finetuned_model_dir(cfg, cfg.run.round - 1) if cfg.run.round > 0 and cfg.model.finetuned is None \
-        else cfg.model.finetuned
     for rnd in range(cfg.run.round, cfg.run.round + cfg.run.rounds):
         round_cfg = cfg.model_copy(deep=True)
         round_cfg.run.round = rnd
-        round_cfg.model.finetuned = previous
+        round_cfg.model.finetuned = previous_model(cfg, rnd)
         print(f"== round {rnd}" + (f" (sampling from {round_cfg.model.finetuned})" if round_cfg.model.finetuned else ""))
-        for run_stage in (run_generate, run_reward, run_filter, run_train):
-            print(run_stage(round_cfg, progress=progress).render())
-        result = {"round": rnd}
-        previous = finetuned_model_dir(cfg, rnd)  # this round's model: next round samples from it
+        record = {"round": rnd, "driver_node": driver_node, "stages": {}}
+        runs = [("generate", run_generate), ("reward", run_reward), ("filter", run_filter), ("train", run_train)]
         if cfg.train.eval_samples_per_prompt:
-            from pgraft.evaluate import sample_rewards
-
-            trained = round_cfg.model.model_copy(update={"finetuned": previous})
-            args = (round_cfg.reward, reward_model_path(round_cfg), resolve_prompts(round_cfg.generate.prompts),
-                    cfg.train.eval_samples_per_prompt)
-            before = sample_rewards(round_cfg.model, *args)
-            after = sample_rewards(trained, *args)
-            result.update(reward_before=float(before.mean()), reward_after=float(after.mean()))
-            print(f"round {rnd}: mean {round_cfg.reward.name} on {len(after)} fresh samples "
-                  f"{before.mean():.4f} (sampler of this round) → {after.mean():.4f} (after its training)")
-        results.append(result)
+            runs.append(("evaluate", run_evaluate))
+        for name, run_stage in runs:
+            start = time.perf_counter()
+            summary = run_stage(round_cfg, progress=progress)
+            print(summary.render())
+            record["stages"][name] = {"seconds": round(time.perf_counter() - start, 2),
+                                      "nodes": sorted(_nodes_of(summary))}
+            if name == "evaluate":
+                record["eval"] = {v: {"reward_mean": s["reward_mean"], "reward_stderr": s["reward_stderr"],
+                                      "frechet_distance": s["frechet_distance"], "diversity": s["diversity"]}
+                                  for v, s in summary.variants.items()}
+        storage.put_bytes(contract.pipeline_record_key(rnd), json.dumps(record, indent=1).encode())
+        results.append(record)
     return results
+
+
+def _nodes_of(summary) -> set[str]:
+    if hasattr(summary, "variants"):
+        return {v["node_id"] for v in summary.variants.values()}
+    return set(getattr(summary, "nodes", []) or [])
 
 
 def main(argv: list[str] | None = None) -> int:

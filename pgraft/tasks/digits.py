@@ -273,3 +273,25 @@ def pretrain_digits(out: str | Path, seed: int = 0, ddpm_steps: int = 800, flow_
     summary["total_seconds"] = round(time.perf_counter() - start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def pretrain_and_publish(location: str, seed: int = 0, threads: int | None = None) -> dict:
+    """Pretrain the task (on the node this runs on: a Ray task, never the driver) and publish
+    `ddpm/`, `flow/`, `classifier/` to `location`, a local folder or a storage URI."""
+    import tempfile
+
+    from pgraft.models.fetch import is_remote
+    from pgraft.storage import open_storage
+
+    if threads:
+        torch.set_num_threads(threads)
+    if not is_remote(location):
+        return pretrain_digits(location, seed=seed, progress=False)
+    with tempfile.TemporaryDirectory(prefix="pgraft-pretrain-") as scratch:
+        summary = pretrain_digits(scratch, seed=seed, progress=False)
+        store = open_storage(location)
+        for name in ("flow", "ddpm", "classifier"):
+            if (Path(scratch) / name).is_dir():
+                store.upload_folder(Path(scratch) / name, name)
+        store.put_file(Path(scratch) / "summary.json", "summary.json")  # last: marks the set complete
+    return summary

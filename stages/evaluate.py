@@ -1,0 +1,160 @@
+"""Evaluate stage: fresh-seed samples from the base and from the round's fine-tuned composite,
+drawn by the generate actors, scored by the reward actors, summarised in a Ray task.
+
+Each variant is laid out under round-NNN/eval/<variant>/ as a one-round run of its own
+(config.yaml, round-000/generate/ shards without intermediate latents, round-000/rewards/
+parts), so it reuses the generate and reward stages whole: restartable actors, resumable
+units, the same per-sample seeds. The seeds derive from run.seed alone, so both variants and
+every round see the same fresh noise, and none of it is ever used for training.
+
+    pgraft evaluate --config C            # the round's base vs its trained model
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+import cluster
+from pgraft import contract, metrics
+from pgraft.config import Config
+from pgraft.errors import PgraftError
+from pgraft.models.fetch import fetch_model, is_remote, model_file_exists
+from pgraft.shards import IMAGE_EXT, META_EXT, list_committed, read_shard
+from pgraft.storage import open_storage
+from pgraft.tables import list_reward_parts, read_reward_table
+from stages.generate import run_generate
+from stages.reward import reward_model_path, run_reward
+
+# Fresh seeds: the round index of the per-sample seed for evaluation, which no generate stage uses.
+EVAL_SEED_ROUND = 10**6
+
+
+class EvaluateError(PgraftError):
+    """Evaluation cannot run; the message says why."""
+
+
+@dataclass
+class EvalSummary:
+    """round-NNN/eval/summary.json: one entry per variant."""
+
+    round: int
+    reward: str
+    samples_per_prompt: int
+    seed: int
+    variants: dict[str, dict] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def render(self) -> str:
+        lines = [f"evaluate: round {self.round}, {self.samples_per_prompt} fresh samples per prompt, reward {self.reward}"]
+        for name, v in self.variants.items():
+            fd = "n/a" if v["frechet_distance"] is None else f"{v['frechet_distance']:.3f}"
+            lines.append(f"  {name:<10} mean {v['reward_mean']:.4f} ± {v['reward_stderr']:.4f} (s.e.), "
+                         f"Fréchet distance {fd}, within-prompt diversity {v['diversity']:.3f}")
+        return "\n".join(lines)
+
+
+def eval_seed(run_seed: int) -> int:
+    """The run seed of every evaluation variant: derived from run.seed, the same each round."""
+    return contract.sample_seed(run_seed, EVAL_SEED_ROUND, 0, 0) % (1 << 31)
+
+
+def trained_model(cfg: Config) -> str:
+    """The location of this round's fine-tuned model (train/<name>/model/)."""
+    selection = cfg.train.selection or cfg.filter.selection_name()
+    return open_storage(cfg.run.uri).url(contract.model_prefix(cfg.run.round, cfg.train.output_name(selection)))
+
+
+def variant_config(cfg: Config, variant: str, finetuned: str | None) -> Config:
+    """The one-round run that samples `variant`: fresh seeds, no intermediate latents."""
+    out = cfg.model_copy(deep=True)
+    out.run.uri = open_storage(cfg.run.uri).url(contract.eval_prefix(cfg.run.round, variant))
+    out.run.round, out.run.seed = 0, eval_seed(cfg.run.seed)
+    out.model.finetuned = finetuned
+    out.generate.samples_per_prompt = cfg.train.eval_samples_per_prompt
+    out.generate.capture_steps = []
+    return out
+
+
+def summarize_variant(cfg_tree: dict) -> dict:
+    """Reward mean ± s.e., per-prompt means, the Fréchet distance to the task's real data in
+    the reward classifier's feature space (digits) and the within-prompt diversity, from a
+    variant's shards and reward table. Runs in a Ray task: it loads the classifier."""
+    cfg = Config.model_validate(cfg_tree)
+    storage = open_storage(cfg.run.uri)
+    parts = list_reward_parts(storage, 0, cfg.reward.table_name())
+    table = read_reward_table(storage, [parts[k] for k in sorted(parts)], columns=["key", "prompt_id", "reward"]).table
+    by_key = {key: i for i, key in enumerate(table["key"].to_pylist())}
+    rewards = table["reward"].to_numpy()
+    prompt_ids = table["prompt_id"].to_numpy()
+    images = [None] * len(by_key)
+    for sid, record in sorted(list_committed(storage, 0).items()):
+        for sample in read_shard(storage, 0, sid, record, wanted=(IMAGE_EXT, META_EXT)):
+            images[by_key[sample.key]] = sample.image
+    images = np.stack(images)
+    mean, stderr = metrics.mean_and_stderr(rewards)
+    frechet = None
+    if cfg.reward.name == "digits_alignment":
+        from pgraft.tasks import digits
+
+        weights = reward_model_path(cfg)
+        classifier = digits.load_classifier(fetch_model(weights) if is_remote(weights) else weights)
+        features = digits.classifier_features(classifier, images)
+        real, _ = digits.real_images("all")
+        frechet = metrics.frechet_distance_of(features, digits.classifier_features(classifier, real))
+    else:  # no feature extractor known for this reward: diversity in pixel space
+        features = images.reshape(len(images), -1).astype(np.float64) / 255.0
+    return {
+        "samples": int(len(rewards)), "reward_mean": mean, "reward_stderr": stderr,
+        "per_prompt_mean": {str(k): v for k, v in metrics.per_prompt_means(rewards, prompt_ids).items()},
+        "frechet_distance": frechet, "feature_space": "classifier" if frechet is not None else "pixels",
+        "diversity": metrics.within_prompt_diversity(features, prompt_ids),
+        "node_id": cluster.current_node_id(),
+    }
+
+
+def run_evaluate(cfg: Config, progress: bool = True, finetuned: str | None = None) -> EvalSummary:
+    """Evaluate the round's base (`base`) and its fine-tuned composite (`finetuned`, the
+    train stage's model unless given)."""
+    import ray
+
+    start = time.perf_counter()
+    cfg = cfg.with_absolute_paths()
+    if cfg.train.eval_samples_per_prompt < 1:
+        raise EvaluateError("train.eval_samples_per_prompt is 0: nothing to evaluate")
+    finetuned = finetuned or trained_model(cfg)
+    storage = open_storage(cfg.run.uri)
+    if not model_file_exists(finetuned, contract.COMPOSITE_CARD):
+        raise EvaluateError(f"round {cfg.run.round} has no fine-tuned model at {finetuned}; run `pgraft train` first")
+    summary = EvalSummary(round=cfg.run.round, reward=cfg.reward.name, seed=eval_seed(cfg.run.seed),
+                          samples_per_prompt=cfg.train.eval_samples_per_prompt)
+    summarize = ray.remote(summarize_variant)
+    for variant, model in (("base", None), ("finetuned", finetuned)):
+        variant_cfg = variant_config(cfg, variant, model)
+        run_generate(variant_cfg, progress)
+        run_reward(variant_cfg, progress)
+        cluster.connect()
+        task = summarize.options(num_cpus=1, resources=cfg.reward.resources or None).remote(variant_cfg.model_dump(mode="json"))
+        try:
+            summary.variants[variant] = ray.get(task)
+        except Exception as exc:  # noqa: BLE001 - re-raised as the task's own error
+            raise cluster.unwrap_remote_error(exc) from None
+        storage.put_bytes(f"{contract.eval_prefix(cfg.run.round, variant)}/summary.json",
+                          json.dumps(summary.variants[variant], indent=1).encode())
+    summary.seconds = time.perf_counter() - start
+    storage.put_bytes(contract.eval_summary_key(cfg.run.round), json.dumps(asdict(summary), indent=1).encode())
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pgraft.cli import run_stage
+
+    return run_stage("evaluate", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
