@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 DEMO_RUN ?= runs/demo
 
-.PHONY: venv install install-test demo test bench clean
+.PHONY: venv install install-test demo test bench clean cluster-up cluster-down
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,17 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/generate_overhead.py
+
+# A two-node Ray cluster on this machine (head without CPUs + a worker node with the custom
+# resource gpu_node): `eval "$$(make -s cluster-up)"` exports RAY_ADDRESS, RAY_API_SERVER_ADDRESS,
+# RAY_AUTH_MODE and RAY_AUTH_TOKEN; then `ray job submit --working-dir . -- python x.py`.
+# Stops only this rig's processes (state in runs/.loopback-cluster.json), never `ray stop`.
+CLUSTER_ARGS ?=
+cluster-up: $(VENV)/.installed
+	@$(PY) -m cluster.loopback up $(CLUSTER_ARGS)
+
+cluster-down:
+	@$(PY) -m cluster.loopback down
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -155,7 +155,7 @@ def start(num_cpus: int = 1, resource: str = DEFAULT_RESOURCE, resource_count: f
         rig.head_node_id, rig.worker_node_id = _node_ids(rig, timeout)
         _wait_dashboard(rig, timeout)
     except BaseException:
-        stop(rig, grace=2.0)
+        stop(rig, grace=2.0, remove_dir=False)  # keep the logs the error points to
         raise
     rig.startup_s = round(time.monotonic() - t0, 2)
     return rig
@@ -167,8 +167,11 @@ def running(**kwargs) -> Iterator[LoopbackCluster]:
     rig = start(**kwargs)
     try:
         yield rig
-    finally:
-        stop(rig)
+    except BaseException:
+        with contextlib.suppress(LoopbackError):  # keep the body's error, not a stop error
+            stop(rig)
+        raise
+    stop(rig)
 
 
 def _clean_env(base: Mapping[str, str] | None) -> dict[str, str]:
@@ -199,7 +202,8 @@ def _ray_start(which: str, args: list[str], env: dict, timeout: float, temp_dir:
     except subprocess.TimeoutExpired:
         raise LoopbackError(f"{which} node did not start within {timeout:.0f} s (logs: {temp_dir}/session_latest/logs)") from None
     if proc.returncode != 0:
-        raise LoopbackError(f"{which} node failed to start: {_last_line(proc.stdout + proc.stderr)} "
+        rc = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+        raise LoopbackError(f"{which} node failed to start ({rc}): {_last_line(proc.stdout + proc.stderr)} "
                             f"(logs: {temp_dir}/session_latest/logs)")
 
 
@@ -282,13 +286,16 @@ def _wait_dashboard(rig: LoopbackCluster, timeout: float) -> None:
 def submit_job(rig: LoopbackCluster, entrypoint: Sequence[str] | str, working_dir: str | None = None,
                env: Mapping[str, str] | None = None, timeout: float = 120.0,
                extra_args: Sequence[str] = ()) -> subprocess.CompletedProcess:
-    """`ray job submit --address <dashboard> [--working-dir D] -- <entrypoint>`, waiting for the
-    job; returns the CompletedProcess (stdout has the job's log; rc != 0 when the job failed).
-    `env` is added to the client's environment (not the job's: use --runtime-env-json for that)."""
+    """`ray job submit --address <dashboard> [--working-dir D] [extra_args] -- <entrypoint>`,
+    waiting for the job; returns the CompletedProcess (stdout has the job's log; rc != 0 when
+    the job failed). A list entrypoint is quoted word by word (the CLI shlex-joins it); a str
+    one is a shell command line (`sh -c`). The job's shell resolves `python` on the head node's
+    PATH, which `start` puts the venv's bin first on. `env` is added to the client's environment,
+    not the job's (for that: extra_args=["--runtime-env-json", '{"env_vars": {...}}'])."""
     cmd = [RAY, "job", "submit", "--address", rig.dashboard_url, *extra_args]
     if working_dir:
         cmd += ["--working-dir", str(working_dir)]
-    cmd += ["--", *([entrypoint] if isinstance(entrypoint, str) else entrypoint)]
+    cmd += ["--", *(["sh", "-c", entrypoint] if isinstance(entrypoint, str) else entrypoint)]
     return subprocess.run(cmd, env=dict(rig.client_env(), **(env or {})), stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -301,14 +308,16 @@ def rig_processes(rig: LoopbackCluster) -> list:
     dir in their command line, and all their descendants (workers, agents, job drivers)."""
     import psutil
 
+    if len(rig.rig_id) < 8 or not rig.temp_dir.startswith("/") or len(rig.temp_dir) < 8:
+        raise LoopbackError(f"not a rig: rig_id={rig.rig_id!r} temp_dir={rig.temp_dir!r}")  # would match too much
+    in_dir = re.compile(re.escape(rig.temp_dir) + r"(/|\s|$)")
     me = os.getpid()
     roots = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         if proc.pid == me:
             continue
         try:
-            cmdline = " ".join(proc.info["cmdline"] or ())
-            if rig.temp_dir in cmdline or proc.environ().get(MARKER) == rig.rig_id:
+            if in_dir.search(" ".join(proc.info["cmdline"] or ())) or proc.environ().get(MARKER) == rig.rig_id:
                 roots.append(proc)
         except (psutil.Error, OSError):
             continue
@@ -421,6 +430,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"worker {rig.worker_node_id[:12]} ({args.num_cpus} CPU, {args.resource}={args.resource_count:g}); "
                   f"state {state}; logs {rig.temp_dir}")
             print(rig.export_lines())
+            if VENV_BIN not in os.environ.get("PATH", "").split(os.pathsep):
+                print(f'export PATH={shlex.quote(VENV_BIN)}:"$PATH"  # this venv\'s ray and python')
             print("# ray job submit --working-dir . -- python script.py   # then: make cluster-down")
             return 0
         if not state.exists():

@@ -24,3 +24,40 @@ def stage_config(model_path, uri, classifier, *extra):
         "generate.capture_steps=[3]", "generate.num_workers=2", f"reward.model_path={classifier}",
         "reward.num_workers=2", "reward.device=cpu", *extra,
     ])
+
+
+class KillWhen:
+    """A thread that waits until `condition()` holds, then SIGKILLs one process whose command
+    line (a Ray worker's process title, e.g. `ray::GenerateWorker`) contains `marker`: a real
+    lost worker, with no hook in the code under test. `killed` names the pid it killed."""
+
+    def __init__(self, condition, marker: str, timeout: float = 300.0):
+        import threading
+
+        self.condition, self.marker, self.timeout = condition, marker, timeout
+        self.killed: int | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import signal
+        import time
+
+        import psutil
+
+        deadline = time.time() + self.timeout
+        while time.time() < deadline:
+            if self.condition():
+                # The newest match: older processes with the same title may be idle leftovers.
+                matches = [p for p in psutil.process_iter(["pid", "cmdline", "create_time"])
+                           if self.marker in " ".join(p.info["cmdline"] or [])]
+                if matches:
+                    newest = max(matches, key=lambda p: p.info["create_time"])
+                    os.kill(newest.info["pid"], signal.SIGKILL)
+                    self.killed = newest.info["pid"]
+                    return
+            time.sleep(0.05)
+
+    def join(self) -> int | None:
+        self.thread.join(timeout=5)
+        return self.killed

@@ -1,13 +1,16 @@
-"""Train stage: DeepSpeed on CPU/gloo, export and composite loading, exact resume after a
-crash, two processes through torchrun, LoRA, and one-line errors for bad input."""
+"""Train stage on Ray Train: DeepSpeed on CPU/gloo, export and composite loading, two workers,
+a killed train worker and a killed driver both resume to the same weights as an uninterrupted
+run, LoRA, and one-line errors for bad input."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,16 +19,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import stage_config
+from helpers import KillWhen, stage_config
 from pgraft import contract
 from pgraft.models.adapters import load_adapter
+from cluster import WorkerError
 from stages.filter import run_filter
 from stages.generate import run_generate
 from stages.reward import run_reward
-from stages.train import EXIT_AFTER_ENV, TrainError, global_batch, run_train
+from stages.train import TrainError, global_batch, run_train
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = ("train.selection=bo4", "train.t_step=3", "train.batch_size=8", "train.lr=1e-3")
+# Long enough that a kill lands between the first checkpoint and the end.
+LONG = ("train.steps=150", "train.checkpoint_every=25", "train.keep_checkpoints=10")
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +53,21 @@ def run_dir(selected_run, tmp_path):
     return tmp_path / "run"
 
 
-def cli_args(run_dir, tiny_digits, *extra):
-    args = [f"run.uri={run_dir}", f"model.path={tiny_digits}", "model.num_inference_steps=6", "model.device=cpu",
-            *TRAIN, *extra]
-    return [a for item in args for a in ("--set", item)]
+@pytest.fixture(scope="module")
+def straight_weights(selected_run, tiny_digits, classifier_dir, tmp_path_factory):
+    """The reference: LONG training that nobody interrupts."""
+    root = tmp_path_factory.mktemp("straight") / "run"
+    shutil.copytree(selected_run, root)
+    run_train(stage_config(tiny_digits, root, classifier_dir, *TRAIN, *LONG, "train.name=long"), progress=False)
+    return unet_weights(root, "long")
 
 
 def unet_weights(run_dir, name):
-    return load_file(run_dir / "round-000/train" / name / "model/unet/diffusion_pytorch_model.safetensors")
+    return load_file(Path(run_dir) / "round-000/train" / name / "model/unet/diffusion_pytorch_model.safetensors")
+
+
+def checkpoint_exists(run_dir, name, step):
+    return lambda: (Path(run_dir) / f"round-000/train/{name}/checkpoints/step{step:07d}").is_dir()
 
 
 def test_global_batches_are_seeded_epoch_permutations():
@@ -74,46 +87,64 @@ def test_train_exports_a_model_the_generate_stage_samples_from(run_dir, tiny_dig
     folder = run_dir / "round-000/train/bo4-t3"
     card = json.loads((folder / "model/composite.json").read_text())
     assert card["switch_step"] == 3 and card["finetuned"] == "full"
-    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["latest", "step0000002", "step0000004"]
+    # Ray Train reported both checkpoints to the run's storage, each holding DeepSpeed's files.
+    steps = sorted(p.name for p in (folder / "checkpoints").iterdir() if p.name.startswith("step"))
+    assert steps == ["step0000002", "step0000004"]
+    assert (folder / "checkpoints/step0000004/latest").read_text().strip() == "step0000004"
     assert json.loads((folder / "summary.json").read_text())["final_loss"] == pytest.approx(summary.final_loss)
+    assert len(summary.nodes) == 1
 
     tuned = unet_weights(run_dir, "bo4-t3")
     base = load_file(Path(tiny_digits) / "unet/diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(tuned[k], base[k]) for k in base)
 
     round1 = stage_config(tiny_digits, run_dir, classifier_dir, "run.round=1", f"model.finetuned={folder / 'model'}")
-    result = run_generate(round1, progress=False)
-    assert result.written == 9
+    assert run_generate(round1, progress=False).written == 9
+    again = run_train(cfg, progress=False)  # trained and exported: a rerun returns the summary, trains nothing
+    assert again.seconds == summary.seconds
 
 
-def test_resume_after_a_crash_equals_an_uninterrupted_run(run_dir, tiny_digits):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    base = [sys.executable, "-m", "stages.train", "--quiet"]
-    straight = cli_args(run_dir, tiny_digits, "train.name=straight", "train.steps=6", "train.checkpoint_every=2")
-    resumed = cli_args(run_dir, tiny_digits, "train.name=resumed", "train.steps=6", "train.checkpoint_every=2")
-    assert subprocess.run(base + straight, cwd=REPO, env=env, capture_output=True).returncode == 0
-    crash = subprocess.run(base + resumed, cwd=REPO, env=dict(env, **{EXIT_AFTER_ENV: "3"}), capture_output=True)
-    assert crash.returncode == 17  # died after step 3; the last checkpoint is step 2
-    assert not (run_dir / "round-000/train/resumed/model").exists()
-    again = subprocess.run(base + resumed, cwd=REPO, env=env, capture_output=True, text=True)
+def test_killed_train_worker_resumes_to_the_same_weights(run_dir, tiny_digits, classifier_dir, straight_weights):
+    cfg = stage_config(tiny_digits, run_dir, classifier_dir, *TRAIN, *LONG, "train.name=long")
+    killer = KillWhen(checkpoint_exists(run_dir, "long", 25), "ray::RayTrainWorker")
+    summary = run_train(cfg, progress=False)
+    assert killer.join() is not None, "no train worker was killed"
+    assert summary.resumed_from >= 25  # Ray Train restarted the group from a reported checkpoint
+    tuned = unet_weights(run_dir, "long")
+    assert all(torch.equal(straight_weights[k], tuned[k]) for k in tuned)
+
+
+def test_killed_driver_rerun_resumes_to_the_same_weights(run_dir, tiny_digits, classifier_dir, straight_weights):
+    args = [f"run.uri={run_dir}", f"model.path={tiny_digits}", "model.num_inference_steps=6", "model.device=cpu",
+            *TRAIN, *LONG, "train.name=long"]
+    cmd = [sys.executable, "-m", "stages.train", "--quiet"] + [a for item in args for a in ("--set", item)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, which dies with it
+    driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.time() + 300
+    while not checkpoint_exists(run_dir, "long", 25)() and time.time() < deadline and driver.poll() is None:
+        time.sleep(0.05)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything it started
+    driver.wait()
+    assert not (run_dir / "round-000/train/long/model").exists()
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "resumed at step 2" in again.stdout
-    a, b = unet_weights(run_dir, "straight"), unet_weights(run_dir, "resumed")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "resumed at step" in again.stdout
+    tuned = unet_weights(run_dir, "long")
+    assert all(torch.equal(straight_weights[k], tuned[k]) for k in tuned)
 
 
-def test_two_processes_with_gloo_through_torchrun(run_dir, tiny_digits):
-    from conftest import free_port
-
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "stages.train", "--quiet"] + cli_args(run_dir, tiny_digits, "train.name=ddp", "train.steps=3",
-                                                       "train.zero_stage=1")
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    summary = json.loads((run_dir / "round-000/train/ddp/summary.json").read_text())
-    assert summary["processes"] == 2 and summary["deepspeed"]["train_micro_batch_size_per_gpu"] == 4
-    assert (run_dir / "round-000/train/ddp/model/unet").is_dir()
+def test_two_ray_train_workers_with_gloo_and_zero1(run_dir, tiny_digits, classifier_dir):
+    cfg = stage_config(tiny_digits, run_dir, classifier_dir, *TRAIN, "train.name=ddp", "train.steps=3",
+                       "train.zero_stage=1", "train.num_workers=2")
+    summary = run_train(cfg, progress=False)
+    assert summary.processes == 2 and summary.deepspeed["train_micro_batch_size_per_gpu"] == 4
+    assert len(summary.nodes) == 2
+    folder = run_dir / "round-000/train/ddp"
+    assert (folder / "model/unet").is_dir()
+    # ZeRO-1: each rank's optimizer shard is in the merged checkpoint.
+    shards = sorted(p.name for p in (folder / "checkpoints/step0000003/step0000003").iterdir() if "optim" in p.name)
+    assert len(shards) == 2, shards
 
 
 def test_lora_trains_adapters_and_the_composite_switches_them_off(run_dir, tiny_digits, classifier_dir):
@@ -165,3 +196,12 @@ def test_bad_input_is_a_one_line_error(run_dir, tiny_digits, classifier_dir, cas
     cfg = stage_config(tiny_digits, run_dir, classifier_dir, *TRAIN, *extra)
     with pytest.raises(TrainError, match=message):
         run_train(cfg, progress=False)
+
+
+def test_more_workers_than_the_cluster_can_hold_is_one_line(run_dir, tiny_digits, classifier_dir):
+    cfg = stage_config(tiny_digits, run_dir, classifier_dir, *TRAIN, "train.num_workers=5",
+                       "cluster.placement_timeout_s=2")
+    with pytest.raises(WorkerError, match=r"train workers: 5 × \{'CPU': 1\} could not be placed within 2 s: "
+                                          r"5 × CPU 1 = 5 needed, the cluster has 2"):
+        run_train(cfg, progress=False)
+    assert not (run_dir / "round-000/train/bo4-t3").exists()
