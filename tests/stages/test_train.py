@@ -66,8 +66,18 @@ def unet_weights(run_dir, name):
     return load_file(Path(run_dir) / "round-000/train" / name / "model/unet/diffusion_pytorch_model.safetensors")
 
 
-def checkpoint_exists(run_dir, name, step):
-    return lambda: (Path(run_dir) / f"round-000/train/{name}/checkpoints/step{step:07d}").is_dir()
+def checkpoint_registered(run_dir, name, step):
+    """Ray Train's controller has registered the checkpoint (its snapshot in storage names it):
+    only then does a restart resume from it (one still being reported when a worker dies is lost)."""
+    snapshot = Path(run_dir) / f"round-000/train/{name}/checkpoints/checkpoint_manager_snapshot.json"
+
+    def registered() -> bool:
+        try:
+            return f"step{step:07d}" in snapshot.read_text()
+        except OSError:
+            return False
+
+    return registered
 
 
 def test_global_batches_are_seeded_epoch_permutations():
@@ -106,7 +116,7 @@ def test_train_exports_a_model_the_generate_stage_samples_from(run_dir, tiny_dig
 
 def test_killed_train_worker_resumes_to_the_same_weights(run_dir, tiny_digits, classifier_dir, straight_weights):
     cfg = stage_config(tiny_digits, run_dir, classifier_dir, *TRAIN, *LONG, "train.name=long")
-    killer = KillWhen(checkpoint_exists(run_dir, "long", 25), "ray::RayTrainWorker")
+    killer = KillWhen(checkpoint_registered(run_dir, "long", 25), "ray::RayTrainWorker")
     summary = run_train(cfg, progress=False)
     assert killer.join() is not None, "no train worker was killed"
     assert summary.resumed_from >= 25  # Ray Train restarted the group from a reported checkpoint
@@ -122,7 +132,7 @@ def test_killed_driver_rerun_resumes_to_the_same_weights(run_dir, tiny_digits, c
     driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     deadline = time.time() + 300
-    while not checkpoint_exists(run_dir, "long", 25)() and time.time() < deadline and driver.poll() is None:
+    while not checkpoint_registered(run_dir, "long", 25)() and time.time() < deadline and driver.poll() is None:
         time.sleep(0.05)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything it started
     driver.wait()
