@@ -5,54 +5,102 @@ from __future__ import annotations
 
 import json
 
+import duckdb
 import numpy as np
+import pytest
 from scipy import stats
 
+from pgraft import contract
 from pgraft.config import load_config
-from pgraft.evaluate import sample_rewards
+from pgraft.errors import PgraftError
 from pgraft.shards import list_committed, read_shard
 from pgraft.storage import open_storage
 from pgraft.tasks.digits import pretrain_digits
-from pipelines.pgraft_round import finetuned_model_dir, run_round_pipeline
+from pipelines.pgraft_round import run_round_pipeline
+from stages.evaluate import trained_model
 
 
-def test_two_rounds_second_samples_from_the_first_model(ray_local, tiny_digits, classifier_dir, tmp_path):
-    cfg = load_config(None, [
-        f"run.uri={tmp_path / 'run'}", "run.rounds=2", "task.name=null", f"model.path={tiny_digits}",
+def two_round_config(uri, tiny_digits, classifier_dir, *extra):
+    return load_config(None, [
+        f"run.uri={uri}", "run.rounds=2", "task.name=null", f"model.path={tiny_digits}",
         "model.num_inference_steps=6", "model.device=cpu", "generate.prompts=[a handwritten digit 1, a handwritten digit 2]",
         "generate.samples_per_prompt=8", "generate.samples_per_shard=8", "generate.capture_steps=[3]",
         f"reward.model_path={classifier_dir}", "filter.n=4", "train.t_step=3", "train.steps=2", "train.batch_size=4",
-        "train.eval_samples_per_prompt=4",
+        "train.eval_samples_per_prompt=4", *extra,
     ])
+
+
+def test_two_rounds_second_samples_from_the_first_model(ray_local, tiny_digits, classifier_dir, tmp_path):
+    cfg = two_round_config(tmp_path / "run", tiny_digits, classifier_dir)
     results = run_round_pipeline(cfg, progress=False)
-    assert [r["round"] for r in results] == [0, 1] and all("reward_after" in r for r in results)
+    assert [r["round"] for r in results] == [0, 1]
     store = open_storage(cfg.run.uri)
     round1 = list_committed(store, 1)
     meta = read_shard(store, 1, 0, round1[0], wanted=("json",))[0].meta
-    assert meta.finetuned == finetuned_model_dir(cfg, 0) and meta.round == 1
+    first = cfg.model_copy(deep=True)
+    first.run.round = 0
+    assert meta.finetuned == trained_model(first) and meta.round == 1
     card = json.loads((tmp_path / "run/round-001/train/best_of_n-4-t3/model/composite.json").read_text())
     assert card["switch_step"] == 3
+    # Evaluation ran in actors and left Parquet tables and a summary per round.
+    for rnd in (0, 1):
+        summary = json.loads((tmp_path / f"run/round-{rnd:03d}/eval/summary.json").read_text())
+        assert set(summary["variants"]) == {"base", "finetuned"}
+        for name, variant in summary["variants"].items():
+            table = tmp_path / f"run/round-{rnd:03d}/eval/{name}/round-000/rewards/digits_alignment/*.parquet"
+            mean, n = duckdb.sql(f"SELECT avg(reward), count(*) FROM '{table}'").fetchall()[0]
+            assert n == 8 and variant["samples"] == 8 and variant["reward_mean"] == pytest.approx(mean)
+            assert variant["frechet_distance"] > 0 and variant["diversity"] > 0
+            assert set(variant["per_prompt_mean"]) == {"0", "1"}
+        record = json.loads((tmp_path / f"run/round-{rnd:03d}/pipeline.json").read_text())
+        assert set(record["stages"]) == {"generate", "reward", "filter", "train", "evaluate"}
+    # Fresh seeds are the same for both variants and every round, and never a training seed.
+    base0 = store.list("round-000/eval/base/round-000/generate")
+    assert base0 == [k.replace("round-001/", "round-000/", 1) for k in store.list("round-001/eval/base/round-000/generate")]
+
+
+def test_rerun_after_completion_redoes_nothing_and_keeps_earlier_rounds(ray_local, tiny_digits, classifier_dir, tmp_path):
+    cfg = two_round_config(tmp_path / "run", tiny_digits, classifier_dir, "run.rounds=1", "train.eval_samples_per_prompt=0")
+    run_round_pipeline(cfg, progress=False)
+    before = {k: open_storage(cfg.run.uri).get_bytes(k) for k in open_storage(cfg.run.uri).list("round-000")
+              if not k.endswith("pipeline.json")}
+    run_round_pipeline(cfg, progress=False)
+    after = {k: open_storage(cfg.run.uri).get_bytes(k) for k in open_storage(cfg.run.uri).list("round-000")
+             if not k.endswith("pipeline.json")}
+    assert before == after
+
+
+def test_a_round_whose_previous_round_has_no_model_is_one_line(ray_local, tiny_digits, classifier_dir, tmp_path):
+    cfg = two_round_config(tmp_path / "run", tiny_digits, classifier_dir, "run.round=1", "run.rounds=1")
+    with pytest.raises(PgraftError, match=r"round 0 of .* has no fine-tuned model at .*round-000/train/best_of_n-4-t3/model; "
+                                          r"run round 0 first"):
+        run_round_pipeline(cfg, progress=False)
+    assert not (tmp_path / "run/round-001").exists()
 
 
 def test_one_pgraft_round_raises_the_reward_of_fresh_samples(ray_local, tmp_path):
     """Method check, docs/DESIGN.md §6 at small scale: a briefly trained digits base, 640 samples,
     best-of-8, P-GRAFT at step 15 of 20 (t = 200). Statistic: Welch's one-sided t-test on the
     prompt alignment of 1,000 fresh samples from the composite sampler against 1,000 from the
-    base (fresh seeds, never used in training); required p < 1e-3."""
+    base (fresh seeds, never used in training), drawn and scored by the evaluate stage's actors;
+    required p < 1e-3."""
     models = tmp_path / "models"
     pretrain_digits(models, seed=0, ddpm_steps=400, flow_steps=0, classifier_epochs=20, eval_samples_per_digit=0,
                     progress=False)
     cfg = load_config("configs/digits.yaml", [
-        f"run.uri={tmp_path / 'run'}", f"task.dir={models}", f"model.path={models / 'ddpm'}",
+        f"run.uri={tmp_path / 'run'}", f"task.dir={models}",
         "generate.samples_per_prompt=64", "generate.capture_steps=[15]", "filter.n=8",
-        "train.t_step=15", "train.steps=200", "train.lr=1e-4", "train.eval_samples_per_prompt=0",
+        "train.t_step=15", "train.steps=200", "train.lr=1e-4", "train.eval_samples_per_prompt=100",
     ])
     run_round_pipeline(cfg, progress=False)
-    prompts = cfg.generate.prompts
-    classifier = str(models / "classifier")
-    base = sample_rewards(cfg.model, cfg.reward, classifier, prompts, 100)
-    tuned = cfg.model.model_copy(update={"finetuned": finetuned_model_dir(cfg, 0)})
-    after = sample_rewards(tuned, cfg.reward, classifier, prompts, 100)
+    store = open_storage(cfg.run.uri)
+
+    def rewards(variant):
+        table = store.local_path(f"{contract.eval_prefix(0, variant)}/round-000/rewards/digits_alignment")
+        return duckdb.sql(f"SELECT reward FROM '{table}/*.parquet' ORDER BY key").fetchnumpy()["reward"]
+
+    base, after = rewards("base"), rewards("finetuned")
+    assert len(base) == len(after) == 1000
     test = stats.ttest_ind(after, base, equal_var=False, alternative="greater")
     print(f"base {base.mean():.3f} → P-GRAFT {after.mean():.3f}, Welch p = {test.pvalue:.2e}")
     assert after.mean() > base.mean() and test.pvalue < 1e-3

@@ -189,6 +189,25 @@ def test_cli_against_ray_start_head_cluster(tiny_digits, tmp_path):
 def test_cuda_without_gpus_is_refused(ray_local, tiny_digits, tmp_path):
     from cluster import WorkerError
 
-    with pytest.raises(WorkerError, match="model.device=cuda but the Ray cluster has no GPUs"):
-        run_generate(small_config(tiny_digits, tmp_path / "run", "model.device=cuda"), progress=False)
+    # Declared, so an autoscaler could add a GPU node; none comes, and the wait ends with one line.
+    with pytest.raises(WorkerError, match=r"GenerateWorker actors: 2 × \{'CPU': 1, 'GPU': 1\} could not be placed "
+                                          r"within 2 s: no node offers GPU ≥ 1"):
+        run_generate(small_config(tiny_digits, tmp_path / "run", "model.device=cuda", "cluster.placement_timeout_s=2"),
+                     progress=False)
     assert list_committed(open_storage(str(tmp_path / "run")), 0) == {}
+
+
+def test_killed_actor_is_restarted_and_the_shards_equal_an_uninterrupted_run(ray_local, tiny_digits, tmp_path):
+    from helpers import KillWhen
+
+    more = ("generate.samples_per_prompt=12",)  # 9 units over 2 actors
+    run_generate(small_config(tiny_digits, tmp_path / "ref", *more), progress=False)
+    cfg = small_config(tiny_digits, tmp_path / "run", *more)
+    store = open_storage(cfg.run.uri)
+    killer = KillWhen(lambda: len(store.list(contract.generate_prefix(0))) >= 2, "ray::GenerateWorker")
+    summary = run_generate(cfg, progress=False)
+    assert killer.join() is not None, "no generate actor was killed"
+    assert summary.written == 9 and summary.samples_written == 36
+    assert shard_bytes(store) == shard_bytes(open_storage(str(tmp_path / "ref")))
+    keys = [k for rec in list_committed(store, 0).values() for k in rec.keys]
+    assert len(keys) == len(set(keys)) == 36  # every sample exactly once
