@@ -3,8 +3,9 @@
     python benchmarks/train_throughput.py [--model models/digits/ddpm] [--steps 150] [--batch 64]
 
 Builds a small real run (generate → reward → filter best-of-8 on the digits task), then
-  * the train stage (DeepSpeed engine, fp32 on CPU) for --steps steps: its own samples/s over
-    the steps (start-up excluded) and the fraction of step time spent preparing data;
+  * the train stage (DeepSpeed engine, fp32 on CPU, on Ray Train) for --steps steps with 1 and
+    with 2 Ray Train workers (the same global batch): its own samples/s over the steps
+    (start-up excluded) and the fraction of step time spent preparing data;
   * a bare loop, run before and after the stage: the same UNet, AdamW, batch size and P-GRAFT targets, plain
     `loss.backward(); opt.step()`, batches built in advance, the first 10 steps untimed.
 """
@@ -85,15 +86,21 @@ def main() -> None:
         visited = torch.tensor(data.model_timesteps).long()  # the sampler's model calls before x_15
         bare_args = (args.model, data.latents, labels, visited, data.t_level, args.steps, args.batch, cfg.train.lr)
         before = bare_loop(*bare_args)
-        summary = run_train(cfg, progress=False)
+        runs = {}
+        for workers in (1, 2):
+            stage_cfg = cfg.model_copy(deep=True)
+            stage_cfg.train.num_workers, stage_cfg.train.name = workers, f"bench-{workers}w"
+            runs[workers] = run_train(stage_cfg, progress=False)
+            assert runs[workers].timesteps_trained == [float(t) for t in visited]
         after = bare_loop(*bare_args)  # before and after: this 2-core machine drifts between runs
         bare = (before + after) / 2
-        assert summary.timesteps_trained == [float(t) for t in visited]
-    print(f"model {args.model}, {summary.samples} accepted latents, batch {args.batch}, {args.steps} steps, "
-          f"{torch.get_num_threads()} CPU threads")
-    print(f"bare torch loop        {bare:8.1f} samples/s (before the stage {before:.1f}, after {after:.1f})")
-    print(f"train stage (DeepSpeed) {summary.samples_per_second:7.1f} samples/s   ratio {summary.samples_per_second / bare:.3f}")
-    print(f"time waiting for data  {summary.data_wait_fraction:.2%} of step time")
+    print(f"model {args.model}, {runs[1].samples} accepted latents, global batch {args.batch}, {args.steps} steps, "
+          f"{torch.get_num_threads()} CPU threads for the bare loop")
+    print(f"bare torch loop              {bare:8.1f} samples/s (before the stages {before:.1f}, after {after:.1f})")
+    for workers, summary in runs.items():
+        print(f"train stage, {workers} Ray Train worker(s) {summary.samples_per_second:7.1f} samples/s   "
+              f"ratio {summary.samples_per_second / bare:.3f}   data wait {summary.data_wait_fraction:.2%} of step time   "
+              f"stage wall time {summary.seconds:.1f} s")
 
 
 if __name__ == "__main__":

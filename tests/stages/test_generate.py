@@ -163,27 +163,18 @@ def test_bad_s3_endpoint_and_missing_bucket(tiny_digits, s3_endpoint, monkeypatc
 
 
 def test_cli_against_ray_start_head_cluster(tiny_digits, tmp_path):
-    """`ray start --head` in its own processes; the CLI joins it through RAY_ADDRESS."""
-    import ray
+    """`ray start --head` (and a worker node) in their own processes, token auth on; the CLI
+    joins through RAY_ADDRESS, and its actors run on the worker node."""
+    from cluster import loopback
 
-    from conftest import free_port
-
-    ray.shutdown()  # `ray stop` below ends every Ray process here; the ray_local fixture restarts its own
-
-    port = free_port()
-    env = dict(os.environ, RAY_ADDRESS=f"127.0.0.1:{port}")
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-                    "--disable-usage-stats"], check=True, capture_output=True, env=env, timeout=120)
-    try:
+    with loopback.running(num_cpus=2, timeout=90) as rig:
         args = [sys.executable, "-m", "stages.generate", "--quiet", "--set", f"run.uri={tmp_path / 'run'}",
                 "--set", f"model.path={tiny_digits}", "--set", "model.num_inference_steps=10",
                 "--set", "generate.samples_per_prompt=2", "--set", "generate.capture_steps=[5]"]
-        out = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        out = subprocess.run(args, cwd=REPO, env=rig.client_env(dict(os.environ)), capture_output=True, text=True,
+                             timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         assert "1 planned, 0 already committed, 1 written now" in out.stdout  # 20 samples, 128 per shard
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)
 
 
 def test_cuda_without_gpus_is_refused(ray_local, tiny_digits, tmp_path):

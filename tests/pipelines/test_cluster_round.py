@@ -1,0 +1,63 @@
+"""The user's command on a real two-node Ray cluster on loopback (a CPU-less head, a worker
+node with 2 CPUs and a `gpu_node` resource standing in for a GPU node type) with the run and
+the models on a moto S3 server: `ray job submit --working-dir . -- python
+pipelines/pgraft_round.py` finishes a round; the driver ran on the head and every stage's
+work on the worker node; the head fetched no model and the worker node fetched each once."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+
+from cluster import loopback
+from pgraft.storage import open_storage
+
+REPO = Path(__file__).resolve().parents[2]
+PIN = "{gpu_node: 1}"
+
+
+@pytest.fixture
+def rig(tmp_path, s3_endpoint):
+    aws = {k: v for k, v in __import__("os").environ.items() if k.startswith("AWS_")}
+    with loopback.running(num_cpus=2, env=aws, head_env={"PGRAFT_CACHE_DIR": str(tmp_path / "head-cache")},
+                          worker_env={"PGRAFT_CACHE_DIR": str(tmp_path / "worker-cache")}, timeout=90) as rig:
+        yield rig
+
+
+def test_ray_job_submit_runs_a_round_with_all_model_work_on_the_worker_node(rig, tiny_digits, classifier_dir,
+                                                                             s3_endpoint, tmp_path):
+    bucket = f"pgraft-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    # Models are published to storage; no node's disk holds a path another node needs.
+    open_storage(f"s3://{bucket}/models/ddpm").upload_folder(tiny_digits, "")
+    open_storage(f"s3://{bucket}/models/classifier").upload_folder(classifier_dir, "")
+    sets = [
+        f"run.uri=s3://{bucket}/run", "task.name=null", f"model.path=s3://{bucket}/models/ddpm",
+        f"reward.model_path=s3://{bucket}/models/classifier", "model.num_inference_steps=6", "model.device=auto",
+        "generate.prompts=[a handwritten digit 1, a handwritten digit 2]", "generate.samples_per_prompt=8",
+        "generate.samples_per_shard=4", "generate.capture_steps=[3]", f"generate.resources={PIN}",
+        f"reward.resources={PIN}", f"train.resources_per_worker={PIN}", "filter.n=4", "train.t_step=3",
+        "train.steps=4", "train.batch_size=4", "train.checkpoint_every=2", "train.eval_samples_per_prompt=4",
+        "cluster.placement_timeout_s=60",
+    ]
+    entry = ["python", "pipelines/pgraft_round.py", "--quiet"] + [a for s in sets for a in ("--set", s)]
+    done = loopback.submit_job(rig, entry, working_dir=str(REPO), timeout=900)
+    assert done.returncode == 0, f"job failed:\n{done.stdout[-4000:]}\n{done.stderr[-2000:]}"
+
+    store = open_storage(f"s3://{bucket}/run")
+    record = json.loads(store.get_bytes("round-000/pipeline.json"))
+    assert record["driver_node"] == rig.head_node_id
+    for stage in ("generate", "reward", "train", "evaluate"):
+        assert record["stages"][stage]["nodes"] == [rig.worker_node_id], stage
+    assert store.exists("round-000/train/best_of_n-4-t3/model/composite.json")
+    assert store.exists("round-000/train/best_of_n-4-t3/checkpoints/step0000004/latest")
+    assert set(json.loads(store.get_bytes("round-000/eval/summary.json"))["variants"]) == {"base", "finetuned"}
+    # The head (driver only) fetched nothing; the worker node fetched each model once for all its
+    # actors and train workers (base, classifier, the round's fine-tuned model).
+    assert not (tmp_path / "head-cache").exists()
+    fetches = [json.loads(line) for line in (tmp_path / "worker-cache/models/fetch.log").read_text().splitlines()]
+    assert len(fetches) == len({f["digest"] for f in fetches}) == 3, fetches
