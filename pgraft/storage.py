@@ -66,13 +66,16 @@ class Storage:
         folder = Path(folder)
         for path in sorted(folder.rglob("*")):
             if path.is_file():
-                self.put_file(path, f"{prefix}/{path.relative_to(folder).as_posix()}")
+                self.put_file(path, join_key(prefix, path.relative_to(folder).as_posix()))
 
     def download_prefix(self, prefix: str, folder: str | os.PathLike) -> None:
         """Every object under `prefix` to a local folder, streamed to disk."""
         strip = len(prefix.rstrip("/")) + 1 if prefix.strip("/") else 0
+        root = Path(folder).resolve()
         for key in self.list(prefix):
-            target = Path(folder) / key[strip:]
+            target = (root / key[strip:].lstrip("/")).resolve()
+            if root not in target.parents:  # a key like "../x" must never write outside the folder
+                raise StorageError(f"{self.url(key)}: key leaves the target folder; refusing to download it")
             target.parent.mkdir(parents=True, exist_ok=True)
             with self.open_read(key) as src, open(target, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
@@ -86,6 +89,11 @@ class Storage:
         probe = ".pgraft-write-probe"
         self.put_bytes(probe, b"ok")
         self.delete(probe)
+
+
+def join_key(prefix: str, name: str) -> str:
+    """`prefix/name` for keys, with no leading slash when the prefix is empty (the root)."""
+    return f"{prefix.strip('/')}/{name}" if prefix.strip("/") else name
 
 
 def join_uri(base: str, key: str) -> str:

@@ -111,3 +111,22 @@ def test_unwritable_local_root(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(StorageError, match="cannot write"):
         open_storage(str(blocker / "run")).check_writable()
+
+
+def test_download_never_writes_outside_the_target_folder(s3_uri, tmp_path):
+    store = open_storage(s3_uri)
+    store.put_bytes("model/config.json", b"{}")
+    store.put_bytes("model/../../escape.txt", b"x")  # a legal S3 key that names a parent folder
+    with pytest.raises(StorageError, match="key leaves the target folder"):
+        store.download_prefix("model", tmp_path / "dst" / "model")
+    assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "dst" / "escape.txt").exists()
+
+
+def test_upload_to_the_root_makes_relative_keys(s3_uri, tmp_path):
+    (tmp_path / "src" / "sub").mkdir(parents=True)
+    (tmp_path / "src" / "sub" / "a.bin").write_bytes(b"a")
+    store = open_storage(f"{s3_uri}/models/m")
+    store.upload_folder(tmp_path / "src", "")
+    assert store.list("") == ["sub/a.bin"]
+    store.download_prefix("", tmp_path / "back")
+    assert (tmp_path / "back" / "sub" / "a.bin").read_bytes() == b"a"
