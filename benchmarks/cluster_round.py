@@ -97,7 +97,7 @@ def main() -> None:
             for name, run_uri, task_dir in (("local", str(tmp / "run"), str(tmp / "task")),
                                             ("s3", f"s3://{bucket}/run", f"s3://{bucket}/task")):
                 cache = tmp / f"cache-{name}"
-                with loopback.running(num_cpus=2, env=aws, worker_env={"PGRAFT_CACHE_DIR": str(cache)},
+                with loopback.running(num_cpus=2, resource_count=8, env=aws, worker_env={"PGRAFT_CACHE_DIR": str(cache)},
                                       timeout=90) as rig:
                     results[name] = run_once(rig, run_uri, task_dir, args, cache)
     finally:

@@ -1,5 +1,5 @@
 """The user's command on a real two-node Ray cluster on loopback (a CPU-less head, a worker
-node with 2 CPUs and a `gpu_node` resource standing in for a GPU node type) with the run and
+node with 2 CPUs and 8 units of a `gpu_node` resource standing in for a GPU node type) with the run and
 the models on a moto S3 server: `ray job submit --working-dir . -- python
 pipelines/pgraft_round.py` finishes a round; the driver ran on the head and every stage's
 work on the worker node; the head fetched no model and the worker node fetched each once."""
@@ -23,7 +23,7 @@ PIN = "{gpu_node: 1}"
 @pytest.fixture
 def rig(tmp_path, s3_endpoint):
     aws = {k: v for k, v in __import__("os").environ.items() if k.startswith("AWS_")}
-    with loopback.running(num_cpus=2, env=aws, head_env={"PGRAFT_CACHE_DIR": str(tmp_path / "head-cache")},
+    with loopback.running(num_cpus=2, resource_count=8, env=aws, head_env={"PGRAFT_CACHE_DIR": str(tmp_path / "head-cache")},
                           worker_env={"PGRAFT_CACHE_DIR": str(tmp_path / "worker-cache")}, timeout=90) as rig:
         yield rig
 
