@@ -1,4 +1,6 @@
-"""The user's command on a real two-node Ray cluster on loopback (a CPU-less head, a worker
+"""The README's cluster commands, run as written from a fresh shell (`eval "$(make -s
+cluster-up)"`, `ray job submit --working-dir . -- python pipelines/pgraft_round.py`, `make
+cluster-down`): a real two-node Ray cluster on loopback (a CPU-less head, a worker
 node with 2 CPUs and 8 units of a `gpu_node` resource standing in for a GPU node type) with the run and
 the models on a moto S3 server: `ray job submit --working-dir . -- python
 pipelines/pgraft_round.py` finishes a round; the driver ran on the head and every stage's
@@ -7,6 +9,12 @@ work on the worker node; the head fetched no model and the worker node fetched e
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import subprocess
+import textwrap
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -20,15 +28,19 @@ REPO = Path(__file__).resolve().parents[2]
 PIN = "{gpu_node: 1}"
 
 
-@pytest.fixture
-def rig(tmp_path, s3_endpoint):
-    aws = {k: v for k, v in __import__("os").environ.items() if k.startswith("AWS_")}
-    with loopback.running(num_cpus=2, resource_count=8, env=aws, head_env={"PGRAFT_CACHE_DIR": str(tmp_path / "head-cache")},
-                          worker_env={"PGRAFT_CACHE_DIR": str(tmp_path / "worker-cache")}, timeout=90) as rig:
-        yield rig
+def readme_commands(sets: list[str]) -> str:
+    """The README's loopback recipe as one bash script; `trap` brings the cluster down whatever happens."""
+    entry = " ".join(shlex.quote(a) for a in ["python", "pipelines/pgraft_round.py", "--quiet"]
+                     + [x for s in sets for x in ("--set", s)])
+    return textwrap.dedent(f"""\
+        set -e
+        eval "$(make -s cluster-up CLUSTER_ARGS="$CLUSTER_ARGS")"
+        trap 'make -s cluster-down > /dev/null' EXIT
+        ray job submit --working-dir . -- {entry}
+    """)
 
 
-def test_ray_job_submit_runs_a_round_with_all_model_work_on_the_worker_node(rig, tiny_digits, classifier_dir,
+def test_ray_job_submit_runs_a_round_with_all_model_work_on_the_worker_node(tiny_digits, classifier_dir,
                                                                              s3_endpoint, tmp_path):
     bucket = f"pgraft-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
@@ -44,9 +56,31 @@ def test_ray_job_submit_runs_a_round_with_all_model_work_on_the_worker_node(rig,
         "train.steps=4", "train.batch_size=4", "train.checkpoint_every=2", "train.eval_samples_per_prompt=4",
         "cluster.placement_timeout_s=60",
     ]
-    entry = ["python", "pipelines/pgraft_round.py", "--quiet"] + [a for s in sets for a in ("--set", s)]
-    done = loopback.submit_job(rig, entry, working_dir=str(REPO), timeout=900)
+    state = tmp_path / "rig.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # a fresh shell: no cluster of ours
+    env.update(PGRAFT_LOOPBACK_STATE=str(state), CLUSTER_ARGS=(
+        f"--num-cpus 2 --resource-count 8 --head-env PGRAFT_CACHE_DIR={tmp_path / 'head-cache'} "
+        f"--worker-env PGRAFT_CACHE_DIR={tmp_path / 'worker-cache'}"))
+    seen = {}
+
+    def remember_rig() -> None:  # the node ids, read from the state file while the rig is up
+        deadline = time.time() + 600
+        while "rig" not in seen and time.time() < deadline:
+            if state.exists():
+                try:
+                    seen["rig"] = loopback.load_state(state)
+                except (OSError, ValueError):
+                    pass  # still being written
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=remember_rig, daemon=True)
+    watcher.start()
+    done = subprocess.run(["bash", "-c", readme_commands(sets)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
     assert done.returncode == 0, f"job failed:\n{done.stdout[-4000:]}\n{done.stderr[-2000:]}"
+    assert not state.exists(), "make cluster-down did not run"
+    rig = seen["rig"]
+    assert not loopback.rig_processes(rig), "processes of the cluster are left"
 
     store = open_storage(f"s3://{bucket}/run")
     record = json.loads(store.get_bytes("round-000/pipeline.json"))
