@@ -19,11 +19,10 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 
 def main() -> None:
-    from tiny_models import save_tiny_sd
-
     from pgraft.config import ModelSection, load_config
     from pgraft.models.adapters import load_adapter
     from pgraft.tasks import digits
+    from tiny_models import save_tiny_sd
 
     assert torch.cuda.is_available(), "no CUDA device"
     print("device", torch.cuda.get_device_name(0), "torch", torch.__version__)
@@ -44,12 +43,12 @@ def main() -> None:
                            progress=False)
     print(f"pretrain (300 steps, CPU data, default device) {time.perf_counter() - t0:.0f} s")
 
+    from pgraft.shards import list_committed
+    from pgraft.storage import open_storage
     from stages.filter import run_filter
     from stages.generate import GenerateWorker, plan_units, record_run_config, resolve_prompts
     from stages.reward import RewardWorker
     from stages.train import run_train
-    from pgraft.shards import list_committed
-    from pgraft.storage import open_storage
 
     cfg = load_config(REPO / "configs/digits.yaml", [
         f"run.uri={tmp / 'run'}", f"task.dir={tmp / 'models'}", f"model.path={tmp / 'models/ddpm'}", "model.device=cuda",

@@ -11,6 +11,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
 from pgraft.errors import PgraftError
 
 CONFIG_KEY = "config.yaml"

@@ -12,7 +12,6 @@ import math
 import numpy as np
 from scipy import integrate, optimize, special, stats
 
-
 # threshold τ: p̂/p̄ = 1/P(r ≥ τ) on the accepted set -------------------------------------
 
 def threshold_kl(acceptance_rate: float) -> float:

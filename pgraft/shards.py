@@ -23,8 +23,8 @@ from safetensors.torch import save as save_safetensors
 
 from pgraft import contract
 from pgraft.contract import CommitRecord, SampleMeta
-from pgraft.storage import Storage
 from pgraft.errors import PgraftError
+from pgraft.storage import Storage
 
 # Tar members per sample (the part after the key).
 LATENTS_EXT = "latents.safetensors"

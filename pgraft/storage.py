@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 from urllib.parse import urlparse
+
 from pgraft.errors import PgraftError
 
 

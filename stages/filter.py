@@ -22,12 +22,27 @@ import pyarrow.compute as pc
 
 from pgraft import contract
 from pgraft.config import Config
-from pgraft.selection import (Resolved, RowSelection, SelectionError, add_threshold_ratio, hash_codes, implied_kl,
-                              resolve, select_rows)
+from pgraft.errors import PgraftError
+from pgraft.selection import (
+    Resolved,
+    RowSelection,
+    SelectionError,
+    add_threshold_ratio,
+    hash_codes,
+    implied_kl,
+    resolve,
+    select_rows,
+)
 from pgraft.shards import list_committed
 from pgraft.storage import Storage, open_storage
-from pgraft.tables import arrow_schema, fingerprint_parts, list_reward_parts, read_parquet, read_reward_table, write_parquet
-from pgraft.errors import PgraftError
+from pgraft.tables import (
+    arrow_schema,
+    fingerprint_parts,
+    list_reward_parts,
+    read_parquet,
+    read_reward_table,
+    write_parquet,
+)
 
 # Columns the Ray Data engine reads (the local engine reads fewer).
 _READ_COLUMNS = ["key", "shard", "prompt_id", "sample_idx", "reward", "sample_hash"]

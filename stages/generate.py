@@ -20,14 +20,13 @@ from pathlib import Path
 import yaml
 
 import cluster
-
 from pgraft import contract
 from pgraft.config import Config, ConfigError, config_to_yaml
 from pgraft.contract import SampleMeta
+from pgraft.errors import PgraftError
 from pgraft.models.adapters import check_capture_steps, check_model_folder
 from pgraft.shards import Sample, commit_shard, list_committed, write_shard
 from pgraft.storage import Storage, open_storage
-from pgraft.errors import PgraftError
 
 # Config fields that change what a sample is; a run refuses to continue if they change.
 # (num_workers and batch_size only change how the work is spread.)

@@ -18,16 +18,15 @@ import numpy as np
 import pyarrow as pa
 
 import cluster
-
 from pgraft import contract
 from pgraft.config import Config, ConfigError
 from pgraft.contract import CommitRecord
+from pgraft.errors import PgraftError
 from pgraft.hashing import get_hash
 from pgraft.models.fetch import child, fetch_model, is_remote, model_file_exists
 from pgraft.shards import IMAGE_EXT, META_EXT, list_committed, read_shard
 from pgraft.storage import open_storage
 from pgraft.tables import arrow_schema, list_reward_parts, write_parquet
-from pgraft.errors import PgraftError
 
 
 class RewardError(PgraftError):

@@ -8,7 +8,6 @@ the latent named `x_k` is the one the pipeline holds after k sampler steps, at n
 
 from __future__ import annotations
 
-
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,8 @@ import numpy as np
 import torch
 
 from pgraft import contract
-from pgraft.contract import COMPOSITE_CARD
 from pgraft.config import ModelSection
+from pgraft.contract import COMPOSITE_CARD
 from pgraft.models.fetch import ModelError, fetch_model, is_remote, local_folder, model_file_exists
 from pgraft.storage import open_storage
 

@@ -80,7 +80,6 @@ def train_worker(params: dict) -> None:
     cfg = Config.model_validate(params["cfg"])
     selection, name = params["selection"], params["name"]
     storage = open_storage(cfg.run.uri)
-    out_prefix = contract.train_prefix(cfg.run.round, name)
     data = load_accepted(storage, cfg, selection)
 
     adapter = load_adapter(cfg.model.model_copy(update={"device": str(device)}))

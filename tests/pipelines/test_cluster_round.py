@@ -19,7 +19,6 @@ import uuid
 from pathlib import Path
 
 import boto3
-import pytest
 
 from cluster import loopback
 from pgraft.storage import open_storage

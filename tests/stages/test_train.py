@@ -19,10 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cluster import WorkerError
 from helpers import KillWhen, stage_config
 from pgraft import contract
 from pgraft.models.adapters import load_adapter
-from cluster import WorkerError
 from stages.filter import run_filter
 from stages.generate import run_generate
 from stages.reward import run_reward
