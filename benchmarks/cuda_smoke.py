@@ -72,14 +72,14 @@ def main() -> None:
         run_cfg.train.zero_stage, run_cfg.train.name = zero, f"zero{zero}"
         summary = run_train(run_cfg, progress=False)
         print(summary.render())
-        print(f"  deepspeed: bf16={summary.deepspeed['bf16']['enabled']} zero={zero} "
-              f"backend={torch.distributed.get_backend()}")
-    tuned = cfg.model.model_copy(update={"finetuned": str(tmp / "run/round-000/train/zero0/model")})
-    from pgraft.evaluate import sample_rewards
+        print(f"  deepspeed: bf16={summary.deepspeed['bf16']['enabled']} zero={zero} (Ray Train, NCCL on the GPU)")
+    from stages.evaluate import run_evaluate
 
-    base = sample_rewards(cfg.model, cfg.reward, str(tmp / "models/classifier"), resolve_prompts(cfg.generate.prompts), 50)
-    after = sample_rewards(tuned, cfg.reward, str(tmp / "models/classifier"), resolve_prompts(cfg.generate.prompts), 50)
-    print(f"composite on cuda: alignment {base.mean():.3f} (base) -> {after.mean():.3f} (P-GRAFT, 100 steps)")
+    eval_cfg = cfg.model_copy(deep=True)
+    eval_cfg.train.name, eval_cfg.train.eval_samples_per_prompt = "zero0", 50
+    result = run_evaluate(eval_cfg, progress=False)  # generate + reward actors on the GPU
+    base, after = result.variants["base"]["reward_mean"], result.variants["finetuned"]["reward_mean"]
+    print(f"composite on cuda: alignment {base:.3f} (base) -> {after:.3f} (P-GRAFT, 100 steps)")
 
 
 if __name__ == "__main__":

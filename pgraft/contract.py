@@ -282,3 +282,23 @@ class TrainSummary:
             return cls(**json.loads(data))
         except (ValueError, TypeError) as exc:
             raise ContractError(f"{where} is not a train summary ({exc}); delete it to train again") from None
+
+
+@dataclass
+class EvalSummary:
+    """round-NNN/eval/summary.json: one entry per variant (keys: docs/FORMAT.md, Evaluation)."""
+
+    round: int
+    reward: str
+    samples_per_prompt: int
+    seed: int
+    variants: dict[str, dict] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def render(self) -> str:
+        lines = [f"evaluate: round {self.round}, {self.samples_per_prompt} fresh samples per prompt, reward {self.reward}"]
+        for name, v in self.variants.items():
+            fd = "n/a" if v["frechet_distance"] is None else f"{v['frechet_distance']:.3f}"
+            lines.append(f"  {name:<10} mean {v['reward_mean']:.4f} ± {v['reward_stderr']:.4f} (s.e.), "
+                         f"Fréchet distance {fd}, within-prompt diversity {v['diversity']:.3f}")
+        return "\n".join(lines)

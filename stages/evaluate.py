@@ -15,12 +15,13 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 
 import cluster
 from pgraft import contract, metrics
+from pgraft.contract import EvalSummary
 from pgraft.config import Config
 from pgraft.errors import PgraftError
 from pgraft.models.fetch import fetch_model, is_remote, model_file_exists
@@ -36,26 +37,6 @@ EVAL_SEED_ROUND = 10**6
 
 class EvaluateError(PgraftError):
     """Evaluation cannot run; the message says why."""
-
-
-@dataclass
-class EvalSummary:
-    """round-NNN/eval/summary.json: one entry per variant."""
-
-    round: int
-    reward: str
-    samples_per_prompt: int
-    seed: int
-    variants: dict[str, dict] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def render(self) -> str:
-        lines = [f"evaluate: round {self.round}, {self.samples_per_prompt} fresh samples per prompt, reward {self.reward}"]
-        for name, v in self.variants.items():
-            fd = "n/a" if v["frechet_distance"] is None else f"{v['frechet_distance']:.3f}"
-            lines.append(f"  {name:<10} mean {v['reward_mean']:.4f} ± {v['reward_stderr']:.4f} (s.e.), "
-                         f"Fréchet distance {fd}, within-prompt diversity {v['diversity']:.3f}")
-        return "\n".join(lines)
 
 
 def eval_seed(run_seed: int) -> int:

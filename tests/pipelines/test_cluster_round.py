@@ -2,9 +2,9 @@
 cluster-up)"`, `ray job submit --working-dir . -- python pipelines/pgraft_round.py`, `make
 cluster-down`): a real two-node Ray cluster on loopback (a CPU-less head, a worker
 node with 2 CPUs and 8 units of a `gpu_node` resource standing in for a GPU node type) with the run and
-the models on a moto S3 server: `ray job submit --working-dir . -- python
-pipelines/pgraft_round.py` finishes a round; the driver ran on the head and every stage's
-work on the worker node; the head fetched no model and the worker node fetched each once."""
+the models on a moto S3 server: the job finishes a round although a generate actor and a Ray
+Train worker are killed during it; the driver ran on the head and every stage's work on the
+worker node; the head fetched no model and the worker node fetched each once."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from pathlib import Path
 import boto3
 
 from cluster import loopback
+from helpers import KillWhen
+from pgraft.shards import list_committed
 from pgraft.storage import open_storage
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,10 +51,10 @@ def test_ray_job_submit_runs_a_round_with_all_model_work_on_the_worker_node(tiny
     sets = [
         f"run.uri=s3://{bucket}/run", "task.name=null", f"model.path=s3://{bucket}/models/ddpm",
         f"reward.model_path=s3://{bucket}/models/classifier", "model.num_inference_steps=6", "model.device=auto",
-        "generate.prompts=[a handwritten digit 1, a handwritten digit 2]", "generate.samples_per_prompt=8",
-        "generate.samples_per_shard=4", "generate.capture_steps=[3]", f"generate.resources={PIN}",
+        "generate.prompts=[a handwritten digit 1, a handwritten digit 2]", "generate.samples_per_prompt=24",
+        "generate.samples_per_shard=2", "generate.capture_steps=[3]", f"generate.resources={PIN}",
         f"reward.resources={PIN}", f"train.resources_per_worker={PIN}", "filter.n=4", "train.t_step=3",
-        "train.steps=4", "train.batch_size=4", "train.checkpoint_every=2", "train.eval_samples_per_prompt=4",
+        "train.steps=80", "train.batch_size=4", "train.checkpoint_every=20", "train.eval_samples_per_prompt=4",
         "cluster.placement_timeout_s=60",
     ]
     state = tmp_path / "rig.json"
@@ -74,12 +76,20 @@ def test_ray_job_submit_runs_a_round_with_all_model_work_on_the_worker_node(tiny
 
     watcher = threading.Thread(target=remember_rig, daemon=True)
     watcher.start()
+    # Lost workers on the cluster: a generate actor once shards are being committed, a Ray Train
+    # worker once Ray Train has registered its step-20 checkpoint in S3.
+    run = open_storage(f"s3://{bucket}/run")
+    snapshot = "round-000/train/best_of_n-4-t3/checkpoints/checkpoint_manager_snapshot.json"
+    kill_generate = KillWhen(lambda: len(run.list("round-000/generate")) >= 4, "ray::GenerateWorker", timeout=600)
+    kill_train = KillWhen(lambda: run.exists(snapshot) and b"step0000020" in run.get_bytes(snapshot),
+                          "ray::RayTrainWorker", timeout=600)
     done = subprocess.run(["bash", "-c", readme_commands(sets)], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, f"job failed:\n{done.stdout[-4000:]}\n{done.stderr[-2000:]}"
     assert not state.exists(), "make cluster-down did not run"
     rig = seen["rig"]
     assert not loopback.rig_processes(rig), "processes of the cluster are left"
+    assert kill_generate.join() is not None and kill_train.join() is not None, "a kill did not happen"
 
     store = open_storage(f"s3://{bucket}/run")
     record = json.loads(store.get_bytes("round-000/pipeline.json"))
@@ -87,7 +97,12 @@ def test_ray_job_submit_runs_a_round_with_all_model_work_on_the_worker_node(tiny
     for stage in ("generate", "reward", "train", "evaluate"):
         assert record["stages"][stage]["nodes"] == [rig.worker_node_id], stage
     assert store.exists("round-000/train/best_of_n-4-t3/model/composite.json")
-    assert store.exists("round-000/train/best_of_n-4-t3/checkpoints/step0000004/latest")
+    assert store.exists("round-000/train/best_of_n-4-t3/checkpoints/step0000080/latest")
+    # The killed generate actor's unit was redone: every sample exactly once.
+    keys = [k for rec in list_committed(store, 0).values() for k in rec.keys]
+    assert len(keys) == len(set(keys)) == 48
+    # The killed train worker: the group restarted from the registered checkpoint.
+    assert json.loads(store.get_bytes("round-000/train/best_of_n-4-t3/summary.json"))["resumed_from"] >= 20
     assert set(json.loads(store.get_bytes("round-000/eval/summary.json"))["variants"]) == {"base", "finetuned"}
     # The head (driver only) fetched nothing; the worker node fetched each model once for all its
     # actors and train workers (base, classifier, the round's fine-tuned model).

@@ -64,3 +64,11 @@ def test_missing_remote_model_is_one_line(s3_uri, tmp_path, monkeypatch):
     with pytest.raises(ModelError, match=r"model 's3://.*/nope' does not exist \(no objects under it\)"):
         fetch_model(f"{s3_uri}/nope")
     assert not model_file_exists(f"{s3_uri}/nope", "pgraft_model.json")
+
+
+def test_missing_model_uri_fails_before_any_worker_starts(s3_uri):
+    from pgraft.config import ModelSection
+    from pgraft.models.adapters import check_model_folder
+
+    with pytest.raises(ModelError, match=r"model.path 's3://.*/nope' does not exist"):
+        check_model_folder(ModelSection(path=f"{s3_uri}/nope"))
