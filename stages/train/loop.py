@@ -73,7 +73,6 @@ def train_worker(params: dict) -> None:
     import deepspeed
     import ray
     import ray.train
-    from tqdm.auto import tqdm
 
     from pgraft.models.adapters import load_adapter
 
@@ -111,10 +110,11 @@ def train_worker(params: dict) -> None:
     prompt_idx = torch.tensor([model.prompt_index[p] for p in data.prompts], device=device)
     dtype = next(p for p in engine.module.parameters()).dtype
     losses, data_seconds, step_seconds = [], 0.0, 0.0
-    bar = tqdm(range(first_step, cfg.train.steps), desc=f"train {name}", disable=not params.get("progress") or rank != 0,
-               initial=first_step, total=cfg.train.steps)
+    # Progress as a line every tenth of the run (rank 0): a worker's output reaches the driver
+    # through Ray's log forwarding, where a redrawn bar would print a line per refresh.
+    report_every = max(1, cfg.train.steps // 10) if params.get("progress") and rank == 0 else 0
     engine.train()
-    for step in bar:
+    for step in range(first_step, cfg.train.steps):
         t0 = time.perf_counter()
         batch = global_batch(len(latents), cfg.train.batch_size, step, cfg.train.seed)
         mine = batch[rank * micro * accum:(rank + 1) * micro * accum]
@@ -136,11 +136,13 @@ def train_worker(params: dict) -> None:
             step_loss += loss.item() / accum
         losses.append(step_loss)
         step_seconds += time.perf_counter() - t0
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         done = step + 1
+        if report_every and (done % report_every == 0 or done == cfg.train.steps):
+            rate = (done - first_step) * cfg.train.batch_size / step_seconds
+            print(f"train {name}: step {done}/{cfg.train.steps}, loss {np.mean(losses[-20:]):.4f}, {rate:.0f} samples/s",
+                  flush=True)
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
             save_and_report(engine, done, {"loss": float(np.mean(losses[-20:]))})
-    bar.close()
 
     card = contract.composite_card(cfg.model.path, cfg.model.kind, cfg.train.mode, cfg.train.t_step, data.t_level,
                                    data.num_inference_steps, cfg.model.guidance_scale, [float(t) for t in visited])
