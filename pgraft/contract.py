@@ -138,6 +138,14 @@ class ContractError(PgraftError, ValueError):
     """A record in storage does not follow the data contract; the message says what to do."""
 
 
+def record_from_json(cls, data: bytes, where: str, what: str, remedy: str):
+    """A record dataclass from its JSON, or one ContractError line naming the object and the fix."""
+    try:
+        return cls(**json.loads(data))
+    except (ValueError, TypeError) as exc:
+        raise ContractError(f"{where} is not a {what} ({exc}); {remedy}") from None
+
+
 @dataclass
 class CommitRecord:
     """Written after a shard's tar is complete and uploaded; only then does the shard count."""
@@ -155,11 +163,7 @@ class CommitRecord:
 
     @classmethod
     def from_json(cls, data: bytes, where: str = "commit record") -> "CommitRecord":
-        try:
-            raw = json.loads(data)
-            return cls(**raw)
-        except (ValueError, TypeError) as exc:
-            raise ContractError(f"{where} is not a valid commit record ({exc}); delete it to regenerate that shard") from None
+        return record_from_json(cls, data, where, "valid commit record", "delete it to regenerate that shard")
 
 
 @dataclass
@@ -278,10 +282,7 @@ class TrainSummary:
 
     @classmethod
     def from_json(cls, data: bytes, where: str) -> "TrainSummary":
-        try:
-            return cls(**json.loads(data))
-        except (ValueError, TypeError) as exc:
-            raise ContractError(f"{where} is not a train summary ({exc}); delete it to train again") from None
+        return record_from_json(cls, data, where, "train summary", "delete it to train again")
 
 
 @dataclass
