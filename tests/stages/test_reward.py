@@ -90,3 +90,20 @@ def test_cuda_reward_without_gpus_is_refused(ray_local, tiny_digits, classifier_
     with pytest.raises(WorkerError, match="RewardWorker actors: .* could not be placed within 1 s: no node offers GPU"):
         run_reward(stage_config(tiny_digits, tmp_path / "run", classifier_dir, "generate.samples_per_prompt=8",
                                 "reward.device=cuda", "cluster.placement_timeout_s=1"), progress=False)
+
+
+def test_killed_reward_actor_is_restarted_and_every_part_is_written_once(ray_local, tiny_digits, classifier_dir,
+                                                                         tmp_path):
+    from helpers import KillWhen
+
+    cfg = stage_config(tiny_digits, tmp_path / "run", classifier_dir, "generate.samples_per_shard=2")  # 36 shards
+    run_generate(cfg, progress=False)
+    store = open_storage(cfg.run.uri)
+    prefix = contract.rewards_prefix(0, "digits_alignment")
+    killer = KillWhen(lambda: len(store.list(prefix)) >= 1, "ray::RewardWorker")
+    summary = run_reward(cfg, progress=False)
+    assert killer.join() is not None, "no reward actor was killed"
+    assert summary.written == 36 and summary.rows_written == 72
+    glob = f"{tmp_path}/run/{prefix}/part-*.parquet"
+    rows, keys = duckdb.sql(f"SELECT count(*), count(DISTINCT key) FROM '{glob}'").fetchall()[0]
+    assert rows == keys == 72  # every sample scored exactly once
