@@ -9,9 +9,10 @@ from cluster.ray_cluster import (
     plan_placement,
     reserve,
     run_pool,
+    run_task,
     start_workers,
     unwrap_remote_error,
 )
 
 __all__ = ["Placement", "WorkerError", "WorkerPool", "connect", "current_node_id", "plan_placement", "reserve",
-           "run_pool", "start_workers", "unwrap_remote_error"]
+           "run_pool", "run_task", "start_workers", "unwrap_remote_error"]

@@ -60,7 +60,9 @@ def connect(num_cpus: int | None = None) -> None:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
             raise WorkerError(f"cannot join the Ray cluster at RAY_ADDRESS={address}: {first}") from None
     else:
-        ray.init(num_cpus=num_cpus, log_to_driver=True)  # dashboard on: Ray Train polls its state API
+        # The dashboard serves the state API that Ray Train's placement-group cleaner polls;
+        # without it, that actor logs a failed query every few seconds.
+        ray.init(num_cpus=num_cpus, log_to_driver=True)
         _STARTED_LOCAL = True
 
 
@@ -117,10 +119,17 @@ def plan_placement(num_workers: int, device: str, device_key: str, extra: dict[s
         count = min(num_workers, int(gpus)) if gpus >= 1 and not exact else num_workers
         return Placement(count, 1, 1, extra)
     node_cpus = [int(n.get("CPU", 0)) for n in nodes if n.get("CPU", 0) >= 1] or [1]
-    total, largest = sum(node_cpus), max(node_cpus)
-    count = num_workers if exact else min(num_workers, total)
-    share = cpus_per_worker or max(1, min(largest, total // count))
-    return Placement(count, share, 0, extra)
+    count = num_workers if exact else min(num_workers, sum(node_cpus))
+    return Placement(count, cpus_per_worker or cpu_share(node_cpus, count), 0, extra)
+
+
+def cpu_share(node_cpus: list[int], count: int) -> int:
+    """The largest whole CPU count per actor such that `count` actors fit on these nodes
+    (actors do not span nodes); at least 1."""
+    for share in range(max(node_cpus), 0, -1):
+        if sum(cpus // share for cpus in node_cpus) >= count:
+            return share
+    return 1
 
 
 def _describe_cluster() -> str:
@@ -157,8 +166,8 @@ def reserve(placement: Placement, what: str, timeout_s: float):
         missing = _missing(placement.bundle, placement.count)
         remove_placement_group(group)
         raise WorkerError(f"{what}: {placement.count} × {placement.bundle} could not be placed within {timeout_s:g} s: "
-                          f"{missing} ({_describe_cluster()}); lower the worker count, fix the device/resources "
-                          "setting, or add nodes (cluster.placement_timeout_s sets the wait)")
+                          f"{missing} ({_describe_cluster()}); lower the stage's num_workers, fix its device or "
+                          "resources keys, or add nodes (cluster.placement_timeout_s sets the wait)")
     return group
 
 
@@ -189,14 +198,37 @@ def start_workers(worker_cls, num_workers: int, device: str, device_key: str, ne
     placement = plan_placement(num_workers, device, device_key, extra_resources)
     placement.count = min(placement.count, needed)
     group = reserve(placement, f"{worker_cls.__name__} actors", timeout_s)
-    remote = ray.remote(worker_cls)
-    actors = [
-        remote.options(**placement.actor_options(), max_restarts=max_restarts, max_task_retries=max_restarts,
-                       scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i))
-        .remote(*args, placement.threads)
-        for i in range(placement.count)
-    ]
-    return WorkerPool(actors, group, placement)
+    pool = WorkerPool([], group, placement)
+    try:
+        remote = ray.remote(worker_cls)
+        for i in range(placement.count):
+            strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)
+            pool.actors.append(remote.options(**placement.actor_options(), max_restarts=max_restarts,
+                                              max_task_retries=max_restarts, scheduling_strategy=strategy)
+                               .remote(*args, placement.threads))
+    except BaseException:
+        pool.close()
+        raise
+    return pool
+
+
+def run_task(fn, args: tuple, placement: Placement, what: str, timeout_s: float):
+    """`fn(*args)` as one Ray task inside a reserved bundle (so a demand the cluster never
+    meets is one line, not a wait forever); its result, or the task's own error."""
+    from ray.util.placement_group import remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    connect()
+    group = reserve(placement, what, timeout_s)
+    try:
+        options = placement.actor_options()
+        task = ray.remote(fn).options(**options, scheduling_strategy=PlacementGroupSchedulingStrategy(group, 0))
+        try:
+            return ray.get(task.remote(*args))
+        except Exception as exc:  # noqa: BLE001 - re-raised as the task's own error
+            raise unwrap_remote_error(exc) from None
+    finally:
+        remove_placement_group(group)
 
 
 def unwrap_remote_error(exc: Exception) -> Exception:
@@ -220,11 +252,11 @@ def run_pool(pool: WorkerPool, method: str, items: list, on_result, desc: str, p
 
     queue = list(items)
     in_flight = {}
-    for actor in pool.actors:
-        if queue:
-            in_flight[getattr(actor, method).remote(queue.pop(0))] = actor
     bar = tqdm(total=len(items), desc=desc, unit="unit", disable=not progress)
     try:
+        for actor in pool.actors:
+            if queue:
+                in_flight[getattr(actor, method).remote(queue.pop(0))] = actor
         while in_flight:
             done, _ = ray.wait(list(in_flight), num_returns=1)
             actor = in_flight.pop(done[0])

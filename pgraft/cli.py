@@ -65,12 +65,12 @@ def _guarded(name: str, fn) -> int:
 
 
 def _pretrain(args) -> None:
-    from pgraft.tasks.digits import pretrain_digits
+    from pgraft.tasks.digits import pretrain_and_publish
 
     start = time.perf_counter()
-    summary = pretrain_digits(args.out, seed=args.seed, ddpm_steps=args.ddpm_steps, flow_steps=args.flow_steps,
-                              classifier_epochs=args.classifier_epochs, eval_samples_per_digit=args.eval_samples_per_digit,
-                              progress=not args.quiet)
+    summary = pretrain_and_publish(args.out, seed=args.seed, ddpm_steps=args.ddpm_steps, flow_steps=args.flow_steps,
+                                   classifier_epochs=args.classifier_epochs,
+                                   eval_samples_per_digit=args.eval_samples_per_digit, progress=not args.quiet)
     print(f"pretrain digits: wrote ddpm/, flow/, classifier/ under {args.out} in {time.perf_counter() - start:.0f} s")
     for key, value in summary.items():
         print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pre = sub.add_parser("pretrain", help="train a built-in task's base models and reward classifier")
     pre.add_argument("task", choices=["digits"])
-    pre.add_argument("--out", required=True, help="folder for ddpm/, flow/, classifier/")
+    pre.add_argument("--out", required=True, help="folder or storage location (s3://…) for ddpm/, flow/, classifier/")
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--ddpm-steps", type=int, default=800)
     pre.add_argument("--flow-steps", type=int, default=500)

@@ -213,20 +213,29 @@ class Config(_Section):
         Storage URIs are left alone; so is a relative model/reward reference that is not a
         local folder here (e.g. a hub id)."""
         out = self.model_copy(deep=True)
+        # `ray job submit` runs the driver in Ray's unpacked copy of the working dir
+        # (…/runtime_resources/working_dir_files/_ray_pkg_<hash>), which Ray deletes later and
+        # whose name changes with every code edit: nothing may be written or kept there.
+        in_job_copy = "_ray_pkg_" in Path.cwd().as_posix()
 
-        def absolute(value: str | None, must_exist: bool) -> str | None:
+        def absolute(key: str, value: str | None, must_exist: bool, written: bool) -> str | None:
             if value is None or "://" in value or Path(value).expanduser().is_absolute():
                 return value
             path = Path(value).expanduser()
-            return str(path.absolute()) if path.exists() or not must_exist else value
+            if must_exist and not path.exists():
+                return value  # e.g. a hub id
+            if in_job_copy and (written or not path.exists()):
+                raise ConfigError(f"config error: {key}: {value!r} is relative, and this job runs in Ray's temporary "
+                                  "copy of the working dir; use s3://… (or an absolute path every node mounts)")
+            return str(path.absolute())
 
-        out.run.uri = absolute(out.run.uri, must_exist=False)
-        out.task.dir = absolute(out.task.dir, must_exist=False)
-        out.model.path = absolute(out.model.path, must_exist=False)
-        out.model.finetuned = absolute(out.model.finetuned, must_exist=False)
-        out.reward.model_path = absolute(out.reward.model_path, must_exist=True)
+        out.run.uri = absolute("run.uri", out.run.uri, must_exist=False, written=True)
+        out.task.dir = absolute("task.dir", out.task.dir, must_exist=False, written=out.task.name is not None)
+        out.model.path = absolute("model.path", out.model.path, must_exist=False, written=False)
+        out.model.finetuned = absolute("model.finetuned", out.model.finetuned, must_exist=False, written=False)
+        out.reward.model_path = absolute("reward.model_path", out.reward.model_path, must_exist=True, written=False)
         if isinstance(out.generate.prompts, str):
-            out.generate.prompts = absolute(out.generate.prompts, must_exist=False)
+            out.generate.prompts = absolute("generate.prompts", out.generate.prompts, must_exist=False, written=False)
         return out
 
     @model_validator(mode="after")

@@ -266,6 +266,7 @@ class TrainSummary:
     model_dir: str
     deepspeed: dict
     nodes: list[str] = field(default_factory=list)  # Ray node id of every rank
+    fingerprint: str = ""  # of the accepted table and every setting that changes the weights
 
     def render(self) -> str:
         level = "x_0 (GRAFT)" if self.t_level is None else f"x_{self.t_step} (t={self.t_level:g}, P-GRAFT)"

@@ -32,8 +32,6 @@ STAGES = ("generate", "reward", "filter", "train", "evaluate")
 def publish_task_models(cfg: Config, progress: bool = True) -> None:
     """Pretrain the built-in task's models in a Ray task and publish them to `task.dir`, once:
     every node then fetches them from there (the driver never trains anything)."""
-    import ray
-
     import cluster
     from pgraft.models.fetch import model_file_exists
 
@@ -43,12 +41,9 @@ def publish_task_models(cfg: Config, progress: bool = True) -> None:
     from pgraft.tasks.digits import pretrain_and_publish
 
     print(f"pretraining the digits task in a Ray task, published to {cfg.task.dir} (once; fetched afterwards)")
-    cpus = cluster.plan_placement(1, "cpu", "task", cfg.generate.resources).num_cpus
-    task = ray.remote(pretrain_and_publish).options(num_cpus=cpus, resources=cfg.generate.resources or None)
-    try:
-        summary = ray.get(task.remote(cfg.task.dir, cfg.task.seed, int(cpus)))
-    except Exception as exc:  # noqa: BLE001 - re-raised as the task's own error
-        raise cluster.unwrap_remote_error(exc) from None
+    placement = cluster.plan_placement(1, "cpu", "task", cfg.generate.resources)
+    summary = cluster.run_task(pretrain_and_publish, (cfg.task.dir, cfg.task.seed, placement.threads), placement,
+                               "task pretraining", cfg.cluster.placement_timeout_s)
     print(f"  done in {summary['total_seconds']:.0f} s; base alignment "
           f"{summary.get('ddpm_alignment_at_guidance_0.7', float('nan')):.3f}")
 
@@ -70,13 +65,18 @@ def previous_model(cfg: Config, round_idx: int) -> str | None:
     return location
 
 
-def _warn_local_storage_on_many_nodes(cfg: Config) -> None:
+def _warn_local_locations_on_many_nodes(cfg: Config) -> None:
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) > 1 and "://" not in cfg.run.uri:
-        print(f"warning: run.uri={cfg.run.uri} is a local path on a {len(nodes)}-node cluster; it works only if every "
-              "node mounts it (shared file system). Use s3://… otherwise.", file=sys.stderr)
+    local = {key: value for key, value in (("run.uri", cfg.run.uri), ("task.dir", cfg.task.dir if cfg.task.name else None),
+                                           ("model.path", cfg.model.path), ("model.finetuned", cfg.model.finetuned),
+                                           ("reward.model_path", cfg.reward.model_path))
+             if value and "://" not in value and value.startswith("/")}
+    if len(nodes) > 1 and local:
+        shown = ", ".join(f"{k}={v}" for k, v in local.items())
+        print(f"warning: {shown}: local path(s) on a {len(nodes)}-node cluster; they work only if every node mounts "
+              "them (a shared file system). Use s3://… otherwise.", file=sys.stderr)
 
 
 def run_round_pipeline(cfg: Config, progress: bool = True) -> list[dict]:
@@ -94,7 +94,7 @@ def run_round_pipeline(cfg: Config, progress: bool = True) -> list[dict]:
                           "use train.mode=full for several rounds")
     cfg = cfg.with_absolute_paths()
     cluster.connect()
-    _warn_local_storage_on_many_nodes(cfg)
+    _warn_local_locations_on_many_nodes(cfg)
     publish_task_models(cfg, progress)
     storage = open_storage(cfg.run.uri)
     driver_node = cluster.current_node_id()

@@ -21,10 +21,10 @@ import numpy as np
 
 import cluster
 from pgraft import contract, metrics
-from pgraft.contract import EvalSummary
 from pgraft.config import Config
+from pgraft.contract import EvalSummary
 from pgraft.errors import PgraftError
-from pgraft.models.fetch import fetch_model, is_remote, model_file_exists
+from pgraft.models.fetch import fetch_model, is_remote, model_digest, model_file_exists
 from pgraft.shards import IMAGE_EXT, META_EXT, list_committed, read_shard
 from pgraft.storage import open_storage
 from pgraft.tables import list_reward_parts, read_reward_table
@@ -59,6 +59,28 @@ def variant_config(cfg: Config, variant: str, finetuned: str | None) -> Config:
     out.generate.samples_per_prompt = cfg.train.eval_samples_per_prompt
     out.generate.capture_steps = []
     return out
+
+
+def check_variant(storage, cfg: Config, variant: str, model: str | None) -> None:
+    """Samples already under eval/<variant>/ must come from the same model and settings;
+    otherwise say which key changed instead of mixing them (or reusing stale ones)."""
+    import yaml
+
+    from pgraft.storage import join_key
+
+    prefix = contract.eval_prefix(cfg.run.round, variant)
+    where = storage.url(prefix)
+    config_key, marker = join_key(prefix, contract.CONFIG_KEY), join_key(prefix, "model.json")
+    if storage.exists(config_key):
+        earlier = yaml.safe_load(storage.get_bytes(config_key)) or {}
+        if earlier.get("generate", {}).get("samples_per_prompt") != cfg.train.eval_samples_per_prompt:
+            raise EvaluateError(f"{where} holds samples for another train.eval_samples_per_prompt; "
+                                "delete it to evaluate again")
+    digest = model_digest(model) if model else None
+    if storage.exists(marker) and json.loads(storage.get_bytes(marker)).get("digest") != digest:
+        raise EvaluateError(f"{where} holds samples of an earlier {variant} model (retrained since?); "
+                            "delete it to evaluate again")
+    storage.put_bytes(marker, json.dumps({"model": model, "digest": digest}).encode())
 
 
 def summarize_variant(cfg_tree: dict) -> dict:
@@ -101,8 +123,6 @@ def summarize_variant(cfg_tree: dict) -> dict:
 def run_evaluate(cfg: Config, progress: bool = True, finetuned: str | None = None) -> EvalSummary:
     """Evaluate the round's base (`base`) and its fine-tuned composite (`finetuned`, the
     train stage's model unless given)."""
-    import ray
-
     start = time.perf_counter()
     cfg = cfg.with_absolute_paths()
     if cfg.train.eval_samples_per_prompt < 1:
@@ -113,17 +133,15 @@ def run_evaluate(cfg: Config, progress: bool = True, finetuned: str | None = Non
         raise EvaluateError(f"round {cfg.run.round} has no fine-tuned model at {finetuned}; run `pgraft train` first")
     summary = EvalSummary(round=cfg.run.round, reward=cfg.reward.name, seed=eval_seed(cfg.run.seed),
                           samples_per_prompt=cfg.train.eval_samples_per_prompt)
-    summarize = ray.remote(summarize_variant)
     for variant, model in (("base", None), ("finetuned", finetuned)):
         variant_cfg = variant_config(cfg, variant, model)
+        check_variant(storage, cfg, variant, model)
         run_generate(variant_cfg, progress)
         run_reward(variant_cfg, progress)
-        cluster.connect()
-        task = summarize.options(num_cpus=1, resources=cfg.reward.resources or None).remote(variant_cfg.model_dump(mode="json"))
-        try:
-            summary.variants[variant] = ray.get(task)
-        except Exception as exc:  # noqa: BLE001 - re-raised as the task's own error
-            raise cluster.unwrap_remote_error(exc) from None
+        placement = cluster.Placement(1, 1, 0, dict(cfg.reward.resources))
+        summary.variants[variant] = cluster.run_task(summarize_variant, (variant_cfg.model_dump(mode="json"),),
+                                                     placement, f"evaluate {variant} summary",
+                                                     cfg.cluster.placement_timeout_s)
         storage.put_bytes(f"{contract.eval_prefix(cfg.run.round, variant)}/summary.json",
                           json.dumps(summary.variants[variant], indent=1).encode())
     summary.seconds = time.perf_counter() - start

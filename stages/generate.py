@@ -30,8 +30,8 @@ from pgraft.storage import Storage, open_storage
 
 # Config fields that change what a sample is; a run refuses to continue if they change.
 # (num_workers and batch_size only change how the work is spread.)
-_NOT_IDENTITY = {("generate", "num_workers"), ("generate", "batch_size"), ("model", "device"), ("run", "rounds"),
-                 ("run", "round"), ("run", "uri"), ("model", "finetuned")}  # uri: runs may move; finetuned: per round
+_NOT_IDENTITY = {("generate", "num_workers"), ("generate", "batch_size"), ("generate", "resources"), ("model", "device"),
+                 ("run", "rounds"), ("run", "round"), ("run", "uri"), ("model", "finetuned")}  # uri: runs may move; finetuned: per round
 
 
 class GenerateError(PgraftError):
@@ -151,7 +151,7 @@ class GenerateWorker:
                     captured_steps=dict(rollout.captured_timesteps), timesteps=rollout.timesteps,
                 )
                 samples.append(Sample(meta, {k: v[i] for k, v in rollout.latents.items()}, rollout.images[i]))
-        with tempfile.TemporaryDirectory(prefix="pgraft-generate-") as scratch:  # gone even if the actor is killed later
+        with tempfile.TemporaryDirectory(prefix="pgraft-generate-") as scratch:
             local = Path(scratch) / f"{contract.shard_name(unit.shard_id)}.tar"
             record = write_shard(samples, local, rnd)
             commit_shard(self.storage, local, record, rnd, unit.shard_id)

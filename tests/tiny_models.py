@@ -63,7 +63,12 @@ def save_tiny_sd(out: Path, prediction_type: str = "epsilon", seed: int = 0) -> 
 
 
 def save_tiny_sd3(out: Path, seed: int = 0) -> Path:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)

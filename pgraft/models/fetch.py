@@ -57,6 +57,16 @@ def child(ref: str, name: str) -> str:
     return join_uri(ref, name) if "://" in ref else str(Path(ref) / name)
 
 
+def content_digest(entries: list) -> str:
+    """The cache key of a model: a hash of its objects' names, sizes and version tags."""
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def model_digest(ref: str) -> str:
+    """The content key of the model at `ref` (local folder or storage), without downloading it."""
+    return content_digest(open_storage(ref if is_remote(ref) else str(local_folder(ref))).manifest(""))
+
+
 def fetch_model(ref: str) -> str:
     """A local folder holding the model at `ref`: the folder itself when local, otherwise the
     node's cached copy, downloaded once under a lock shared by every process of the node."""
@@ -68,7 +78,7 @@ def fetch_model(ref: str) -> str:
     entries = store.manifest("")
     if not entries:
         raise ModelError(f"model {ref!r} does not exist (no objects under it); publish it there or fix the reference")
-    digest = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:32]
+    digest = content_digest(entries)
     models = cache_root() / "models"
     target = models / digest
     if target.is_dir():

@@ -275,9 +275,10 @@ def pretrain_digits(out: str | Path, seed: int = 0, ddpm_steps: int = 800, flow_
     return summary
 
 
-def pretrain_and_publish(location: str, seed: int = 0, threads: int | None = None) -> dict:
-    """Pretrain the task (on the node this runs on: a Ray task, never the driver) and publish
-    `ddpm/`, `flow/`, `classifier/` to `location`, a local folder or a storage URI."""
+def pretrain_and_publish(location: str, seed: int = 0, threads: int | None = None, **options) -> dict:
+    """Pretrain the task on the node this runs on (the round pipeline runs it as a Ray task,
+    never in the driver) and publish `ddpm/`, `flow/`, `classifier/` and `summary.json` (last)
+    to `location`, a local folder or a storage URI. `options` go to `pretrain_digits`."""
     import tempfile
 
     from pgraft.models.fetch import is_remote
@@ -285,10 +286,11 @@ def pretrain_and_publish(location: str, seed: int = 0, threads: int | None = Non
 
     if threads:
         torch.set_num_threads(threads)
+    options.setdefault("progress", False)
     if not is_remote(location):
-        return pretrain_digits(location, seed=seed, progress=False)
+        return pretrain_digits(location, seed=seed, **options)
     with tempfile.TemporaryDirectory(prefix="pgraft-pretrain-") as scratch:
-        summary = pretrain_digits(scratch, seed=seed, progress=False)
+        summary = pretrain_digits(scratch, seed=seed, **options)
         store = open_storage(location)
         for name in ("flow", "ddpm", "classifier"):
             if (Path(scratch) / name).is_dir():

@@ -10,9 +10,13 @@ run's storage, the worker group restarted from the latest checkpoint after a los
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import cluster
 from pgraft import contract
 from pgraft.config import Config
+from pgraft.errors import PgraftError
 from pgraft.models.adapters import check_model_folder
 from pgraft.storage import open_storage
 from stages.train.data import check_selection
@@ -20,21 +24,51 @@ from stages.train.errors import TrainError
 from stages.train.loop import train_worker
 
 
-def _worker_error(exc: Exception) -> TrainError:
-    """The first user-facing error a worker raised, as one line."""
+def _worker_error(exc: Exception) -> Exception:
+    """The first user-facing error a worker raised (any PgraftError), else one TrainError line."""
     seen, stack = set(), [exc]
     while stack:
         err = stack.pop()
         if id(err) in seen or err is None:
             continue
         seen.add(id(err))
-        if isinstance(err, TrainError):
-            return TrainError(str(err))
+        if isinstance(err, PgraftError):
+            return err
         stack.extend([getattr(err, "cause", None), err.__cause__, err.__context__])
         for inner in (getattr(err, "worker_failures", None) or {}).values():
             stack.append(inner)
     text = str(exc).strip().splitlines()
     return TrainError(f"training failed: {text[-1] if text else exc.__class__.__name__}")
+
+
+# Train settings that change nothing in the weights: where and how the work is placed and kept.
+_PLACEMENT_ONLY = {"name", "cpus_per_worker", "resources_per_worker", "max_failures", "keep_checkpoints",
+                   "checkpoint_every", "eval_samples_per_prompt"}
+
+
+def train_fingerprint(cfg: Config, accepted: bytes) -> str:
+    """What the weights are a function of: the accepted table's bytes, the train settings
+    (worker count included: each rank draws its own noise) and the model being tuned."""
+    settings = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in _PLACEMENT_ONLY}
+    model = cfg.model.model_dump(mode="json", include={"path", "kind", "finetuned", "scheduler", "timestep_spacing",
+                                                       "num_inference_steps"})
+    digest = hashlib.sha256(accepted)
+    digest.update(json.dumps({"train": settings, "model": model}, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def check_settings(cfg: Config) -> None:
+    """Errors a worker would otherwise meet only after placement and model load."""
+    if cfg.model.kind not in ("class_unet", "stable_diffusion"):
+        raise TrainError(f"model.kind={cfg.model.kind}: the train stage supports class_unet and stable_diffusion")
+    if cfg.model.finetuned and cfg.train.mode == "lora":
+        raise TrainError("training on top of a fine-tuned composite in train.mode=lora (a later round) is not supported "
+                         "yet; use train.mode=full")
+    t, world = cfg.train, cfg.train.num_workers
+    micro = t.micro_batch_size or max(1, t.batch_size // world)
+    if t.batch_size % (micro * world):
+        raise TrainError(f"train.batch_size={t.batch_size} is not a multiple of micro batch {micro} × {world} workers "
+                         "(train.num_workers)")
 
 
 def run_train(cfg: Config, progress: bool = True) -> contract.TrainSummary:
@@ -47,13 +81,18 @@ def run_train(cfg: Config, progress: bool = True) -> contract.TrainSummary:
     selection = cfg.train.selection or cfg.filter.selection_name()
     name = cfg.train.output_name(selection)
     rnd = cfg.run.round
+    check_selection(storage, cfg, selection)
+    check_model_folder(cfg.model)
+    check_settings(cfg)
+    fingerprint = train_fingerprint(cfg, storage.get_bytes(contract.accepted_key(rnd, selection)))
     summary_key = contract.train_summary_key(rnd, name)
     if storage.exists(summary_key):
         done = contract.TrainSummary.from_json(storage.get_bytes(summary_key), storage.url(summary_key))
-        if done.steps == cfg.train.steps and storage.exists(f"{contract.model_prefix(rnd, name)}/{contract.COMPOSITE_CARD}"):
+        if done.fingerprint != fingerprint:
+            raise TrainError(f"{storage.url(contract.train_prefix(rnd, name))} was trained on another selection or with "
+                             "other train settings; use another train.name, or delete that folder to train again")
+        if storage.exists(f"{contract.model_prefix(rnd, name)}/{contract.COMPOSITE_CARD}"):
             return done  # trained and exported already: a rerun of the round goes on from here
-    check_selection(storage, cfg, selection)
-    check_model_folder(cfg.model)
 
     cluster.connect()
     placement = cluster.plan_placement(cfg.train.num_workers, cfg.model.device, "model.device",
@@ -65,7 +104,7 @@ def run_train(cfg: Config, progress: bool = True) -> contract.TrainSummary:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "selection": selection, "name": name,
-                           "progress": progress, "threads": placement.threads},
+                           "progress": progress, "threads": placement.threads, "fingerprint": fingerprint},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=placement.count, use_gpu=use_gpu,
                                      resources_per_worker=placement.bundle),

@@ -104,7 +104,8 @@ def train_worker(params: dict) -> None:
     ds_config = deepspeed_config(cfg, world, device)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params_to_train, config=ds_config)
     micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
-    first_step = resume(engine)
+    first_step = resume(engine, params["fingerprint"], cfg.train.steps,
+                        storage.url(f"{contract.train_prefix(cfg.run.round, name)}/{contract.CHECKPOINTS_DIR}"))
 
     latents = data.latents.to(device)
     prompt_idx = torch.tensor([model.prompt_index[p] for p in data.prompts], device=device)
@@ -142,7 +143,7 @@ def train_worker(params: dict) -> None:
             print(f"train {name}: step {done}/{cfg.train.steps}, loss {np.mean(losses[-20:]):.4f}, {rate:.0f} samples/s",
                   flush=True)
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
-            save_and_report(engine, done, {"loss": float(np.mean(losses[-20:]))})
+            save_and_report(engine, done, {"loss": float(np.mean(losses[-20:]))}, params["fingerprint"])
 
     card = contract.composite_card(cfg.model.path, cfg.model.kind, cfg.train.mode, cfg.train.t_step, data.t_level,
                                    data.num_inference_steps, cfg.model.guidance_scale, [float(t) for t in visited])
@@ -160,5 +161,6 @@ def train_worker(params: dict) -> None:
         samples_per_second=steps_run * cfg.train.batch_size / step_seconds if step_seconds else 0.0,
         data_wait_fraction=data_seconds / step_seconds if step_seconds else 0.0,
         seconds=time.perf_counter() - start, model_dir=model_dir, deepspeed=ds_config, nodes=nodes,
+        fingerprint=params["fingerprint"],
     )
     storage.put_bytes(contract.train_summary_key(cfg.run.round, name), json.dumps(asdict(summary), indent=1).encode())

@@ -41,6 +41,8 @@ def test_placement_by_device_and_node_cpus(ray_local, monkeypatch):
     assert exact.count == 4  # a train group is never shrunk
     pinned = cluster.plan_placement(2, "cpu", "model.device", {"gpu_node": 1})
     assert pinned.num_cpus == 4 and pinned.bundle == {"CPU": 4, "gpu_node": 1}  # only the gpu_node node's CPUs
+    monkeypatch.setattr(ray_cluster, "_alive_nodes", lambda: [{"CPU": 2.0}, {"CPU": 5.0}])
+    assert cluster.plan_placement(2, "cpu", "model.device").num_cpus == 2  # 2 × 3 CPUs would not fit: actors do not span nodes
     monkeypatch.setattr(ray_cluster, "_alive_nodes", lambda: [{"CPU": 2.0}])
     declared = cluster.plan_placement(2, "cuda", "model.device")
     assert declared.bundle == {"CPU": 1, "GPU": 1} and declared.count == 2  # demand an autoscaler can meet
@@ -50,3 +52,14 @@ def test_unplaceable_custom_resource_names_what_is_missing(ray_local):
     placement = cluster.Placement(1, 1, 0, {"gpu_node": 1})
     with pytest.raises(cluster.WorkerError, match=r"could not be placed within 1 s: no node offers gpu_node ≥ 1"):
         cluster.reserve(placement, "test actors", 1)
+
+
+def test_cuda_on_a_local_ray_without_gpus_fails_at_once(tiny_digits, tmp_path):
+    """A Ray that pgraft starts itself has no autoscaler: no waiting for a GPU that never comes."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    args = [sys.executable, "-m", "stages.generate", "--quiet", "--set", f"run.uri={tmp_path / 'run'}",
+            "--set", f"model.path={tiny_digits}", "--set", "model.device=cuda"]
+    out = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == ("pgraft generate: error: model.device=cuda but the Ray cluster has "
+                                                   "no GPUs; use model.device=auto or cpu")

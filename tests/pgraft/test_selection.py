@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 
 from pgraft.config import FilterSection
-from pgraft.selection import (Segments, SelectionError, canonical_order, ranks_desc, resolve, select_rows,
-                              top_k_mask, uniform_draws)
+from pgraft.selection import (
+    Segments,
+    SelectionError,
+    canonical_order,
+    ranks_desc,
+    resolve,
+    select_rows,
+    top_k_mask,
+    uniform_draws,
+)
 
 
 def table(prompts=20, per_prompt=30, seed=0, ties=False):

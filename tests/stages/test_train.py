@@ -149,7 +149,7 @@ def test_two_ray_train_workers_with_gloo_and_zero1(run_dir, tiny_digits, classif
                        "train.zero_stage=1", "train.num_workers=2")
     summary = run_train(cfg, progress=False)
     assert summary.processes == 2 and summary.deepspeed["train_micro_batch_size_per_gpu"] == 4
-    assert len(summary.nodes) == 2
+    assert len(summary.nodes) == 2 and len(set(summary.nodes)) == 1  # one entry per rank, both on the local node
     folder = run_dir / "round-000/train/ddp"
     assert (folder / "model/unet").is_dir()
     # ZeRO-1: each rank's optimizer shard is in the merged checkpoint.
@@ -215,3 +215,21 @@ def test_more_workers_than_the_cluster_can_hold_is_one_line(run_dir, tiny_digits
                                           r"5 × CPU 1 = 5 needed, the cluster has 2"):
         run_train(cfg, progress=False)
     assert not (run_dir / "round-000/train/bo4-t3").exists()
+
+
+def test_other_settings_under_the_same_name_are_refused_not_mixed(run_dir, tiny_digits, classifier_dir):
+    cfg = stage_config(tiny_digits, run_dir, classifier_dir, *TRAIN, "train.name=fp", "train.steps=2",
+                       "train.checkpoint_every=1")
+    run_train(cfg, progress=False)
+    other = stage_config(tiny_digits, run_dir, classifier_dir, *TRAIN, "train.name=fp", "train.steps=2",
+                         "train.checkpoint_every=1", "train.lr=5e-4")
+    with pytest.raises(TrainError, match="was trained on another selection or with other train settings"):
+        run_train(other, progress=False)
+    # Without the summary and model, the checkpoints are what is left: the worker refuses them,
+    # and its error reaches the caller as the same one line.
+    shutil.rmtree(run_dir / "round-000/train/fp/model")
+    (run_dir / "round-000/train/fp/summary.json").unlink()
+    with pytest.raises(TrainError, match=r"checkpoints holds checkpoints of a run with another selection or other "
+                                         r"train settings; use another train.name"):
+        run_train(other.model_copy(update={"train": other.train.model_copy(update={"max_failures": 0})}),
+                  progress=False)

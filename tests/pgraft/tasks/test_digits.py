@@ -119,3 +119,14 @@ def test_frechet_distance_separates_real_digits_from_noise(classifier_dir):
     real_vs_noise = frechet_distance_of(feats_a, feats_noise)
     # Measured ≈ 1.7 vs ≈ 285 for the 5-epoch classifier; a 20× margin leaves room for other torch builds.
     assert 0.0 < real_vs_real < real_vs_noise / 20
+
+
+def test_pretrain_and_publish_to_s3_writes_the_marker_last(s3_uri, tmp_path):
+    from pgraft.storage import open_storage
+
+    target = f"{s3_uri}/task"
+    summary = digits.pretrain_and_publish(target, seed=0, threads=1, ddpm_steps=3, flow_steps=0, classifier_epochs=1,
+                                          eval_samples_per_digit=0)
+    keys = open_storage(target).list("")
+    assert "summary.json" in keys and "ddpm/pgraft_model.json" in keys and "classifier/model.safetensors" in keys
+    assert not any(k.startswith("flow/") for k in keys) and summary["ddpm_steps"] == 3
