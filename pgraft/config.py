@@ -180,8 +180,9 @@ class TrainSection(_Section):
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in storage (the newest); older ones are deleted.")
     max_failures: int = Field(2, ge=-1, description="Ray Train restarts of the worker group after a lost worker; each "
                               "restart resumes from the last checkpoint (-1: unlimited).")
-    eval_samples_per_prompt: int = Field(50, ge=0, description="Round pipeline: fresh samples per prompt scored for "
-                                         "the base and the fine-tuned composite after training (0: skip).")
+    eval_samples_per_prompt: int = Field(50, ge=0, description="Fresh samples per prompt that the evaluate stage "
+                                         "(`pgraft evaluate`, and the round pipeline after training) draws and scores "
+                                         "for the base and the fine-tuned composite (0: the pipeline skips evaluation).")
 
     def output_name(self, selection: str) -> str:
         return self.name or f"{selection}-t{self.t_step}"
@@ -230,7 +231,8 @@ class Config(_Section):
             return str(path.absolute())
 
         out.run.uri = absolute("run.uri", out.run.uri, must_exist=False, written=True)
-        out.task.dir = absolute("task.dir", out.task.dir, must_exist=False, written=out.task.name is not None)
+        if out.task.name is not None:  # task.dir is read (and maybe written) only for a built-in task
+            out.task.dir = absolute("task.dir", out.task.dir, must_exist=False, written=True)
         out.model.path = absolute("model.path", out.model.path, must_exist=False, written=False)
         out.model.finetuned = absolute("model.finetuned", out.model.finetuned, must_exist=False, written=False)
         out.reward.model_path = absolute("reward.model_path", out.reward.model_path, must_exist=True, written=False)

@@ -187,6 +187,7 @@ def test_lora_trains_adapters_and_the_composite_switches_them_off(run_dir, tiny_
 
 
 @pytest.mark.parametrize("case, extra, message", [
+    ("batch not divisible", ("train.num_workers=3",), r"train.batch_size=8 is not a multiple of micro batch 2 × 3 workers"),
     ("missing selection", ("train.selection=nope",), "selection 'nope' does not exist in round 0"),
     ("step not captured", ("train.t_step=2",), r"train.t_step=2 is not a captured step; the shards hold \[3\] \(or 6 for x_0, GRAFT\)"),
     ("step out of range", ("train.t_step=7",), "train.t_step=7 is out of range 1..6"),
@@ -209,10 +210,10 @@ def test_bad_input_is_a_one_line_error(run_dir, tiny_digits, classifier_dir, cas
 
 
 def test_more_workers_than_the_cluster_can_hold_is_one_line(run_dir, tiny_digits, classifier_dir):
-    cfg = stage_config(tiny_digits, run_dir, classifier_dir, *TRAIN, "train.num_workers=5",
+    cfg = stage_config(tiny_digits, run_dir, classifier_dir, *TRAIN, "train.num_workers=4",
                        "cluster.placement_timeout_s=2")
-    with pytest.raises(WorkerError, match=r"train workers: 5 × \{'CPU': 1\} could not be placed within 2 s: "
-                                          r"5 × CPU 1 = 5 needed, the cluster has 2"):
+    with pytest.raises(WorkerError, match=r"train workers: 4 × \{'CPU': 1\} could not be placed within 2 s: "
+                                          r"4 × CPU 1 = 4 needed, the cluster has 2"):
         run_train(cfg, progress=False)
     assert not (run_dir / "round-000/train/bo4-t3").exists()
 
