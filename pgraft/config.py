@@ -206,6 +206,11 @@ class Config(_Section):
     train: TrainSection = Field(default_factory=TrainSection, description="The train stage.")
     cluster: ClusterSection = Field(default_factory=ClusterSection, description="Placement and fault tolerance on Ray.")
 
+    def train_output(self) -> tuple[str, str]:
+        """(selection the train stage reads, its output name under train/)."""
+        selection = self.train.selection or self.filter.selection_name()
+        return selection, self.train.output_name(selection)
+
     def with_absolute_paths(self) -> "Config":
         """A copy whose local locations are absolute, resolved where this process runs.
 

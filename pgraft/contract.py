@@ -297,6 +297,11 @@ class EvalSummary:
     variants: dict[str, dict] = field(default_factory=dict)
     seconds: float = 0.0
 
+    @property
+    def nodes(self) -> list[str]:
+        """Ray nodes that sampled, scored or summarised any variant."""
+        return sorted({node for v in self.variants.values() for node in v.get("nodes", [v["node_id"]])})
+
     def render(self) -> str:
         lines = [f"evaluate: round {self.round}, {self.samples_per_prompt} fresh samples per prompt, reward {self.reward}"]
         for name, v in self.variants.items():

@@ -113,7 +113,7 @@ def run_round_pipeline(cfg: Config, progress: bool = True) -> list[dict]:
             summary = run_stage(round_cfg, progress=progress)
             print(summary.render())
             record["stages"][name] = {"seconds": round(time.perf_counter() - start, 2),
-                                      "nodes": sorted(_nodes_of(summary))}
+                                      "nodes": sorted(getattr(summary, "nodes", []))}  # filter: in this process
             if name == "evaluate":
                 record["eval"] = {v: {"reward_mean": s["reward_mean"], "reward_stderr": s["reward_stderr"],
                                       "frechet_distance": s["frechet_distance"], "diversity": s["diversity"]}
@@ -121,12 +121,6 @@ def run_round_pipeline(cfg: Config, progress: bool = True) -> list[dict]:
         storage.put_bytes(contract.pipeline_record_key(rnd), json.dumps(record, indent=1).encode())
         results.append(record)
     return results
-
-
-def _nodes_of(summary) -> set[str]:
-    if hasattr(summary, "variants"):
-        return {v["node_id"] for v in summary.variants.values()}
-    return set(getattr(summary, "nodes", []) or [])
 
 
 def main(argv: list[str] | None = None) -> int:

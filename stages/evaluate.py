@@ -46,8 +46,7 @@ def eval_seed(run_seed: int) -> int:
 
 def trained_model(cfg: Config) -> str:
     """The location of this round's fine-tuned model (train/<name>/model/)."""
-    selection = cfg.train.selection or cfg.filter.selection_name()
-    return open_storage(cfg.run.uri).url(contract.model_prefix(cfg.run.round, cfg.train.output_name(selection)))
+    return open_storage(cfg.run.uri).url(contract.model_prefix(cfg.run.round, cfg.train_output()[1]))
 
 
 def variant_config(cfg: Config, variant: str, finetuned: str | None) -> Config:
@@ -136,12 +135,13 @@ def run_evaluate(cfg: Config, progress: bool = True, finetuned: str | None = Non
     for variant, model in (("base", None), ("finetuned", finetuned)):
         variant_cfg = variant_config(cfg, variant, model)
         check_variant(storage, cfg, variant, model)
-        run_generate(variant_cfg, progress)
-        run_reward(variant_cfg, progress)
+        sampled = run_generate(variant_cfg, progress)
+        scored = run_reward(variant_cfg, progress)
         placement = cluster.Placement(1, 1, 0, dict(cfg.reward.resources))
-        summary.variants[variant] = cluster.run_task(summarize_variant, (variant_cfg.model_dump(mode="json"),),
-                                                     placement, f"evaluate {variant} summary",
-                                                     cfg.cluster.placement_timeout_s)
+        result = cluster.run_task(summarize_variant, (variant_cfg.model_dump(mode="json"),), placement,
+                                  f"evaluate {variant} summary", cfg.cluster.placement_timeout_s)
+        result["nodes"] = sorted({result["node_id"], *sampled.nodes, *scored.nodes})  # every node that did its work
+        summary.variants[variant] = result
         storage.put_bytes(f"{contract.eval_prefix(cfg.run.round, variant)}/summary.json",
                           json.dumps(summary.variants[variant], indent=1).encode())
     summary.seconds = time.perf_counter() - start

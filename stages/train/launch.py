@@ -78,8 +78,7 @@ def run_train(cfg: Config, progress: bool = True) -> contract.TrainSummary:
 
     cfg = cfg.with_absolute_paths()
     storage = open_storage(cfg.run.uri)
-    selection = cfg.train.selection or cfg.filter.selection_name()
-    name = cfg.train.output_name(selection)
+    selection, name = cfg.train_output()
     rnd = cfg.run.round
     check_selection(storage, cfg, selection)
     check_model_folder(cfg.model)
