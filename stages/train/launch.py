@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+import torch
+
 import cluster
 from pgraft import contract
 from pgraft.config import Config
@@ -21,7 +23,7 @@ from pgraft.models.adapters import check_model_folder
 from pgraft.storage import open_storage
 from stages.train.data import check_selection
 from stages.train.errors import TrainError
-from stages.train.loop import train_worker
+from stages.train.loop import deepspeed_config, train_worker
 
 
 def _worker_error(exc: Exception) -> Exception:
@@ -64,11 +66,7 @@ def check_settings(cfg: Config) -> None:
     if cfg.model.finetuned and cfg.train.mode == "lora":
         raise TrainError("training on top of a fine-tuned composite in train.mode=lora (a later round) is not supported "
                          "yet; use train.mode=full")
-    t, world = cfg.train, cfg.train.num_workers
-    micro = t.micro_batch_size or max(1, t.batch_size // world)
-    if t.batch_size % (micro * world):
-        raise TrainError(f"train.batch_size={t.batch_size} is not a multiple of micro batch {micro} × {world} workers "
-                         "(train.num_workers)")
+    deepspeed_config(cfg, cfg.train.num_workers, torch.device("cpu"))  # batch sizes that divide evenly
 
 
 def run_train(cfg: Config, progress: bool = True) -> contract.TrainSummary:

@@ -31,7 +31,8 @@ def deepspeed_config(cfg: Config, world: int, device: torch.device) -> dict:
     t = cfg.train
     micro = t.micro_batch_size or max(1, t.batch_size // world)
     if t.batch_size % (micro * world):
-        raise TrainError(f"train.batch_size={t.batch_size} is not a multiple of micro batch {micro} × {world} workers")
+        raise TrainError(f"train.batch_size={t.batch_size} is not a multiple of micro batch {micro} × {world} workers "
+                         "(train.num_workers)")
     precision = t.precision if t.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     return {
         "train_batch_size": t.batch_size,
