@@ -20,7 +20,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-STAGES = ("generate", "reward", "filter", "train", "evaluate")
+STAGES = ("generate", "reward", "filter", "train", "evaluate", "invert", "train-corrector")
 # Stage-specific flags: (flag, keyword argument of the stage's run function, help).
 STAGE_FLAGS = {
     "filter": [("--force", "force", "replace an existing selection of the same name made with other parameters"),
@@ -31,7 +31,8 @@ STAGE_FLAGS = {
 def _stage_runner(name: str):
     import importlib
 
-    return getattr(importlib.import_module(f"stages.{name}"), f"run_{name}")
+    module = name.replace("-", "_")  # `pgraft train-corrector` runs stages/train_corrector.py
+    return getattr(importlib.import_module(f"stages.{module}"), f"run_{module}")
 
 
 def _add_stage_args(parser: argparse.ArgumentParser, name: str) -> None:

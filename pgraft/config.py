@@ -68,6 +68,10 @@ class ModelSection(_Section):
         None, description="A train stage's `model/` location (path or storage URI): sample with the composite sampler (fine-tuned model "
         "for steps T→t, base model for t→0). The round pipeline sets it for rounds after the first.",
     )
+    noise_corrector: str | None = Field(
+        None, description="A noise corrector's `model/` location (`pgraft train-corrector`; flow models only): every "
+        "sampler draws ε ~ N(0, I), maps it through the corrector to z and starts the base flow from z.",
+    )
 
 
 class GenerateSection(_Section):
@@ -188,6 +192,70 @@ class TrainSection(_Section):
         return self.name or f"{selection}-t{self.t_step}"
 
 
+class InvertSection(_Section):
+    name: str = Field("digits-train", description="Output name: the inversion goes to inversion/<name>/ in the run.")
+    data: str = Field("task", description="What to invert: `task` (the built-in task's real data, encoded as the "
+                      "model sees it) or the location of a WebDataset folder of `.tar` shards whose records hold an "
+                      "`x_0` tensor in `.latents.safetensors` or a `.png` image, and optionally a `.json` with a `prompt`.")
+    split: Literal["train", "test", "all"] = Field("train", description="`data: task`: which part of the task's data "
+                                                    "(digits: a fixed 80/20 split of scikit-learn's set).")
+    conditional: bool = Field(False, description="Invert with each record's prompt as the condition (guided by "
+                              "model.guidance_scale); false: the null condition, the unconditional flow.")
+    limit: int | None = Field(None, ge=1, description="Invert only the first this many data points (None: all).")
+    tolerance: float = Field(1e-3, gt=0, description="A backward Euler step has converged when its fixed-point update "
+                             "falls to this RMS per element.")
+    max_iterations: int = Field(50, ge=1, description="Fixed-point iterations allowed per Euler step; a sample still "
+                                "moving then is recorded as not converged.")
+    samples_per_shard: int = Field(256, ge=1, description="Data points per work unit; one shard and one table part each.")
+    batch_size: int = Field(256, ge=1, description="Data points per model call inside an actor.")
+    num_workers: int = Field(2, ge=1, description="Ray invert actors (one GPU each where the cluster has GPUs).")
+    resources: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources each invert actor requests.")
+
+
+class CorrectorSection(_Section):
+    kind: Literal["gaussian", "flow"] = Field("flow", description="`gaussian`: mean and covariance of the inverse "
+                                              "noises, fitted in closed form (the baseline); `flow`: that Gaussian "
+                                              "plus a small rectified flow trained on the whitened inverse noises.")
+    inversion: str | None = Field(None, description="The inversion (inversion/<name>) to fit; default invert.name.")
+    name: str | None = Field(None, description="Output name under corrector/ (default <kind>-<inversion>).")
+    include_unconverged: bool = Field(False, description="Fit non-converged inversions too (default: left out, counted).")
+    covariance: Literal["full", "diagonal"] = Field("full", description="The Gaussian's covariance; full is a D×D "
+                                                    "matrix (up to 8192 latent elements).")
+    ridge: float = Field(1e-4, ge=0, description="Added to the covariance's diagonal so its Cholesky factor exists.")
+    channels: list[int] = Field(default_factory=lambda: [32, 64], description="flow: the corrector UNet's "
+                                "block_out_channels (its size: 32,64 is ~0.3 M parameters beside the 1.0 M digits base).")
+    layers_per_block: int = Field(1, ge=1, description="flow: ResNet layers per UNet block.")
+    sampling_steps: int = Field(4, ge=1, description="flow: the corrector's Euler steps per sample (its FLOPs count).")
+    steps: int = Field(2000, ge=1, description="flow: optimizer steps.")
+    batch_size: int = Field(256, ge=1, description="flow: global batch size.")
+    micro_batch_size: int | None = Field(None, ge=1, description="flow: per-process micro batch (default batch/processes).")
+    lr: float = Field(1e-3, gt=0, description="flow: AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="flow: AdamW weight decay.")
+    grad_clip: float = Field(1.0, ge=0, description="flow: gradient norm clipping (0: off).")
+    zero_stage: int = Field(0, ge=0, le=3, description="flow: DeepSpeed ZeRO stage.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="flow: `auto` is bf16 on CUDA, fp32 on CPU.")
+    seed: int = Field(0, ge=0, description="flow: seed of the initialisation, data order and noise draws.")
+    checkpoint_every: int = Field(500, ge=1, description="flow: checkpoint every this many steps (and at the end).")
+    num_workers: int = Field(1, ge=1, description="flow: Ray Train workers of the DeepSpeed group.")
+    cpus_per_worker: int | None = Field(None, ge=1, description="flow: CPUs per worker on CPU (default: a node's share).")
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="flow: extra Ray resources per worker.")
+    keep_checkpoints: int = Field(2, ge=1, description="flow: checkpoints kept in storage (the newest).")
+    max_failures: int = Field(2, ge=-1, description="flow: restarts of the worker group after a lost worker (-1: unlimited).")
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, channels: list[int]) -> list[int]:
+        if not channels or any(c < 1 for c in channels):
+            raise ValueError(f"needs one or more positive channel counts, got {channels}")
+        return channels
+
+    def inversion_name(self, invert: "InvertSection") -> str:
+        return self.inversion or invert.name
+
+    def output_name(self, invert: "InvertSection") -> str:
+        return self.name or f"{self.kind}-{self.inversion_name(invert)}"
+
+
 class ClusterSection(_Section):
     placement_timeout_s: float = Field(300.0, gt=0, description="How long a stage waits for the cluster to offer "
                                        "the resources its actors ask for (an autoscaler may be adding nodes) before "
@@ -204,6 +272,9 @@ class Config(_Section):
     reward: RewardSection = Field(default_factory=RewardSection, description="The reward stage.")
     filter: FilterSection = Field(default_factory=lambda: FilterSection(n=8), description="The filter stage.")
     train: TrainSection = Field(default_factory=TrainSection, description="The train stage.")
+    invert: InvertSection = Field(default_factory=InvertSection, description="The invert stage (Inverse Noise Correction).")
+    corrector: CorrectorSection = Field(default_factory=CorrectorSection, description="The noise corrector (`pgraft "
+                                        "train-corrector`).")
     cluster: ClusterSection = Field(default_factory=ClusterSection, description="Placement and fault tolerance on Ray.")
 
     def train_output(self) -> tuple[str, str]:
@@ -240,6 +311,10 @@ class Config(_Section):
             out.task.dir = absolute("task.dir", out.task.dir, must_exist=False, written=True)
         out.model.path = absolute("model.path", out.model.path, must_exist=False, written=False)
         out.model.finetuned = absolute("model.finetuned", out.model.finetuned, must_exist=False, written=False)
+        out.model.noise_corrector = absolute("model.noise_corrector", out.model.noise_corrector, must_exist=False,
+                                             written=False)
+        if out.invert.data != "task":
+            out.invert.data = absolute("invert.data", out.invert.data, must_exist=False, written=False)
         out.reward.model_path = absolute("reward.model_path", out.reward.model_path, must_exist=True, written=False)
         if isinstance(out.generate.prompts, str):
             out.generate.prompts = absolute("generate.prompts", out.generate.prompts, must_exist=False, written=False)

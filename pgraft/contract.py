@@ -184,6 +184,7 @@ class SampleMeta:
     captured_steps: dict[str, int] = field(default_factory=dict)  # latent name -> scheduler timestep
     timesteps: list[float] = field(default_factory=list)  # every timestep the sampler visited, in order
     finetuned: str | None = None  # the train stage model/ folder of the composite sampler, if any
+    noise_corrector: str | None = None  # the corrector that made x_T from ε ~ N(0, I), if any
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> bytes:
@@ -309,3 +310,163 @@ class EvalSummary:
             lines.append(f"  {name:<10} mean {v['reward_mean']:.4f} ± {v['reward_stderr']:.4f} (s.e.), "
                          f"Fréchet distance {fd}, within-prompt diversity {v['diversity']:.3f}")
         return "\n".join(lines)
+
+
+# Inverse Noise Correction (docs/DESIGN.md §5) -----------------------------------------------
+# An inversion of a data set: inversion/<name>/{settings.json, shards/, table/, summary.json}.
+# Each shard record holds `x_0` (the data point, as the model sees it) and `x_T` (its inverse
+# noise Φ⁻¹(x_0)) in `<key>.latents.safetensors`, the image as `.png` and an InversionMeta as
+# `.json`; `table/part-NNNNNN.parquet` holds one row per record (INVERSION_COLUMNS).
+
+def inversion_prefix(name: str) -> str:
+    return f"inversion/{name}"
+
+
+def inversion_shards_prefix(name: str) -> str:
+    return f"{inversion_prefix(name)}/shards"
+
+
+def inversion_part_key(name: str, shard_id: int) -> str:
+    return f"{inversion_prefix(name)}/table/part-{shard_id:06d}.parquet"
+
+
+def inversion_settings_key(name: str) -> str:
+    return f"{inversion_prefix(name)}/settings.json"
+
+
+def inversion_summary_key(name: str) -> str:
+    return f"{inversion_prefix(name)}/summary.json"
+
+
+def inversion_key(unit: int, position: int) -> str:
+    """Record key of the data point at `position` in work unit `unit` of an inversion."""
+    if not (0 <= unit < 10**6 and 0 <= position < 10**6):
+        raise ValueError(f"unit {unit} or position {position} out of the key format's range")
+    return f"u{unit:06d}_{position:06d}"
+
+
+INVERSION_COLUMNS: dict[str, str] = {
+    "key": "string", "shard": "string", "index": "int64", "prompt": "string", "reconstruction_error": "float64",
+    "iterations": "int64", "max_step_iterations": "int64", "converged": "bool", "residual": "float64",
+    "noise_rms": "float64",
+}
+
+
+@dataclass
+class InversionMeta:
+    """The `.json` member of every inversion record."""
+
+    key: str
+    index: int  # position in its source (the task split, or the input shard)
+    source: str  # where the data point came from (e.g. task:digits/train, or the input shard's location)
+    prompt: str  # the condition the velocity was evaluated with ("" = the null condition)
+    model: str  # the base model's location
+    num_inference_steps: int
+    guidance_scale: float  # 1.0 means the velocity of the condition alone (no guidance)
+    iterations: int
+    max_step_iterations: int
+    converged: bool
+    residual: float  # the largest final fixed-point update over the steps (RMS)
+    reconstruction_error: float  # ‖Φ(Φ⁻¹(x)) − x‖ (RMS)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "InversionMeta":
+        return cls(**json.loads(data))
+
+
+@dataclass
+class InversionSummary:
+    """inversion/<name>/summary.json, rewritten by every run of the invert stage."""
+
+    name: str
+    source: str
+    model: str
+    num_inference_steps: int
+    conditional: bool
+    samples: int
+    converged: int
+    reconstruction_error_mean: float
+    reconstruction_error_max: float
+    iterations_mean: float
+    noise_rms: float  # root mean square of the inverse noises' elements: 1 for N(0, I)
+    shards: int
+    skipped: int  # shards committed before this run
+    seconds: float
+    nodes: list[str] = field(default_factory=list)
+    location: str = ""
+
+    def render(self) -> str:
+        lines = [
+            f"invert: {self.samples} samples of {self.source} through {self.model} ({self.num_inference_steps} Euler steps, "
+            f"{'conditional' if self.conditional else 'null condition'})",
+            f"  converged        {self.converged}/{self.samples}"
+            + ("" if self.converged == self.samples else " (the rest are left out of a corrector's data unless "
+               "corrector.include_unconverged)"),
+            f"  reconstruction   ‖Φ(Φ⁻¹(x)) − x‖ mean {self.reconstruction_error_mean:.2e}, max "
+            f"{self.reconstruction_error_max:.2e} (RMS per element); {self.iterations_mean:.1f} iterations per sample",
+            f"  inverse noise    RMS per element {self.noise_rms:.3f} (1 for N(0, I))",
+            f"  shards           {self.shards} ({self.skipped} committed before), {self.seconds:.1f} s",
+            f"  at {self.location}",
+        ]
+        return "\n".join(lines)
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> "InversionSummary":
+        return record_from_json(cls, data, where, "inversion summary", "rerun `pgraft invert` to rewrite it")
+
+
+# A noise corrector: corrector/<name>/{checkpoints/ (flow only), model/, summary.json}.
+CORRECTOR_CARD = "corrector.json"  # in corrector/<name>/model/: what it corrects and how
+
+
+def corrector_prefix(name: str) -> str:
+    return f"corrector/{name}"
+
+
+def corrector_model_prefix(name: str) -> str:
+    return f"{corrector_prefix(name)}/model"
+
+
+def corrector_summary_key(name: str) -> str:
+    return f"{corrector_prefix(name)}/summary.json"
+
+
+@dataclass
+class CorrectorSummary:
+    """corrector/<name>/summary.json, written once the corrector is exported."""
+
+    name: str
+    kind: str
+    inversion: str
+    samples: int  # inverse noises it was fitted to
+    left_out: int  # non-converged inversions excluded
+    parameters: int
+    base_parameters: int
+    steps: int  # optimizer steps (0 for a closed-form fit)
+    resumed_from: int
+    final_loss: float | None
+    seconds: float
+    model_dir: str
+    fingerprint: str
+    nodes: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        share = self.parameters / self.base_parameters if self.base_parameters else float("nan")
+        lines = [
+            f"train-corrector: {self.kind} corrector {self.name!r} fitted to {self.samples} inverse noises of "
+            f"{self.inversion}" + (f" ({self.left_out} non-converged left out)" if self.left_out else ""),
+            f"  parameters  {self.parameters:,} ({share:.1%} of the base model's {self.base_parameters:,})",
+        ]
+        if self.steps:
+            lines.append(f"  training    {self.steps} steps (resumed from {self.resumed_from}), final loss "
+                         f"{self.final_loss:.4f}, {self.seconds:.1f} s")
+        lines.append(f"  model at    {self.model_dir}")
+        return "\n".join(lines)
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> "CorrectorSummary":
+        return record_from_json(cls, data, where, "corrector summary", "delete it to fit the corrector again")

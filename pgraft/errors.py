@@ -10,3 +10,7 @@ from __future__ import annotations
 
 class PgraftError(RuntimeError):
     """Bad config, missing input or unusable data; the message says what to do."""
+
+
+class TrainError(PgraftError):
+    """A trainer (the train stage, the noise corrector) cannot run as configured; the message says why."""

@@ -43,7 +43,7 @@ class ShardError(PgraftError):
 class Sample:
     meta: SampleMeta
     latents: dict[str, torch.Tensor]  # x_T, x_<k> ..., x_0; float32, CPU, contiguous
-    image: np.ndarray  # uint8, HxW (grey) or HxWx3
+    image: np.ndarray | None  # uint8, HxW (grey) or HxWx3; None for latents without a decoded image
 
     @property
     def key(self) -> str:
@@ -63,12 +63,11 @@ def decode_png(data: bytes) -> np.ndarray:
 
 def encode_sample(sample: Sample) -> dict[str, object]:
     tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in sample.latents.items()}
-    return {
-        "__key__": sample.key,
-        LATENTS_EXT: save_safetensors(tensors),
-        IMAGE_EXT: encode_png(sample.image),
-        META_EXT: sample.meta.to_json(),
-    }
+    record = {"__key__": sample.key, LATENTS_EXT: save_safetensors(tensors)}
+    if sample.image is not None:
+        record[IMAGE_EXT] = encode_png(sample.image)
+    record[META_EXT] = sample.meta.to_json()
+    return record
 
 
 def write_shard(samples: list[Sample], path: str | Path, round_idx: int) -> CommitRecord:
@@ -90,53 +89,72 @@ def write_shard(samples: list[Sample], path: str | Path, round_idx: int) -> Comm
 
 
 def commit_shard(storage: Storage, local_tar: str | Path, record: CommitRecord, round_idx: int, shard_id: int) -> None:
+    """Commit a generate shard of a round (see `commit_shard_at`)."""
+    commit_shard_at(storage, contract.generate_prefix(round_idx), local_tar, record, shard_id)
+
+
+def commit_shard_at(storage: Storage, prefix: str, local_tar: str | Path, record: CommitRecord, shard_id: int) -> None:
     """Upload the tar, then its commit record. A crash between the two leaves an uncommitted
     tar that listing ignores and a rerun overwrites."""
-    storage.put_file(local_tar, contract.shard_key(round_idx, shard_id))
-    storage.put_bytes(contract.commit_key(round_idx, shard_id), record.to_json())
+    name = contract.shard_name(shard_id)
+    storage.put_file(local_tar, f"{prefix}/{name}.tar")
+    storage.put_bytes(f"{prefix}/{name}.json", record.to_json())
 
 
 def list_committed(storage: Storage, round_idx: int) -> dict[int, CommitRecord]:
-    """Committed shards of a round by shard id. A tar without its record is not listed."""
-    keys = set(storage.list(contract.generate_prefix(round_idx)))
+    """Committed generate shards of a round by shard id (see `list_committed_at`)."""
+    return list_committed_at(storage, contract.generate_prefix(round_idx))
+
+
+def list_committed_at(storage: Storage, prefix: str) -> dict[int, CommitRecord]:
+    """Committed shards under `prefix` by shard id. A tar without its record is not listed."""
+    keys = set(storage.list(prefix))
     committed: dict[int, CommitRecord] = {}
     for key in sorted(keys):
         if not key.endswith(".json"):
             continue
         shard_id = contract.shard_id_of(key)
-        if shard_id is None or contract.shard_key(round_idx, shard_id) not in keys:
+        if shard_id is None or f"{prefix}/{contract.shard_name(shard_id)}.tar" not in keys:
             continue  # a record whose tar vanished counts as not committed: the unit is redone
         committed[shard_id] = CommitRecord.from_json(storage.get_bytes(key), where=storage.url(key))
     return committed
 
 
-def _decode_member(key: str, ext: str, data: bytes, sample: dict) -> None:
+def _decode_member(key: str, ext: str, data: bytes, sample: dict, meta_cls) -> None:
     if ext == LATENTS_EXT:
         tensors = load_safetensors(data)  # safetensors stores names sorted; restore sampling order
         sample["latents"] = {name: tensors[name] for name in sorted(tensors, key=contract.latent_order)}
     elif ext == IMAGE_EXT:
         sample["image"] = decode_png(data)
     elif ext == META_EXT:
-        sample["meta"] = SampleMeta.from_json(data)
+        sample["meta"] = meta_cls.from_json(data)
     else:
         raise ShardError(f"member {key}.{ext} is not sample data (only {', '.join(ALLOWED_EXTS)} are read)")
 
 
 def read_shard_bytes(storage: Storage, round_idx: int, shard_id: int, record: CommitRecord | None = None) -> bytes:
-    """The tar's bytes, checked against its commit record when one is given."""
-    key = contract.shard_key(round_idx, shard_id)
+    """A generate shard's tar bytes, checked against its commit record when one is given."""
+    return read_shard_bytes_at(storage, contract.generate_prefix(round_idx), shard_id, record, "rerun generate")
+
+
+def read_shard_bytes_at(storage: Storage, prefix: str, shard_id: int, record: CommitRecord | None, rerun: str) -> bytes:
+    """The bytes of the tar `shard_id` under `prefix`, checked against its commit record when
+    one is given; `rerun` is the command that rewrites a bad one."""
+    name = contract.shard_name(shard_id)
+    key = f"{prefix}/{name}.tar"
     data = storage.get_bytes(key)
     if record is not None:
         if len(data) != record.bytes or hashlib.sha256(data).hexdigest() != record.sha256:
             raise ShardError(
                 f"{storage.url(key)} does not match its commit record (size {len(data)} vs {record.bytes}); "
-                f"the shard is torn or was replaced: delete {contract.commit_key(round_idx, shard_id)} and rerun generate"
+                f"the shard is torn or was replaced: delete {prefix}/{name}.json and {rerun}"
             )
     return data
 
 
-def iter_tar_samples(data: bytes, where: str = "shard", wanted: tuple[str, ...] = ALLOWED_EXTS) -> Iterator[Sample]:
-    """Decode samples from tar bytes, grouping members by key."""
+def iter_tar_samples(data: bytes, where: str = "shard", wanted: tuple[str, ...] = ALLOWED_EXTS,
+                     meta_cls=SampleMeta) -> Iterator[Sample]:
+    """Decode samples from tar bytes, grouping members by key; `.json` members as `meta_cls`."""
     current: dict = {}
     current_key = None
     try:
@@ -150,11 +168,12 @@ def iter_tar_samples(data: bytes, where: str = "shard", wanted: tuple[str, ...] 
                         yield _finish(current_key, current, where, wanted)
                     current, current_key = {}, key
                 if ext in wanted:
-                    _decode_member(key, ext, tar.extractfile(info).read(), current)
+                    _decode_member(key, ext, tar.extractfile(info).read(), current, meta_cls)
                 elif ext not in ALLOWED_EXTS:
                     raise ShardError(f"{where}: member {info.name} is not sample data")
     except tarfile.TarError as exc:
-        raise ShardError(f"{where} is not a readable tar ({exc}); delete its commit record and rerun generate") from None
+        raise ShardError(f"{where} is not a readable tar ({exc}); delete its commit record and rerun the stage that "
+                         "wrote it") from None
     if current_key is not None:
         yield _finish(current_key, current, where, wanted)
 

@@ -350,3 +350,29 @@ def open_storage(uri: str) -> Storage:
     except KeyError:
         raise StorageError(f"unsupported storage scheme {scheme!r} in {uri!r}; supported: {sorted(s for s in SCHEMES if s)} or a local path") from None
     return factory(uri)
+
+
+class staged_folder:
+    """`with staged_folder(storage, prefix) as folder:` write a folder locally; on success it is
+    uploaded (remote storage) or moved into place (local), so a reader never sees half of it."""
+
+    def __init__(self, storage: Storage, prefix: str):
+        self.storage, self.prefix = storage, prefix
+        self.local = storage.local_path(prefix)
+        base = Path(self.local).parent if self.local else None
+        if base is not None:
+            base.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=base))
+
+    def __enter__(self) -> Path:
+        return self.tmp
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            if self.local:
+                shutil.rmtree(self.local, ignore_errors=True)
+                os.replace(self.tmp, self.local)
+            else:
+                self.storage.upload_folder(self.tmp, self.prefix)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        return False

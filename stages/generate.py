@@ -146,7 +146,8 @@ class GenerateWorker:
                 meta = SampleMeta(
                     key=contract.sample_key(prompt_id, sample_idx), prompt=self.prompts[prompt_id],
                     prompt_id=prompt_id, sample_idx=sample_idx, seed=seed, round=rnd, model=cfg.model.path,
-                    model_kind=cfg.model.kind, finetuned=cfg.model.finetuned, scheduler=rollout.scheduler,
+                    model_kind=cfg.model.kind, finetuned=cfg.model.finetuned, noise_corrector=cfg.model.noise_corrector,
+                    scheduler=rollout.scheduler,
                     num_inference_steps=cfg.model.num_inference_steps, guidance_scale=cfg.model.guidance_scale,
                     captured_steps=dict(rollout.captured_timesteps), timesteps=rollout.timesteps,
                 )

@@ -100,6 +100,38 @@ class ModelAdapter:
         # Weights are loaded in self.dtype already; moving dtype again would re-cast fp32-pinned modules.
         self.pipe.to(self.device)
         self.composite = load_composite(self, model.finetuned) if model.finetuned else None
+        self.corrector = self._load_corrector(model.noise_corrector) if model.noise_corrector else None
+
+    def _load_corrector(self, ref: str):
+        from pgraft.models.corrector import check_card, load_corrector
+
+        if not self.is_flow:
+            raise ModelError(f"model.noise_corrector is set but {self.config.path!r} samples with "
+                             f"{type(self.pipe.scheduler).__name__}: noise correction needs a flow model")
+        corrector = load_corrector(ref)
+        check_card(corrector.card, ref, self.config.path, self.config.num_inference_steps, self.latent_shape())
+        return corrector.to(self.device)
+
+    @property
+    def is_flow(self) -> bool:
+        """A flow-matching sampler (Euler steps of a learned velocity), the kind INC inverts."""
+        return "FlowMatch" in type(self.pipe.scheduler).__name__
+
+    def euler_grid(self):
+        """The sampler's noise levels σ_0 = 1 … σ_K = 0 and the model's timestep at each step."""
+        from pgraft.inversion import EulerGrid
+
+        if not self.is_flow:
+            raise ModelError(f"{self.config.path!r} samples with {type(self.pipe.scheduler).__name__}, an ε- or "
+                             "v-prediction sampler: inverse noise correction needs a flow model")
+        scheduler = self.pipe.scheduler
+        scheduler.set_timesteps(self.config.num_inference_steps, device="cpu")
+        return EulerGrid(sigmas=scheduler.sigmas.float().cpu().clone(), timesteps=scheduler.timesteps.float().cpu().clone())
+
+    def velocity_field(self, prompts: list[str], guidance_scale: float):
+        """The sampler's velocity v(x, t, rows) with prompts[rows] as the conditions ("" is the
+        null condition), guided by `guidance_scale` (1: the condition alone)."""
+        raise ModelError(f"model.kind={self.kind}: inversion supports class_unet flow models")
 
     @property
     def denoiser(self):
@@ -136,6 +168,8 @@ class ModelAdapter:
         n_steps = self.config.num_inference_steps
         check_capture_steps(capture_steps, n_steps)
         noise = initial_noise(seeds, self.latent_shape())
+        if self.corrector is not None:
+            noise = self.corrector.correct(noise)  # ε → z: the corrected start of the base flow
         scale = float(getattr(self.pipe.scheduler, "init_noise_sigma", 1.0)) if self.scales_initial_noise else 1.0
         captured: dict[str, torch.Tensor] = {contract.INITIAL_NOISE: noise * scale}
         wanted = set(capture_steps)
@@ -191,15 +225,27 @@ class ClassUNetAdapter(ModelAdapter):
         return ClassConditionalPipeline(unet=unet, scheduler=scheduler_cls.from_pretrained(self.path / "scheduler"))
 
     def class_ids(self, prompts: list[str]) -> torch.Tensor:
-        unknown = sorted({p for p in prompts if p not in self.prompt_to_class})
+        """Class ids of the prompts; the empty prompt is the null class (unconditional)."""
+        unknown = sorted({p for p in prompts if p and p not in self.prompt_to_class})
         if unknown:
             known = list(self.prompt_to_class)[:3]
             raise ModelError(f"prompt {unknown[0]!r} is not one the model at {self.path} knows (e.g. {known})")
-        return torch.tensor([self.prompt_to_class[p] for p in prompts], dtype=torch.long)
+        return torch.tensor([self.prompt_to_class[p] if p else self.null_class for p in prompts], dtype=torch.long)
 
     def latent_shape(self):
         cfg = self.pipe.unet.config
         return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+
+    def velocity_field(self, prompts, guidance_scale):
+        self.euler_grid()  # the one-line error for a non-flow model
+        labels = self.class_ids(prompts).to(self.device)
+
+        @torch.no_grad()
+        def velocity(x, t, rows):
+            out = self.pipe.predict(x.to(self.device, self.dtype), t.to(self.device), labels[rows.to(self.device)],
+                                    self.null_class, guidance_scale)
+            return out.float().to(x.device)
+        return velocity
 
     def training_condition(self, prompts):
         return self.class_ids(prompts), torch.tensor(self.null_class, dtype=torch.long)
@@ -299,6 +345,32 @@ def check_model_folder(model: ModelSection) -> None:
         raise ModelError(f"model.path {model.path!r} is not a {model.kind} model folder (no {marker})")
     if model.finetuned and not model_file_exists(model.finetuned, COMPOSITE_CARD):
         raise ModelError(f"model.finetuned {model.finetuned!r} is not a train stage model folder (no {COMPOSITE_CARD})")
+    if model.noise_corrector:
+        from pgraft.models.corrector import check_card, read_card
+
+        check_flow_model(model, "model.noise_corrector is set")
+        check_card(read_card(model.noise_corrector), model.noise_corrector, model.path, model.num_inference_steps, None)
+
+
+def sampler_class_name(model: ModelSection) -> str:
+    """The class of the sampler the model will use, read from its folder (no weights loaded)."""
+    if model.scheduler != "folder":
+        return {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "flow_euler": "FlowMatchEulerDiscreteScheduler"}[
+            model.scheduler]
+    relative = "scheduler/scheduler_config.json"
+    if not model_file_exists(model.path, relative):
+        raise ModelError(f"model.path {model.path!r} has no {relative}")
+    raw = open_storage(model.path).get_bytes(relative) if is_remote(model.path) else \
+        (local_folder(model.path) / relative).read_bytes()
+    return json.loads(raw)["_class_name"]
+
+
+def check_flow_model(model: ModelSection, why: str) -> None:
+    """One line when the model's sampler is not a flow (what inverse noise correction needs)."""
+    name = sampler_class_name(model)
+    if "FlowMatch" not in name:
+        raise ModelError(f"{why}, but model.path {model.path!r} samples with {name} (an ε- or v-prediction "
+                         "sampler): inverse noise correction needs a flow model")
 
 
 def _has_any(ref: str) -> bool:

@@ -29,7 +29,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
     def predict(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor, null_class: int, guidance_scale: float) -> torch.Tensor:
         """One guided model call: uncond + g·(cond − uncond); g = 1 is the conditional model alone."""
         t_batch = t.expand(x.shape[0]) if t.ndim == 0 else t
-        if guidance_scale == 1.0:
+        # The null class alone (unconditional sampling) needs one network call, not two.
+        if guidance_scale == 1.0 or bool((class_labels == null_class).all()):
             return self.unet(x, t_batch, class_labels=class_labels).sample
         labels = torch.cat([class_labels, torch.full_like(class_labels, null_class)])
         out = self.unet(torch.cat([x, x]), torch.cat([t_batch, t_batch]), class_labels=labels).sample

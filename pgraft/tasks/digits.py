@@ -159,6 +159,15 @@ def real_images(split: str = "test", seed: int = 0) -> tuple[np.ndarray, np.ndar
     return images, y.numpy()
 
 
+def real_data(split: str = "train", seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """The real digits as the models see them, (N, 1, 8, 8) in [-1, 1], with each one's prompt:
+    what `pgraft invert` pushes back through a flow model."""
+    if split not in ("all", "train", "test"):
+        raise ValueError(f"unknown split {split!r}; expected 'all', 'train' or 'test'")
+    x, y = load_data(split, seed)
+    return x, [prompt_for(int(d)) for d in y]
+
+
 def prompt_alignment(classifier: DigitClassifier, images: np.ndarray, digits: list[int] | np.ndarray) -> np.ndarray:
     """Probability the classifier gives the prompted digit, per image (the digits reward)."""
     probs = class_probabilities(classifier, images)
@@ -182,10 +191,12 @@ def _noise_and_target(kind: str, x0: torch.Tensor, scheduler, gen: torch.Generat
     if kind == "ddpm":
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=gen)
         return scheduler.add_noise(x0, eps, t), t, eps
+    from pgraft.models.corrector import flow_training_pair
+
     # Rectified flow: x_s = (1 − s) x0 + s ε, velocity target ε − x0, timestep input 1000·s.
-    s = torch.rand(len(x0), generator=gen)
-    xs = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps
-    return xs, s * scheduler.config.num_train_timesteps, eps - x0
+    t = torch.rand(len(x0), generator=gen) * scheduler.config.num_train_timesteps
+    xs, target = flow_training_pair(x0, eps, t, scheduler.config.num_train_timesteps)
+    return xs, t, target
 
 
 def train_base(kind: str, steps: int, seed: int = 0, batch_size: int = 128, lr: float = 5e-4, progress: bool = True):

@@ -11,8 +11,9 @@ the model adapter, noise path), `loop` (the DeepSpeed step loop each worker runs
 train/<name>/{checkpoints/, model/, summary.json}; model/ is what the composite sampler loads.
 """
 
+from cluster.train_group import global_batch, step_generator
 from pgraft.contract import TrainSummary
-from stages.train.data import global_batch, load_accepted, step_generator
+from stages.train.data import load_accepted
 from stages.train.errors import TrainError
 from stages.train.launch import run_train
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pgraft import contract
@@ -107,20 +106,3 @@ def check_step(cfg: Config, meta: SampleMeta) -> None:
                          f"{cfg.model.path!r} ({cfg.model.kind}): train the model that generated them")
     if meta.num_inference_steps != cfg.model.num_inference_steps:
         raise TrainError(f"the shards were sampled with {n} steps; model.num_inference_steps is {cfg.model.num_inference_steps}")
-
-
-def step_generator(seed: int, *parts: int) -> torch.Generator:
-    """A generator seeded by (seed, parts): randomness that is a function of the step."""
-    state = np.random.SeedSequence([seed, *parts]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-def global_batch(n: int, batch: int, step: int, seed: int) -> torch.Tensor:
-    """Indices of the global batch of `step`: consecutive slices of seeded per-epoch permutations."""
-    start = step * batch
-    out = []
-    while len(out) < batch:
-        epoch, offset = divmod(start + len(out), n)
-        perm = torch.randperm(n, generator=step_generator(seed, 1, epoch))
-        out.extend(perm[offset:offset + batch - len(out)].tolist())
-    return torch.tensor(out)

@@ -1,9 +1,7 @@
-"""The train stage's user-facing error."""
+"""The train stage's user-facing error (shared with every trainer: pgraft.errors.TrainError)."""
 
 from __future__ import annotations
 
-from pgraft.errors import PgraftError
+from pgraft.errors import TrainError
 
-
-class TrainError(PgraftError):
-    """The train stage cannot run as configured; the message says why."""
+__all__ = ["TrainError"]

@@ -4,14 +4,10 @@ LoRA safetensors) and the composite sampler's card, which the next round's sampl
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from pathlib import Path
 
 from pgraft import contract
 from pgraft.config import Config
-from pgraft.storage import Storage
+from pgraft.storage import Storage, staged_folder
 
 
 def export_model(net, cfg: Config, storage: Storage, prefix: str, card: dict, rank: int) -> str:
@@ -23,7 +19,7 @@ def export_model(net, cfg: Config, storage: Storage, prefix: str, card: dict, ra
     with deepspeed.zero.GatheredParameters(list(net.parameters()), enabled=cfg.train.zero_stage == 3):
         if rank != 0:
             return storage.url(prefix)
-        with _staging(storage, prefix) as folder:
+        with staged_folder(storage, prefix) as folder:
             if cfg.train.mode == "lora":
                 from pgraft.models.lora import lora_state_dict
 
@@ -35,29 +31,3 @@ def export_model(net, cfg: Config, storage: Storage, prefix: str, card: dict, ra
                 net.save_pretrained(folder / "unet")
             (folder / contract.COMPOSITE_CARD).write_text(json.dumps(card, indent=1))
     return storage.url(prefix)
-
-
-class _staging:
-    """Write a folder locally, then upload it (remote runs) or move it into place (local runs),
-    so a reader never sees half a model."""
-
-    def __init__(self, storage: Storage, prefix: str):
-        self.storage, self.prefix = storage, prefix
-        self.local = storage.local_path(prefix)
-        base = Path(self.local).parent if self.local else None
-        if base is not None:
-            base.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=base))
-
-    def __enter__(self) -> Path:
-        return self.tmp
-
-    def __exit__(self, exc_type, *_):
-        if exc_type is None:
-            if self.local:
-                shutil.rmtree(self.local, ignore_errors=True)
-                os.replace(self.tmp, self.local)
-            else:
-                self.storage.upload_folder(self.tmp, self.prefix)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        return False

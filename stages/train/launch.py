@@ -15,33 +15,14 @@ import json
 
 import torch
 
-import cluster
+from cluster.train_group import deepspeed_config, fit
 from pgraft import contract
 from pgraft.config import Config
-from pgraft.errors import PgraftError
 from pgraft.models.adapters import check_model_folder
 from pgraft.storage import open_storage
 from stages.train.data import check_selection
 from stages.train.errors import TrainError
-from stages.train.loop import deepspeed_config, train_worker
-
-
-def _worker_error(exc: Exception) -> Exception:
-    """The first user-facing error a worker raised (any PgraftError), else one TrainError line."""
-    seen, stack = set(), [exc]
-    while stack:
-        err = stack.pop()
-        if id(err) in seen or err is None:
-            continue
-        seen.add(id(err))
-        if isinstance(err, PgraftError):
-            return err
-        stack.extend([getattr(err, "cause", None), err.__cause__, err.__context__])
-        for inner in (getattr(err, "worker_failures", None) or {}).values():
-            stack.append(inner)
-    text = str(exc).strip().splitlines()
-    return TrainError(f"training failed: {text[-1] if text else exc.__class__.__name__}")
-
+from stages.train.loop import train_worker
 
 # Train settings that change nothing in the weights: where and how the work is placed and kept.
 _PLACEMENT_ONLY = {"name", "cpus_per_worker", "resources_per_worker", "max_failures", "keep_checkpoints",
@@ -66,13 +47,10 @@ def check_settings(cfg: Config) -> None:
     if cfg.model.finetuned and cfg.train.mode == "lora":
         raise TrainError("training on top of a fine-tuned composite in train.mode=lora (a later round) is not supported "
                          "yet; use train.mode=full")
-    deepspeed_config(cfg, cfg.train.num_workers, torch.device("cpu"))  # batch sizes that divide evenly
+    deepspeed_config(cfg.train, "train", cfg.train.num_workers, torch.device("cpu"))  # batch sizes that divide evenly
 
 
 def run_train(cfg: Config, progress: bool = True) -> contract.TrainSummary:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.util.placement_group import remove_placement_group
 
     cfg = cfg.with_absolute_paths()
     storage = open_storage(cfg.run.uri)
@@ -91,26 +69,9 @@ def run_train(cfg: Config, progress: bool = True) -> contract.TrainSummary:
         if storage.exists(f"{contract.model_prefix(rnd, name)}/{contract.COMPOSITE_CARD}"):
             return done  # trained and exported already: a rerun of the round goes on from here
 
-    cluster.connect()
-    placement = cluster.plan_placement(cfg.train.num_workers, cfg.model.device, "model.device",
-                                       cfg.train.resources_per_worker, cfg.train.cpus_per_worker, exact=True)
-    # Can the cluster ever hold the group? Reserve it once (an autoscaler sees the demand), then free it for Ray Train.
-    remove_placement_group(cluster.reserve(placement, "train workers", cfg.cluster.placement_timeout_s))
-    use_gpu = placement.num_gpus > 0
-    filesystem, path = storage.arrow_location(contract.train_prefix(rnd, name))
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "selection": selection, "name": name,
-                           "progress": progress, "threads": placement.threads, "fingerprint": fingerprint},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=placement.count, use_gpu=use_gpu,
-                                     resources_per_worker=placement.bundle),
-        run_config=RunConfig(name=contract.CHECKPOINTS_DIR, storage_path=path, storage_filesystem=filesystem,
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
-    )
-    try:
-        trainer.fit()
-    except Exception as exc:  # noqa: BLE001 - Ray Train wraps worker errors in its own types
-        raise _worker_error(exc) from None
+    fit(train_worker, {"cfg": cfg.model_dump(mode="json"), "selection": selection, "name": name,
+                       "progress": progress, "fingerprint": fingerprint},
+        cfg.train.num_workers, cfg.model.device, "model.device", storage, contract.train_prefix(rnd, name),
+        cfg.train.resources_per_worker, cfg.train.cpus_per_worker, cfg.train.max_failures,
+        cfg.train.keep_checkpoints, cfg.cluster.placement_timeout_s, "train workers")
     return contract.TrainSummary.from_json(storage.get_bytes(summary_key), storage.url(summary_key))

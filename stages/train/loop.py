@@ -10,58 +10,20 @@ weights as one that never stopped.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict
 
 import numpy as np
 import torch
 
+from cluster.train_group import deepspeed_config, global_batch, join_group, resume, save_and_report, step_generator
 from pgraft import contract, targets
 from pgraft.config import Config
 from pgraft.storage import open_storage
-from stages.train.checkpoints import resume, save_and_report
-from stages.train.data import global_batch, load_accepted, step_generator
+from stages.train.data import load_accepted
 from stages.train.denoiser import Denoiser, path_of, trainable_parameters
 from stages.train.errors import TrainError
 from stages.train.export import export_model
-
-
-def deepspeed_config(cfg: Config, world: int, device: torch.device) -> dict:
-    t = cfg.train
-    micro = t.micro_batch_size or max(1, t.batch_size // world)
-    if t.batch_size % (micro * world):
-        raise TrainError(f"train.batch_size={t.batch_size} is not a multiple of micro batch {micro} × {world} workers "
-                         "(train.num_workers)")
-    precision = t.precision if t.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    return {
-        "train_batch_size": t.batch_size,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": t.batch_size // (micro * world),
-        # torch_adam: the PyTorch AdamW, no fused-kernel build (which takes ~40 s on CPU).
-        "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "weight_decay": t.weight_decay, "torch_adam": True}},
-        "zero_optimization": {"stage": t.zero_stage},
-        "gradient_clipping": t.grad_clip,
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16"},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
-def _join_ray_train_group() -> tuple[int, int, torch.device]:
-    """Rank, world size and device of this worker; the environment DeepSpeed reads."""
-    import ray.train
-    import ray.train.torch
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(ctx.get_local_rank()),
-                      LOCAL_WORLD_SIZE=str(ctx.get_local_world_size()))
-    device = ray.train.torch.get_device()
-    if device.type != "cuda":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    return rank, world, device
 
 
 def train_worker(params: dict) -> None:
@@ -70,7 +32,7 @@ def train_worker(params: dict) -> None:
     start = time.perf_counter()
     if params.get("threads"):
         torch.set_num_threads(params["threads"])
-    rank, world, device = _join_ray_train_group()
+    rank, world, device = join_group()
     import deepspeed
     import ray
     import ray.train
@@ -102,11 +64,11 @@ def train_worker(params: dict) -> None:
 
     model = Denoiser(adapter, data.prompts)
     params_to_train = trainable_parameters(model.net, cfg.train.mode, cfg.train.lora_rank, cfg.train.lora_targets)
-    ds_config = deepspeed_config(cfg, world, device)
+    ds_config = deepspeed_config(cfg.train, "train", world, device)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params_to_train, config=ds_config)
     micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     first_step = resume(engine, params["fingerprint"], cfg.train.steps,
-                        storage.url(f"{contract.train_prefix(cfg.run.round, name)}/{contract.CHECKPOINTS_DIR}"))
+                        storage.url(f"{contract.train_prefix(cfg.run.round, name)}/{contract.CHECKPOINTS_DIR}"), "train.name")
 
     latents = data.latents.to(device)
     prompt_idx = torch.tensor([model.prompt_index[p] for p in data.prompts], device=device)

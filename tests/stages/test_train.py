@@ -230,7 +230,7 @@ def test_other_settings_under_the_same_name_are_refused_not_mixed(run_dir, tiny_
     # and its error reaches the caller as the same one line.
     shutil.rmtree(run_dir / "round-000/train/fp/model")
     (run_dir / "round-000/train/fp/summary.json").unlink()
-    with pytest.raises(TrainError, match=r"checkpoints holds checkpoints of a run with another selection or other "
-                                         r"train settings; use another train.name"):
+    with pytest.raises(TrainError, match=r"checkpoints holds checkpoints of a run with other data or other "
+                                         r"settings; use another train.name"):
         run_train(other.model_copy(update={"train": other.train.model_copy(update={"max_failures": 0})}),
                   progress=False)

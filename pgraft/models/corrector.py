@@ -1,0 +1,225 @@
+"""Noise correctors (docs/DESIGN.md §5): a map ε ~ N(0, I) → z placed in front of a frozen
+flow model, fitted to the inverse noises Φ⁻¹(x) of real data.
+
+Two kinds share one sampling path, z = μ + L·u:
+- `gaussian`: u = ε, with μ and L (Cholesky factor of the covariance, or per-element
+  standard deviations) fitted in closed form to the inverse noises;
+- `flow`: u is the output of a small rectified flow (an unconditional `UNet2DModel`, a few
+  Euler steps from ε) trained on the inverse noises *whitened by that Gaussian fit*. The
+  Gaussian is thus the flow's zero-capacity limit, and the network only has to learn what
+  is not Gaussian; whitening is also the input normalisation the network trains best on.
+
+A corrector folder holds `corrector.json` (the card: kind, the base model's location and
+content digest, its sampler steps and latent shape), `gaussian.safetensors` and, for a flow,
+`unet/`. Loading checks the card against the base model it is put in front of.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pgraft import contract
+from pgraft.inversion import EulerGrid, euler_sample
+from pgraft.models.fetch import ModelError, fetch_model, is_remote, local_folder, model_digest, model_file_exists
+from pgraft.storage import open_storage
+
+GAUSSIAN_FILE = "gaussian.safetensors"
+NETWORK_DIR = "unet"
+# A full covariance is a D×D matrix: beyond this many elements per latent, fit a diagonal one.
+MAX_FULL_COVARIANCE_DIM = 8192
+
+
+@dataclass
+class GaussianFit:
+    """z = mean + scale·u: `scale` is lower triangular (D, D) for a full covariance, (D,) for a
+    diagonal one; the latent shape is restored around it."""
+
+    mean: torch.Tensor  # (D,)
+    scale: torch.Tensor  # (D, D) lower triangular, or (D,)
+
+    @property
+    def full(self) -> bool:
+        return self.scale.ndim == 2
+
+    def color(self, u: torch.Tensor) -> torch.Tensor:
+        flat = u.flatten(1).to(self.mean.dtype)
+        z = flat @ self.scale.T if self.full else flat * self.scale
+        return (z + self.mean).reshape(u.shape).to(u.dtype)
+
+    def whiten(self, z: torch.Tensor) -> torch.Tensor:
+        flat = z.flatten(1).to(self.mean.dtype) - self.mean
+        if self.full:
+            u = torch.linalg.solve_triangular(self.scale, flat.T, upper=False).T
+        else:
+            u = flat / self.scale
+        return u.reshape(z.shape).to(z.dtype)
+
+    @property
+    def parameters(self) -> int:
+        d = len(self.mean)
+        return d + (d * (d + 1) // 2 if self.full else d)
+
+    def flops_per_sample(self) -> int:
+        d = len(self.mean)
+        return 2 * d * d + d if self.full else 2 * d
+
+
+def fit_gaussian(noises: torch.Tensor, covariance: str = "full", ridge: float = 1e-4) -> GaussianFit:
+    """Maximum-likelihood mean and covariance of the inverse noises (N, ...), plus `ridge`·I
+    so the Cholesky factor exists with fewer samples than dimensions."""
+    flat = noises.flatten(1).double()
+    n, d = flat.shape
+    if n < 2:
+        raise ModelError(f"a Gaussian corrector needs at least 2 inverse noises, got {n}")
+    mean = flat.mean(0)
+    centred = flat - mean
+    if covariance == "diagonal":
+        return GaussianFit(mean.float(), (centred.pow(2).mean(0) + ridge).sqrt().float())
+    if d > MAX_FULL_COVARIANCE_DIM:
+        raise ModelError(f"corrector.covariance=full needs a {d}×{d} matrix for latents of {d} elements; "
+                         f"use corrector.covariance=diagonal (full is for up to {MAX_FULL_COVARIANCE_DIM})")
+    cov = centred.T @ centred / n + ridge * torch.eye(d, dtype=torch.float64)
+    return GaussianFit(mean.float(), torch.linalg.cholesky(cov).float())
+
+
+def corrector_network(shape: tuple[int, ...], channels: list[int], layers_per_block: int):
+    """The flow corrector's velocity network: an unconditional UNet2DModel on latents of `shape`."""
+    import diffusers
+
+    c, h, w = shape
+    return diffusers.UNet2DModel(
+        sample_size=(h, w), in_channels=c, out_channels=c, block_out_channels=tuple(channels),
+        layers_per_block=layers_per_block, down_block_types=("DownBlock2D",) * len(channels),
+        up_block_types=("UpBlock2D",) * len(channels), norm_num_groups=math.gcd(*channels, 8),
+    )
+
+
+def corrector_grid(steps: int, num_train_timesteps: int = 1000) -> EulerGrid:
+    """The corrector's own sampler: `steps` uniform Euler steps from σ = 1 to 0."""
+    sigmas = torch.linspace(1.0, 0.0, steps + 1)
+    return EulerGrid(sigmas=sigmas, timesteps=sigmas[:-1] * num_train_timesteps)
+
+
+def flow_training_pair(u: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                       num_train_timesteps: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_s, velocity target) of rectified flow between data u (s = 0) and noise ε (s = 1),
+    s = timestep / num_train_timesteps: x_s = (1 − s)·u + s·ε, target ε − u."""
+    s = (timesteps.to(u.dtype) / num_train_timesteps).view(-1, *([1] * (u.ndim - 1)))
+    return (1 - s) * u + s * noise, noise - u
+
+
+def network_velocity(net):
+    """The corrector network as a `Velocity` for pgraft.inversion's samplers."""
+    def velocity(x, t, _rows):
+        return net(x, t.expand(len(x)).to(x.device)).sample
+    return velocity
+
+
+class NoiseCorrector:
+    """ε → z for a base flow model; `card` says what it was fitted for."""
+
+    def __init__(self, card: dict, fit: GaussianFit, net=None):
+        self.card, self.fit, self.net = card, fit, net
+        self.grid = corrector_grid(int(card["sampling_steps"])) if net is not None else None
+
+    @torch.no_grad()
+    def correct(self, noise: torch.Tensor) -> torch.Tensor:
+        u = noise.float()
+        if self.net is not None:
+            param = next(self.net.parameters())
+            u = euler_sample(network_velocity(self.net), u.to(param.device, param.dtype), self.grid).float().cpu()
+        return self.fit.color(u)
+
+    def to(self, device) -> "NoiseCorrector":
+        if self.net is not None:
+            self.net.to(device)
+        return self
+
+    @property
+    def parameters(self) -> int:
+        net = sum(p.numel() for p in self.net.parameters()) if self.net is not None else 0
+        return net + self.fit.parameters
+
+    def flops_per_sample(self) -> int:
+        """Floating-point operations per corrected noise: the network's forward (counted by
+        torch's FLOP counter, 2 per multiply-add) times its steps, plus z = μ + L·u."""
+        total = self.fit.flops_per_sample()
+        if self.net is not None:
+            shape = tuple(self.card["latent_shape"])
+            total += network_flops(lambda x: self.net(x, torch.zeros(1)).sample, shape) * self.grid.steps
+        return total
+
+
+def network_flops(forward, shape: tuple[int, ...]) -> int:
+    """FLOPs of one forward on a batch of one latent of `shape` (torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        forward(torch.zeros(1, *shape))
+    return int(counter.get_total_flops())
+
+
+def corrector_card(kind: str, base_model: str, base_digest: str, num_inference_steps: int, latent_shape: list[int],
+                   guidance_scale: float, inversion: str, samples: int, sampling_steps: int, covariance: str) -> dict:
+    return {
+        "kind": kind, "base_model": base_model, "base_digest": base_digest, "num_inference_steps": num_inference_steps,
+        "latent_shape": list(latent_shape), "guidance_scale": guidance_scale, "inversion": inversion,
+        "samples": samples, "sampling_steps": sampling_steps if kind == "flow" else 0, "covariance": covariance,
+        "usage": "ε ~ N(0, I) → (flow: sampling_steps Euler steps of unet/) → u → z = mean + scale·u → base flow",
+    }
+
+
+def save_corrector(folder: Path, card: dict, fit: GaussianFit, net=None) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"mean": fit.mean.contiguous(), "scale": fit.scale.contiguous()}, folder / GAUSSIAN_FILE)
+    if net is not None:
+        net.save_pretrained(folder / NETWORK_DIR)
+    (folder / contract.CORRECTOR_CARD).write_text(json.dumps(card, indent=1))
+
+
+def read_card(ref: str) -> dict:
+    """The card of the corrector at `ref`, read without fetching the corrector."""
+    if not model_file_exists(ref, contract.CORRECTOR_CARD):
+        raise ModelError(f"model.noise_corrector {ref!r} is not a noise corrector folder (no {contract.CORRECTOR_CARD}); "
+                         "fit one with `pgraft train-corrector`")
+    if is_remote(ref):
+        return json.loads(open_storage(ref).get_bytes(contract.CORRECTOR_CARD))
+    return json.loads((local_folder(ref) / contract.CORRECTOR_CARD).read_text())
+
+
+def check_card(card: dict, ref: str, base_path: str, num_inference_steps: int, latent_shape: tuple[int, ...] | None,
+               base_digest: str | None = None) -> None:
+    """One-line errors for a corrector put in front of a base it was not fitted for."""
+    digest = base_digest or model_digest(base_path)
+    if card["base_digest"] != digest:
+        raise ModelError(f"model.noise_corrector {ref!r} was fitted for the base model {card['base_model']!r}, not "
+                         f"model.path {base_path!r} (their contents differ); fit a corrector for this base")
+    if card["num_inference_steps"] != num_inference_steps:
+        raise ModelError(f"model.noise_corrector {ref!r} was fitted to inversions with {card['num_inference_steps']} "
+                         f"Euler steps; model.num_inference_steps is {num_inference_steps}")
+    if latent_shape is not None and tuple(card["latent_shape"]) != tuple(latent_shape):
+        raise ModelError(f"model.noise_corrector {ref!r} makes latents of shape {tuple(card['latent_shape'])}; the "
+                         f"model takes {tuple(latent_shape)}")
+
+
+def load_corrector(ref: str) -> NoiseCorrector:
+    """The corrector at `ref` (a local folder or a storage location, fetched once per node)."""
+    import diffusers
+    from safetensors.torch import load_file
+
+    read_card(ref)  # one line naming the reference when it is not a corrector
+    path = Path(fetch_model(ref))
+    card = json.loads((path / contract.CORRECTOR_CARD).read_text())
+    tensors = load_file(path / GAUSSIAN_FILE)
+    net = None
+    if card["kind"] == "flow":
+        net = diffusers.UNet2DModel.from_pretrained(path / NETWORK_DIR).eval()
+    return NoiseCorrector(card, GaussianFit(tensors["mean"], tensors["scale"]), net)

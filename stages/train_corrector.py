@@ -1,0 +1,264 @@
+"""Train-corrector stage: fit a noise corrector to an inversion's inverse noises
+(docs/DESIGN.md §5), so a flow model samples from ε → corrector → z → base instead of z ~ N(0, I).
+
+`corrector.kind: gaussian` fits the mean and covariance in closed form, in one placed Ray
+task. `corrector.kind: flow` adds a small rectified flow on the whitened inverse noises,
+trained by Ray Train workers running the same DeepSpeed machinery as the train stage
+(cluster/train_group.py): checkpoints under corrector/<name>/checkpoints/, a lost worker
+restarts the group from the last one, a rerun resumes. Either way the result is exported to
+corrector/<name>/model/ (what `model.noise_corrector` names) with its summary.json.
+
+    pgraft train-corrector --config configs/digits-inc.yaml
+    pgraft train-corrector --config configs/digits-inc.yaml --set corrector.kind=gaussian
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import cluster
+from cluster.train_group import deepspeed_config, fit, global_batch, join_group, resume, save_and_report, step_generator
+from pgraft import contract
+from pgraft.config import Config
+from pgraft.errors import PgraftError
+from pgraft.models.adapters import check_flow_model, check_model_folder
+from pgraft.models.corrector import (
+    corrector_card,
+    corrector_network,
+    fit_gaussian,
+    flow_training_pair,
+    save_corrector,
+)
+from pgraft.models.fetch import fetch_model, model_digest
+from pgraft.shards import list_committed_at, read_shard_bytes_at
+from pgraft.storage import Storage, open_storage, staged_folder
+
+# Corrector settings that change nothing in the result: where and how the work is placed and kept.
+_PLACEMENT_ONLY = {"name", "cpus_per_worker", "resources_per_worker", "max_failures", "keep_checkpoints",
+                   "checkpoint_every"}
+
+
+class CorrectorError(PgraftError):
+    """The noise corrector cannot be fitted as configured; the message says why."""
+
+
+def load_inverse_noises(storage: Storage, inversion: str, include_unconverged: bool) -> tuple[torch.Tensor, int]:
+    """(inverse noises (N, ...), how many non-converged ones were left out), in shard order."""
+    from pgraft.shards import iter_tar_samples
+
+    prefix = contract.inversion_shards_prefix(inversion)
+    noises, left_out = [], 0
+    for shard_id, record in sorted(list_committed_at(storage, prefix).items()):
+        data = read_shard_bytes_at(storage, prefix, shard_id, record, "rerun `pgraft invert`")
+        for sample in iter_tar_samples(data, storage.url(prefix), ("latents.safetensors", "json"),
+                                       meta_cls=contract.InversionMeta):
+            if not sample.meta.converged and not include_unconverged:
+                left_out += 1
+                continue
+            noise = sample.latents[contract.INITIAL_NOISE]
+            if not torch.isfinite(noise).all():
+                raise CorrectorError(f"{storage.url(prefix)}: the inverse noise of {sample.key} is not finite; "
+                                     "rerun `pgraft invert` with a smaller tolerance or more iterations")
+            noises.append(noise)
+    if len(noises) < 2:
+        raise CorrectorError(f"{storage.url(contract.inversion_prefix(inversion))} has {len(noises)} usable inverse "
+                             f"noises ({left_out} did not converge); invert more data, raise invert.max_iterations, "
+                             "or set corrector.include_unconverged=true")
+    return torch.stack(noises), left_out
+
+
+def _base_parameters(model_path: str) -> int:
+    """Parameters of the base model's denoiser, counted from its safetensors headers."""
+    from safetensors import safe_open
+
+    total = 0
+    root = Path(fetch_model(model_path))
+    for sub in ("unet", "transformer"):
+        for file in sorted((root / sub).glob("*.safetensors")):
+            with safe_open(str(file), "pt") as f:
+                for key in f.keys():
+                    total += int(np.prod(f.get_slice(key).get_shape()))
+    return total
+
+
+def _export(storage: Storage, name: str, card: dict, fit_result, net) -> str:
+    prefix = contract.corrector_model_prefix(name)
+    with staged_folder(storage, prefix) as folder:
+        save_corrector(folder, card, fit_result, net)
+    return storage.url(prefix)
+
+
+def _card(params: dict, noises: torch.Tensor) -> dict:
+    cfg = Config.model_validate(params["cfg"])
+    c = cfg.corrector
+    return corrector_card(c.kind, cfg.model.path, params["base_digest"], cfg.model.num_inference_steps,
+                          list(noises.shape[1:]), params["guidance_scale"], params["inversion_url"], len(noises),
+                          c.sampling_steps, c.covariance)
+
+
+def fit_gaussian_task(params: dict) -> dict:
+    """A Ray task: fit and export the Gaussian corrector; its summary as a dict."""
+    import ray
+
+    start = time.perf_counter()
+    cfg = Config.model_validate(params["cfg"])
+    storage = open_storage(cfg.run.uri)
+    noises, left_out = load_inverse_noises(storage, params["inversion"], cfg.corrector.include_unconverged)
+    fit_result = fit_gaussian(noises, cfg.corrector.covariance, cfg.corrector.ridge)
+    model_dir = _export(storage, params["name"], _card(params, noises), fit_result, None)
+    summary = contract.CorrectorSummary(
+        name=params["name"], kind="gaussian", inversion=params["inversion_url"], samples=len(noises), left_out=left_out,
+        parameters=fit_result.parameters, base_parameters=_base_parameters(cfg.model.path), steps=0, resumed_from=0,
+        final_loss=None, seconds=time.perf_counter() - start, model_dir=model_dir, fingerprint=params["fingerprint"],
+        nodes=[ray.get_runtime_context().get_node_id()],
+    )
+    storage.put_bytes(contract.corrector_summary_key(params["name"]), json.dumps(asdict(summary), indent=1).encode())
+    return asdict(summary)
+
+
+def corrector_worker(params: dict) -> None:
+    """Entry point of each Ray Train worker of a flow corrector: whiten the inverse noises by
+    their Gaussian fit, train the velocity network with DeepSpeed, export (rank 0)."""
+    start = time.perf_counter()
+    if params.get("threads"):
+        torch.set_num_threads(params["threads"])
+    rank, world, device = join_group()
+    import deepspeed
+    import ray
+
+    cfg = Config.model_validate(params["cfg"])
+    c, name = cfg.corrector, params["name"]
+    storage = open_storage(cfg.run.uri)
+    noises, left_out = load_inverse_noises(storage, params["inversion"], c.include_unconverged)
+    fit_result = fit_gaussian(noises, c.covariance, c.ridge)  # deterministic: every rank gets the same
+    whitened = fit_result.whiten(noises).to(device)
+    torch.manual_seed(c.seed)  # the network's initialisation
+    net = corrector_network(tuple(noises.shape[1:]), c.channels, c.layers_per_block)
+    ds_config = deepspeed_config(c, "corrector", world, device)
+    engine, _, _, _ = deepspeed.initialize(model=net, model_parameters=list(net.parameters()), config=ds_config)
+    micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
+    first_step = resume(engine, params["fingerprint"], c.steps,
+                        storage.url(f"{contract.corrector_prefix(name)}/{contract.CHECKPOINTS_DIR}"), "corrector.name")
+    dtype = next(engine.module.parameters()).dtype
+    losses, step_seconds = [], 0.0
+    report_every = max(1, c.steps // 10) if params.get("progress") and rank == 0 else 0
+    engine.train()
+    for step in range(first_step, c.steps):
+        t0 = time.perf_counter()
+        batch = global_batch(len(whitened), c.batch_size, step, c.seed)
+        mine = batch[rank * micro * accum:(rank + 1) * micro * accum]
+        step_loss = 0.0
+        for m in range(accum):
+            idx = mine[m * micro:(m + 1) * micro].to(device)
+            gen = step_generator(c.seed, 2, step, rank, m)
+            noise = torch.randn(whitened[idx].shape, generator=gen).to(device)
+            timesteps = (torch.rand(len(idx), generator=gen) * 1000).to(device)
+            x_s, target = flow_training_pair(whitened[idx], noise, timesteps)
+            pred = engine(x_s.to(dtype), timesteps).sample
+            loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+            engine.backward(loss)
+            engine.step()
+            step_loss += loss.item() / accum
+        losses.append(step_loss)
+        step_seconds += time.perf_counter() - t0
+        done = step + 1
+        if report_every and (done % report_every == 0 or done == c.steps):
+            print(f"train-corrector {name}: step {done}/{c.steps}, loss {np.mean(losses[-50:]):.4f}", flush=True)
+        if done % c.checkpoint_every == 0 or done == c.steps:
+            save_and_report(engine, done, {"loss": float(np.mean(losses[-50:]))}, params["fingerprint"])
+
+    nodes = [None] * world
+    torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    if rank != 0:
+        return
+    net = engine.module.float().cpu().eval()
+    model_dir = _export(storage, name, _card(params, noises), fit_result, net)
+    summary = contract.CorrectorSummary(
+        name=name, kind="flow", inversion=params["inversion_url"], samples=len(noises), left_out=left_out,
+        parameters=sum(p.numel() for p in net.parameters()) + fit_result.parameters,
+        base_parameters=_base_parameters(cfg.model.path), steps=c.steps, resumed_from=first_step,
+        final_loss=float(np.mean(losses[-50:])) if losses else None, seconds=time.perf_counter() - start,
+        model_dir=model_dir, fingerprint=params["fingerprint"], nodes=nodes,
+    )
+    storage.put_bytes(contract.corrector_summary_key(name), json.dumps(asdict(summary), indent=1).encode())
+
+
+def _inversion_checks(storage: Storage, cfg: Config, inversion: str) -> dict:
+    """The inversion's settings, checked against the base model the corrector is for."""
+    key = contract.inversion_settings_key(inversion)
+    if not storage.exists(key) or not storage.exists(contract.inversion_summary_key(inversion)):
+        raise CorrectorError(f"{storage.url(contract.inversion_prefix(inversion))} is not a finished inversion; run "
+                             f"`pgraft invert` with invert.name={inversion} first")
+    settings = json.loads(storage.get_bytes(key))
+    for field_name in ("model.path", "model.num_inference_steps"):
+        mine = getattr(cfg.model, field_name.split(".")[1])
+        if settings[field_name] != mine:
+            raise CorrectorError(f"{storage.url(contract.inversion_prefix(inversion))} inverted {field_name}="
+                                 f"{settings[field_name]!r}; this config has {mine!r}")
+    return settings
+
+
+def corrector_fingerprint(cfg: Config, storage: Storage, inversion: str, base_digest: str) -> str:
+    """What the corrector is a function of: the inversion's committed shards, the corrector
+    settings and the base model's content."""
+    digest = hashlib.sha256()
+    for shard_id, record in sorted(list_committed_at(storage, contract.inversion_shards_prefix(inversion)).items()):
+        digest.update(f"{shard_id}:{record.sha256}".encode())
+    settings = {k: v for k, v in cfg.corrector.model_dump(mode="json").items() if k not in _PLACEMENT_ONLY}
+    digest.update(json.dumps({"corrector": settings, "base": base_digest}, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def run_train_corrector(cfg: Config, progress: bool = True) -> contract.CorrectorSummary:
+    cfg = cfg.with_absolute_paths()
+    storage = open_storage(cfg.run.uri)
+    inversion, name = cfg.corrector.inversion_name(cfg.invert), cfg.corrector.output_name(cfg.invert)
+    check_model_folder(cfg.model.model_copy(update={"noise_corrector": None}))
+    check_flow_model(cfg.model, "a noise corrector is fitted for a flow sampler")
+    settings = _inversion_checks(storage, cfg, inversion)
+    if cfg.corrector.kind == "flow":
+        deepspeed_config(cfg.corrector, "corrector", cfg.corrector.num_workers, torch.device("cpu"))
+    base_digest = model_digest(cfg.model.path)
+    fingerprint = corrector_fingerprint(cfg, storage, inversion, base_digest)
+    summary_key = contract.corrector_summary_key(name)
+    if storage.exists(summary_key):
+        done = contract.CorrectorSummary.from_json(storage.get_bytes(summary_key), storage.url(summary_key))
+        if done.fingerprint != fingerprint:
+            raise CorrectorError(f"{storage.url(contract.corrector_prefix(name))} was fitted to other inverse noises or "
+                                 "with other settings; use another corrector.name, or delete that folder to fit again")
+        if storage.exists(f"{contract.corrector_model_prefix(name)}/{contract.CORRECTOR_CARD}"):
+            return done
+
+    guidance = cfg.model.guidance_scale if settings["invert.conditional"] else 1.0
+    params = {"cfg": cfg.model_dump(mode="json"), "name": name, "inversion": inversion, "progress": progress,
+              "inversion_url": storage.url(contract.inversion_prefix(inversion)), "base_digest": base_digest,
+              "guidance_scale": guidance, "fingerprint": fingerprint}
+    if cfg.corrector.kind == "gaussian":
+        cluster.connect()
+        placement = cluster.plan_placement(1, "cpu", "model.device", cfg.corrector.resources_per_worker,
+                                           cfg.corrector.cpus_per_worker)
+        return contract.CorrectorSummary(**cluster.run_task(fit_gaussian_task, (params,), placement,
+                                                            "corrector fit", cfg.cluster.placement_timeout_s))
+    fit(corrector_worker, params, cfg.corrector.num_workers, cfg.model.device, "model.device", storage,
+        contract.corrector_prefix(name), cfg.corrector.resources_per_worker, cfg.corrector.cpus_per_worker,
+        cfg.corrector.max_failures, cfg.corrector.keep_checkpoints, cfg.cluster.placement_timeout_s,
+        "corrector workers")
+    return contract.CorrectorSummary.from_json(storage.get_bytes(summary_key), storage.url(summary_key))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pgraft.cli import run_stage
+
+    return run_stage("train-corrector", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
