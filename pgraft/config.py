@@ -222,10 +222,14 @@ class CorrectorSection(_Section):
     covariance: Literal["full", "diagonal"] = Field("full", description="The Gaussian's covariance; full is a D×D "
                                                     "matrix (up to 8192 latent elements).")
     ridge: float = Field(1e-4, ge=0, description="Added to the covariance's diagonal so its Cholesky factor exists.")
-    channels: list[int] = Field(default_factory=lambda: [32, 64], description="flow: the corrector UNet's "
-                                "block_out_channels (its size: 32,64 is ~0.3 M parameters beside the 1.0 M digits base).")
+    channels: list[int] = Field(default_factory=lambda: [16, 32], description="flow: the corrector UNet's "
+                                "block_out_channels: its size (16,32 with one layer per block: 0.16 M parameters, 16 % of the 1.0 M digits base).")
     layers_per_block: int = Field(1, ge=1, description="flow: ResNet layers per UNet block.")
     sampling_steps: int = Field(4, ge=1, description="flow: the corrector's Euler steps per sample (its FLOPs count).")
+    coupling: Literal["independent", "ot"] = Field("independent", description="flow: how training pairs noise with "
+                                                   "data: `independent` (rectified flow; its Gaussian part is exact, "
+                                                   "docs/DESIGN.md §5) or `ot`, matched by optimal transport within "
+                                                   "each micro batch (minibatch OT coupling).")
     steps: int = Field(2000, ge=1, description="flow: optimizer steps.")
     batch_size: int = Field(256, ge=1, description="flow: global batch size.")
     micro_batch_size: int | None = Field(None, ge=1, description="flow: per-process micro batch (default batch/processes).")

@@ -347,7 +347,7 @@ def inversion_key(unit: int, position: int) -> str:
 
 INVERSION_COLUMNS: dict[str, str] = {
     "key": "string", "shard": "string", "index": "int64", "prompt": "string", "reconstruction_error": "float64",
-    "iterations": "int64", "max_step_iterations": "int64", "converged": "bool", "residual": "float64",
+    "iterations": "int64", "max_step_iterations": "int64", "converged": "bool_", "residual": "float64",
     "noise_rms": "float64",
 }
 

@@ -33,6 +33,7 @@ from pgraft.errors import PgraftError
 from pgraft.models.adapters import check_flow_model, check_model_folder
 from pgraft.shards import LATENTS_EXT, Sample, commit_shard_at, list_committed_at, write_shard
 from pgraft.storage import Storage, open_storage
+from pgraft.tables import arrow_schema, read_parquet, write_parquet
 
 # Settings an inversion's records depend on: a rerun with other values would mix two inversions.
 _SETTINGS = {"model": ("path", "kind", "scheduler", "timestep_spacing", "num_inference_steps", "guidance_scale"),
@@ -170,7 +171,6 @@ class InvertWorker:
 
     def run_unit(self, unit: InvertUnit) -> dict:
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         from pgraft.inversion import invert
         from pgraft.models.class_pipeline import latents_to_uint8
@@ -206,12 +206,10 @@ class InvertWorker:
                                                               "residual")},
                              "shard": contract.shard_name(unit.shard_id), "noise_rms": float(noise.pow(2).mean().sqrt())})
         name = inv.name
-        schema = pa.schema([(col, getattr(pa, kind)()) for col, kind in contract.INVERSION_COLUMNS.items()])
-        table = pa.Table.from_pylist([{col: row[col] for col in contract.INVERSION_COLUMNS} for row in rows], schema)
+        table = pa.Table.from_pylist([{col: row[col] for col in contract.INVERSION_COLUMNS} for row in rows],
+                                     arrow_schema(contract.INVERSION_COLUMNS))
+        write_parquet(self.storage, contract.inversion_part_key(name, unit.shard_id), table)
         with tempfile.TemporaryDirectory(prefix="pgraft-invert-") as scratch:
-            part = Path(scratch) / "part.parquet"
-            pq.write_table(table, part)
-            self.storage.put_file(part, contract.inversion_part_key(name, unit.shard_id))
             tar = Path(scratch) / f"{contract.shard_name(unit.shard_id)}.tar"
             record = write_shard(samples, tar, -1)
             commit_shard_at(self.storage, contract.inversion_shards_prefix(name), tar, record, unit.shard_id)
@@ -222,11 +220,9 @@ class InvertWorker:
 
 def summarize(storage: Storage, cfg: Config, units: int, skipped: int, seconds: float, nodes: list[str]):
     """The inversion's summary from its table parts (what the driver reads: no tensors)."""
-    import pyarrow.parquet as pq
-
     name = cfg.invert.name
     parts = sorted(k for k in storage.list(f"{contract.inversion_prefix(name)}/table") if k.endswith(".parquet"))
-    tables = [pq.read_table(io.BytesIO(storage.get_bytes(k))) for k in parts]
+    tables = [read_parquet(storage, k) for k in parts]
     cols = {c: np.concatenate([t.column(c).to_numpy() for t in tables]) for c in
             ("reconstruction_error", "iterations", "converged", "noise_rms")}
     return contract.InversionSummary(

@@ -34,7 +34,8 @@ from pgraft.models.corrector import (
     corrector_card,
     corrector_network,
     fit_gaussian,
-    flow_training_pair,
+    minibatch_ot_pairs,
+    residual_training_pair,
     save_corrector,
 )
 from pgraft.models.fetch import fetch_model, model_digest
@@ -161,7 +162,10 @@ def corrector_worker(params: dict) -> None:
             gen = step_generator(c.seed, 2, step, rank, m)
             noise = torch.randn(whitened[idx].shape, generator=gen).to(device)
             timesteps = (torch.rand(len(idx), generator=gen) * 1000).to(device)
-            x_s, target = flow_training_pair(whitened[idx], noise, timesteps)
+            data = whitened[idx]
+            if c.coupling == "ot":
+                data = data[minibatch_ot_pairs(noise, data)]
+            x_s, target = residual_training_pair(data, noise, timesteps)
             pred = engine(x_s.to(dtype), timesteps).sample
             loss = torch.nn.functional.mse_loss(pred.float(), target.float())
             engine.backward(loss)

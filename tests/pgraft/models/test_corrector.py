@@ -106,3 +106,17 @@ def test_save_load_and_card_checks(tmp_path):
         check_card(loaded.card, "c", base, 8, (4, 8, 8))
     with pytest.raises(ModelError, match="is not a noise corrector folder"):
         load_corrector(base)
+
+
+def test_minibatch_ot_pairs_recovers_a_permutation():
+    from pgraft.models.corrector import minibatch_ot_pairs
+
+    noise = torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(3))
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(4))
+    data = noise[perm]
+    order = minibatch_ot_pairs(noise, data)
+    assert torch.equal(data[order], noise)  # identical point sets: the optimal plan is the identity matching
+    other = torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(5))
+    paired = other[minibatch_ot_pairs(noise, other)]
+    assert sorted(minibatch_ot_pairs(noise, other).tolist()) == list(range(64))
+    assert (paired - noise).pow(2).sum() < (other - noise).pow(2).sum()  # never costs more than the given order
