@@ -120,3 +120,31 @@ def test_minibatch_ot_pairs_recovers_a_permutation():
     paired = other[minibatch_ot_pairs(noise, other)]
     assert sorted(minibatch_ot_pairs(noise, other).tolist()) == list(range(64))
     assert (paired - noise).pow(2).sum() < (other - noise).pow(2).sum()  # never costs more than the given order
+
+
+def test_gaussian_velocity_closed_forms():
+    from pgraft.models.corrector import euler_gaussian_gain, gaussian_step_gain, gaussian_velocity
+
+    # E[ε − u | x_s] for independent N(0, 1) u, ε, by regression on samples: slope (2s − 1)/((1 − s)² + s²).
+    gen = torch.Generator().manual_seed(0)
+    u, eps = torch.randn(200000, generator=gen, dtype=torch.float64), torch.randn(200000, generator=gen,
+                                                                                   dtype=torch.float64)
+    for s in (0.2, 0.5, 0.9):
+        x = (1 - s) * u + s * eps
+        slope = float((x * (eps - u)).mean() / (x * x).mean())
+        assert slope == pytest.approx(float(gaussian_velocity(torch.ones(1, 1), torch.tensor([s]))), abs=0.01)
+    # Its exact flow is the identity from s = 1 to 0 (the gains multiply to 1) while Euler shrinks.
+    assert float(gaussian_step_gain(torch.tensor(1.0), torch.tensor(0.5))
+                 * gaussian_step_gain(torch.tensor(0.5), torch.tensor(0.0))) == pytest.approx(1.0)
+    assert euler_gaussian_gain(4) == pytest.approx(0.75 * 0.8 * 1.0 * 1.2)
+    assert euler_gaussian_gain(1) == 0.0 and euler_gaussian_gain(64) > 0.97
+
+
+def test_untrained_flow_corrector_is_exactly_the_gaussian():
+    fit = fit_gaussian(torch.randn(500, 1, 8, 8) * 1.3 + 0.2, "full")
+    torch.manual_seed(0)
+    net = corrector_network((1, 8, 8), [8, 16], 1).eval()  # zero output layer: zero residual
+    eps = torch.randn(16, 1, 8, 8)
+    for steps in (1, 2, 4):
+        flow = NoiseCorrector({"sampling_steps": steps, "latent_shape": [1, 8, 8]}, fit, net)
+        assert torch.allclose(flow.correct(eps), fit.color(eps), atol=1e-5)
