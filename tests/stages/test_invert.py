@@ -130,3 +130,17 @@ def test_invert_bad_input_is_one_line(ray_local, tiny_digits, tiny_digits_flow, 
     with pytest.raises(InvertError, match="holds no .tar shards"):
         run_invert(invert_config(tiny_digits_flow, tmp_path / "run3", f"invert.data={tmp_path / 'empty'}"),
                    progress=False)
+
+
+def test_cli_one_line_errors_before_any_worker(tiny_digits, tmp_path, capsys):
+    from pgraft.cli import main as cli_main
+
+    args = ["--set", f"run.uri={tmp_path / 'run'}", "--set", f"model.path={tiny_digits}", "--quiet"]
+    assert cli_main(["invert", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "inverse noise correction needs a flow model" in err
+    assert cli_main(["train-corrector", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("pgraft train-corrector: error:") and "flow model" in err
+    assert cli_main(["generate", *args, "--set", f"model.noise_corrector={tmp_path}"]) == 2
+    assert "needs a flow model" in capsys.readouterr().err
