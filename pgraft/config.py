@@ -201,7 +201,8 @@ class InvertSection(_Section):
                                                     "(digits: a fixed 80/20 split of scikit-learn's set).")
     conditional: bool = Field(False, description="Invert with each record's prompt as the condition (guided by "
                               "model.guidance_scale); false: the null condition, the unconditional flow.")
-    limit: int | None = Field(None, ge=1, description="Invert only the first this many data points (None: all).")
+    limit: int | None = Field(None, ge=1, description="Invert only the first this many data points of the task's "
+                              "data, or the first this many shards of a WebDataset (None: all).")
     tolerance: float = Field(1e-3, gt=0, description="A backward Euler step has converged when its fixed-point update "
                              "falls to this RMS per element.")
     max_iterations: int = Field(50, ge=1, description="Fixed-point iterations allowed per Euler step; a sample still "
@@ -221,7 +222,7 @@ class CorrectorSection(_Section):
     include_unconverged: bool = Field(False, description="Fit non-converged inversions too (default: left out, counted).")
     covariance: Literal["full", "diagonal"] = Field("full", description="The Gaussian's covariance; full is a D×D "
                                                     "matrix (up to 8192 latent elements).")
-    ridge: float = Field(1e-4, ge=0, description="Added to the covariance's diagonal so its Cholesky factor exists.")
+    ridge: float = Field(1e-4, gt=0, description="Added to the covariance's diagonal so its Cholesky factor exists.")
     channels: list[int] = Field(default_factory=lambda: [16, 32], description="flow: the corrector UNet's "
                                 "block_out_channels: its size (16,32 with one layer per block: 0.16 M parameters, 16 % of the 1.0 M digits base).")
     layers_per_block: int = Field(1, ge=1, description="flow: ResNet layers per UNet block.")
@@ -236,13 +237,16 @@ class CorrectorSection(_Section):
     lr: float = Field(1e-3, gt=0, description="flow: AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="flow: AdamW weight decay.")
     grad_clip: float = Field(1.0, ge=0, description="flow: gradient norm clipping (0: off).")
-    zero_stage: int = Field(0, ge=0, le=3, description="flow: DeepSpeed ZeRO stage.")
+    zero_stage: int = Field(0, ge=0, le=2, description="flow: DeepSpeed ZeRO stage (up to 2: a corrector is small, "
+                            "and ZeRO 3 would partition the weights it exports).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="flow: `auto` is bf16 on CUDA, fp32 on CPU.")
     seed: int = Field(0, ge=0, description="flow: seed of the initialisation, data order and noise draws.")
     checkpoint_every: int = Field(500, ge=1, description="flow: checkpoint every this many steps (and at the end).")
     num_workers: int = Field(1, ge=1, description="flow: Ray Train workers of the DeepSpeed group.")
-    cpus_per_worker: int | None = Field(None, ge=1, description="flow: CPUs per worker on CPU (default: a node's share).")
-    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="flow: extra Ray resources per worker.")
+    cpus_per_worker: int | None = Field(None, ge=1, description="CPUs per worker on CPU, for the Gaussian fit's task "
+                                        "too (default: a node's share).")
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources per worker "
+                                                   "(and for the Gaussian fit's task).")
     keep_checkpoints: int = Field(2, ge=1, description="flow: checkpoints kept in storage (the newest).")
     max_failures: int = Field(2, ge=-1, description="flow: restarts of the worker group after a lost worker (-1: unlimited).")
 

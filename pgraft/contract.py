@@ -15,7 +15,7 @@ import numpy as np
 from pgraft.errors import PgraftError
 
 CONFIG_KEY = "config.yaml"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: samples record their noise corrector
 
 # Latent tensor names inside `<key>.latents.safetensors`.
 INITIAL_NOISE = "x_T"
@@ -375,7 +375,8 @@ class InversionMeta:
 
     @classmethod
     def from_json(cls, data: bytes) -> "InversionMeta":
-        return cls(**json.loads(data))
+        return record_from_json(cls, data, "an inversion record's .json", "inversion record",
+                                "delete its shard's commit record and rerun `pgraft invert`")
 
 
 @dataclass
@@ -462,8 +463,9 @@ class CorrectorSummary:
             f"  parameters  {self.parameters:,} ({share:.1%} of the base model's {self.base_parameters:,})",
         ]
         if self.steps:
-            lines.append(f"  training    {self.steps} steps (resumed from {self.resumed_from}), final loss "
-                         f"{self.final_loss:.4f}, {self.seconds:.1f} s")
+            loss = "n/a (resumed at the last step)" if self.final_loss is None else f"{self.final_loss:.4f}"
+            lines.append(f"  training    {self.steps} steps (resumed from {self.resumed_from}), final loss {loss}, "
+                         f"{self.seconds:.1f} s")
         lines.append(f"  model at    {self.model_dir}")
         return "\n".join(lines)
 

@@ -89,6 +89,14 @@ def training_pair(x_t: torch.Tensor, s: PathCoefficients, t: PathCoefficients, n
     return x_s.to(x_t.dtype), target.to(x_t.dtype)
 
 
+def rectified_flow_pair(x0: torch.Tensor, noise: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rectified flow between data x0 (s = 0) and noise (s = 1), one s in [0, 1] per sample:
+    (x_s = (1 − s)·x0 + s·ε, velocity target ε − x0). Pretraining a flow base and training a
+    noise corrector both regress on it."""
+    s = s.view(-1, *([1] * (x0.ndim - 1)))
+    return (1 - s) * x0 + s * noise, noise - x0
+
+
 def _b(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Broadcast a per-sample (or scalar) coefficient over a batch of latents."""
     coef = coef.to(like.device, like.dtype)

@@ -36,7 +36,8 @@ from pgraft.storage import Storage, open_storage
 from pgraft.tables import arrow_schema, read_parquet, write_parquet
 
 # Settings an inversion's records depend on: a rerun with other values would mix two inversions.
-_SETTINGS = {"model": ("path", "kind", "scheduler", "timestep_spacing", "num_inference_steps", "guidance_scale"),
+_SETTINGS = {"task": ("name", "seed"),  # the task's data and its split
+             "model": ("path", "kind", "scheduler", "timestep_spacing", "num_inference_steps", "guidance_scale", "dtype"),
              "invert": ("data", "split", "conditional", "limit", "tolerance", "max_iterations", "samples_per_shard")}
 
 
@@ -47,8 +48,9 @@ class InvertError(PgraftError):
 @dataclass(frozen=True)
 class InvertUnit:
     shard_id: int
-    source: str  # "task:<name>/<split>" or an input tar's location
+    source: str  # "task:<name>/<split>", or the input tar's location (for records and messages)
     indices: tuple[int, ...] = ()  # task data: the data points of this unit
+    tar_key: str = ""  # WebDataset input: the tar's key under invert.data
 
 
 # Input data -------------------------------------------------------------------------------
@@ -62,19 +64,17 @@ def _task_points(cfg: Config):
     raise InvertError("invert.data=task needs a built-in task (task.name); set invert.data to a WebDataset location")
 
 
-def _tar_points(storage_uri: str, model_shape: tuple[int, ...]):
+def _tar_points(data: str, unit: InvertUnit, model_shape: tuple[int, ...]):
     """(x, prompts) of one input tar: each record's `x_0` tensor from `.latents.safetensors`, or
     its `.png` mapped to [-1, 1]; the prompt from its `.json`, if any. Other members are skipped
     unread (nothing in the data is executed or unpickled)."""
     import torch
-    from safetensors.torch import load as load_safetensors
 
-    from pgraft.shards import decode_png
-
-    data = open_storage(storage_uri).get_bytes("")
+    storage_uri = unit.source
+    payload = open_storage(data).get_bytes(unit.tar_key)
     records: dict[str, dict] = {}
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        with tarfile.open(fileobj=io.BytesIO(payload), mode="r:") as tar:
             for info in tar:
                 if not info.isreg():
                     continue
@@ -86,27 +86,41 @@ def _tar_points(storage_uri: str, model_shape: tuple[int, ...]):
         raise InvertError(f"invert.data: {storage_uri} is not a readable tar ({exc})") from None
     xs, prompts = [], []
     for key, parts in records.items():
-        if LATENTS_EXT in parts:
-            tensors = load_safetensors(parts[LATENTS_EXT])
-            if contract.FINAL_LATENT not in tensors:
-                raise InvertError(f"invert.data: record {key} of {storage_uri} has no {contract.FINAL_LATENT!r} tensor "
-                                  f"in its {LATENTS_EXT} (it holds {sorted(tensors)})")
-            x = tensors[contract.FINAL_LATENT].float()
-        elif "png" in parts:
-            image = decode_png(parts["png"])
-            x = torch.as_tensor(image, dtype=torch.float32) / 127.5 - 1.0
-            x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
-        else:
+        try:
+            x, prompt = _decode_record(parts)
+        except (ValueError, KeyError, AttributeError, OSError, RuntimeError) as exc:
+            raise InvertError(f"invert.data: record {key} of {storage_uri} cannot be decoded ({exc})") from None
+        if x is None:
             continue  # a record without data (e.g. only a .json)
         if tuple(x.shape) != tuple(model_shape):
             raise InvertError(f"invert.data: record {key} of {storage_uri} has shape {tuple(x.shape)}; the model "
                               f"takes {tuple(model_shape)}")
         xs.append(x)
-        prompt = json.loads(parts["json"]).get("prompt", "") if "json" in parts else ""
-        prompts.append(prompt if isinstance(prompt, str) else "")
+        prompts.append(prompt)
     if not xs:
         raise InvertError(f"invert.data: {storage_uri} holds no record with {LATENTS_EXT} or png")
     return torch.stack(xs), prompts
+
+
+def _decode_record(parts: dict):
+    """(x or None, prompt) of one input record's members."""
+    import torch
+    from safetensors.torch import load as load_safetensors
+
+    from pgraft.shards import decode_png
+
+    if LATENTS_EXT in parts:
+        tensors = load_safetensors(parts[LATENTS_EXT])
+        if contract.FINAL_LATENT not in tensors:
+            raise KeyError(f"no {contract.FINAL_LATENT!r} tensor in its {LATENTS_EXT} (it holds {sorted(tensors)})")
+        x = tensors[contract.FINAL_LATENT].float()
+    elif "png" in parts:
+        x = torch.as_tensor(decode_png(parts["png"]), dtype=torch.float32) / 127.5 - 1.0
+        x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
+    else:
+        return None, ""
+    prompt = json.loads(parts["json"]).get("prompt", "") if "json" in parts else ""
+    return x, prompt if isinstance(prompt, str) else ""
 
 
 def plan_units(cfg: Config) -> list[InvertUnit]:
@@ -121,7 +135,7 @@ def plan_units(cfg: Config) -> list[InvertUnit]:
     tars = sorted(k for k in store.list("") if k.endswith(".tar"))
     if not tars:
         raise InvertError(f"invert.data: {cfg.invert.data!r} holds no .tar shards (or does not exist)")
-    return [InvertUnit(i, store.url(key)) for i, key in enumerate(tars[:cfg.invert.limit])]
+    return [InvertUnit(i, store.url(key), tar_key=key) for i, key in enumerate(tars[:cfg.invert.limit])]
 
 
 def inversion_settings(cfg: Config) -> dict:
@@ -166,7 +180,7 @@ class InvertWorker:
             x, prompts = _task_points(self.cfg)
             idx = list(unit.indices)
             return x[idx], [prompts[i] for i in idx], idx
-        x, prompts = _tar_points(unit.source, self.adapter.latent_shape())
+        x, prompts = _tar_points(self.cfg.invert.data, unit, self.adapter.latent_shape())
         return x, prompts, list(range(len(x)))
 
     def run_unit(self, unit: InvertUnit) -> dict:

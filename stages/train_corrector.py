@@ -31,6 +31,7 @@ from pgraft.config import Config
 from pgraft.errors import PgraftError
 from pgraft.models.adapters import check_flow_model, check_model_folder
 from pgraft.models.corrector import (
+    base_weights_digest,
     corrector_card,
     corrector_network,
     fit_gaussian,
@@ -42,9 +43,11 @@ from pgraft.models.fetch import fetch_model, model_digest
 from pgraft.shards import list_committed_at, read_shard_bytes_at
 from pgraft.storage import Storage, open_storage, staged_folder
 
-# Corrector settings that change nothing in the result: where and how the work is placed and kept.
-_PLACEMENT_ONLY = {"name", "cpus_per_worker", "resources_per_worker", "max_failures", "keep_checkpoints",
-                   "checkpoint_every"}
+# The corrector settings a result depends on (the inversion enters through its shards' hashes).
+_GAUSSIAN_SETTINGS = ("kind", "include_unconverged", "covariance", "ridge")
+_FLOW_SETTINGS = _GAUSSIAN_SETTINGS + ("channels", "layers_per_block", "sampling_steps", "coupling", "steps",
+                                       "batch_size", "micro_batch_size", "lr", "weight_decay", "grad_clip",
+                                       "zero_stage", "precision", "seed", "num_workers")
 
 
 class CorrectorError(PgraftError):
@@ -100,7 +103,8 @@ def _export(storage: Storage, name: str, card: dict, fit_result, net) -> str:
 def _card(params: dict, noises: torch.Tensor) -> dict:
     cfg = Config.model_validate(params["cfg"])
     c = cfg.corrector
-    return corrector_card(c.kind, cfg.model.path, params["base_digest"], cfg.model.num_inference_steps,
+    return corrector_card(c.kind, cfg.model.path, base_weights_digest(fetch_model(cfg.model.path)),
+                          cfg.model.num_inference_steps,
                           list(noises.shape[1:]), params["guidance_scale"], params["inversion_url"], len(noises),
                           c.sampling_steps, c.covariance)
 
@@ -202,21 +206,25 @@ def _inversion_checks(storage: Storage, cfg: Config, inversion: str) -> dict:
         raise CorrectorError(f"{storage.url(contract.inversion_prefix(inversion))} is not a finished inversion; run "
                              f"`pgraft invert` with invert.name={inversion} first")
     settings = json.loads(storage.get_bytes(key))
-    for field_name in ("model.path", "model.num_inference_steps"):
-        mine = getattr(cfg.model, field_name.split(".")[1])
-        if settings[field_name] != mine:
+    for field_name in ("model.path", "model.num_inference_steps", "invert.conditional"):
+        section, attr = field_name.split(".")
+        if field_name not in settings:
+            raise CorrectorError(f"{storage.url(key)} lacks {field_name}; rerun `pgraft invert` into a new invert.name")
+        mine = getattr(getattr(cfg, section), attr)
+        if section == "model" and settings[field_name] != mine:
             raise CorrectorError(f"{storage.url(contract.inversion_prefix(inversion))} inverted {field_name}="
                                  f"{settings[field_name]!r}; this config has {mine!r}")
     return settings
 
 
 def corrector_fingerprint(cfg: Config, storage: Storage, inversion: str, base_digest: str) -> str:
-    """What the corrector is a function of: the inversion's committed shards, the corrector
-    settings and the base model's content."""
+    """What the corrector is a function of: the inversion's committed shards, the settings its
+    kind uses (worker count included: each rank draws its own noise) and the base model."""
     digest = hashlib.sha256()
     for shard_id, record in sorted(list_committed_at(storage, contract.inversion_shards_prefix(inversion)).items()):
         digest.update(f"{shard_id}:{record.sha256}".encode())
-    settings = {k: v for k, v in cfg.corrector.model_dump(mode="json").items() if k not in _PLACEMENT_ONLY}
+    keys = _FLOW_SETTINGS if cfg.corrector.kind == "flow" else _GAUSSIAN_SETTINGS
+    settings = {k: v for k, v in cfg.corrector.model_dump(mode="json").items() if k in keys}
     digest.update(json.dumps({"corrector": settings, "base": base_digest}, sort_keys=True).encode())
     return digest.hexdigest()
 
@@ -236,14 +244,15 @@ def run_train_corrector(cfg: Config, progress: bool = True) -> contract.Correcto
     if storage.exists(summary_key):
         done = contract.CorrectorSummary.from_json(storage.get_bytes(summary_key), storage.url(summary_key))
         if done.fingerprint != fingerprint:
-            raise CorrectorError(f"{storage.url(contract.corrector_prefix(name))} was fitted to other inverse noises or "
-                                 "with other settings; use another corrector.name, or delete that folder to fit again")
+            raise CorrectorError(f"{storage.url(contract.corrector_prefix(name))} was fitted to other inverse noises, "
+                                 "with other settings or for another base model; use another corrector.name, or delete "
+                                 "that folder to fit again")
         if storage.exists(f"{contract.corrector_model_prefix(name)}/{contract.CORRECTOR_CARD}"):
             return done
 
     guidance = cfg.model.guidance_scale if settings["invert.conditional"] else 1.0
     params = {"cfg": cfg.model_dump(mode="json"), "name": name, "inversion": inversion, "progress": progress,
-              "inversion_url": storage.url(contract.inversion_prefix(inversion)), "base_digest": base_digest,
+              "inversion_url": storage.url(contract.inversion_prefix(inversion)),
               "guidance_scale": guidance, "fingerprint": fingerprint}
     if cfg.corrector.kind == "gaussian":
         cluster.connect()

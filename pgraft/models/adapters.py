@@ -109,7 +109,8 @@ class ModelAdapter:
             raise ModelError(f"model.noise_corrector is set but {self.config.path!r} samples with "
                              f"{type(self.pipe.scheduler).__name__}: noise correction needs a flow model")
         corrector = load_corrector(ref)
-        check_card(corrector.card, ref, self.config.path, self.config.num_inference_steps, self.latent_shape())
+        check_card(corrector.card, ref, self.config.path, self.config.num_inference_steps, self.latent_shape(),
+                   base_folder=self.path)
         return corrector.to(self.device)
 
     @property

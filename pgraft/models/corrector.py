@@ -29,8 +29,9 @@ import torch
 
 from pgraft import contract
 from pgraft.inversion import EulerGrid
-from pgraft.models.fetch import ModelError, fetch_model, is_remote, local_folder, model_digest, model_file_exists
+from pgraft.models.fetch import ModelError, fetch_model, is_remote, local_folder, model_file_exists
 from pgraft.storage import open_storage
+from pgraft.targets import rectified_flow_pair
 
 GAUSSIAN_FILE = "gaussian.safetensors"
 NETWORK_DIR = "unet"
@@ -140,17 +141,11 @@ def corrector_grid(steps: int, num_train_timesteps: int = 1000) -> EulerGrid:
 
 def residual_training_pair(u: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
                            num_train_timesteps: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_s, target of the residual network): the rectified-flow target ε − u less v_G(x_s, s)."""
-    x_s, target = flow_training_pair(u, noise, timesteps, num_train_timesteps)
-    return x_s, target - gaussian_velocity(x_s, timesteps / num_train_timesteps)
-
-
-def flow_training_pair(u: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                       num_train_timesteps: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_s, velocity target) of rectified flow between data u (s = 0) and noise ε (s = 1),
-    s = timestep / num_train_timesteps: x_s = (1 − s)·u + s·ε, target ε − u."""
-    s = (timesteps.to(u.dtype) / num_train_timesteps).view(-1, *([1] * (u.ndim - 1)))
-    return (1 - s) * u + s * noise, noise - u
+    """(x_s, target of the residual network) for whitened data u, noise ε and timestep input
+    1000·s: the rectified-flow target ε − u less v_G(x_s, s)."""
+    s = timesteps.to(u.dtype) / num_train_timesteps
+    x_s, target = rectified_flow_pair(u, noise, s)
+    return x_s, target - gaussian_velocity(x_s, s)
 
 
 def minibatch_ot_pairs(noise: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
@@ -211,25 +206,43 @@ class NoiseCorrector:
         torch's FLOP counter, 2 per multiply-add) times its steps, plus z = μ + L·u."""
         total = self.fit.flops_per_sample()
         if self.net is not None:
-            shape = tuple(self.card["latent_shape"])
-            total += network_flops(lambda x: self.net(x, torch.zeros(1)).sample, shape) * self.grid.steps
+            shape, device = tuple(self.card["latent_shape"]), next(self.net.parameters()).device
+            forward = lambda x: self.net(x, torch.zeros(1, device=device)).sample  # noqa: E731
+            total += network_flops(forward, shape, device) * self.grid.steps
         return total
 
 
-def network_flops(forward, shape: tuple[int, ...]) -> int:
+def network_flops(forward, shape: tuple[int, ...], device="cpu") -> int:
     """FLOPs of one forward on a batch of one latent of `shape` (torch.utils.flop_counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        forward(torch.zeros(1, *shape))
+        forward(torch.zeros(1, *shape, device=device))
     return int(counter.get_total_flops())
 
 
-def corrector_card(kind: str, base_model: str, base_digest: str, num_inference_steps: int, latent_shape: list[int],
+def base_weights_digest(folder: str | Path) -> str:
+    """sha256 of the base denoiser's weights (every .safetensors under unet/ or transformer/ of
+    a local model folder): the base's identity whatever its location or file dates."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    files = sorted(f for sub in ("unet", "transformer") for f in (Path(folder) / sub).glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{folder}: no unet/ or transformer/ weights (.safetensors) to identify the base model by")
+    for file in files:
+        digest.update(file.relative_to(folder).as_posix().encode())
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def corrector_card(kind: str, base_model: str, base_weights: str, num_inference_steps: int, latent_shape: list[int],
                    guidance_scale: float, inversion: str, samples: int, sampling_steps: int, covariance: str) -> dict:
     return {
-        "kind": kind, "base_model": base_model, "base_digest": base_digest, "num_inference_steps": num_inference_steps,
+        "kind": kind, "base_model": base_model, "base_weights": base_weights, "num_inference_steps": num_inference_steps,
         "latent_shape": list(latent_shape), "guidance_scale": guidance_scale, "inversion": inversion,
         "samples": samples, "sampling_steps": sampling_steps if kind == "flow" else 0, "covariance": covariance,
         "usage": "ε ~ N(0, I) → (flow: sampling_steps steps: exact Gaussian velocity + Euler on the residual of "
@@ -258,12 +271,12 @@ def read_card(ref: str) -> dict:
 
 
 def check_card(card: dict, ref: str, base_path: str, num_inference_steps: int, latent_shape: tuple[int, ...] | None,
-               base_digest: str | None = None) -> None:
-    """One-line errors for a corrector put in front of a base it was not fitted for."""
-    digest = base_digest or model_digest(base_path)
-    if card["base_digest"] != digest:
+               base_folder: str | Path | None = None) -> None:
+    """One-line errors for a corrector put in front of a base it was not fitted for. The base's
+    weights are compared when its local folder is given (in a worker, after the fetch)."""
+    if base_folder is not None and card.get("base_weights") != base_weights_digest(base_folder):
         raise ModelError(f"model.noise_corrector {ref!r} was fitted for the base model {card['base_model']!r}, not "
-                         f"model.path {base_path!r} (their contents differ); fit a corrector for this base")
+                         f"model.path {base_path!r} (their weights differ); fit a corrector for this base")
     if card["num_inference_steps"] != num_inference_steps:
         raise ModelError(f"model.noise_corrector {ref!r} was fitted to inversions with {card['num_inference_steps']} "
                          f"Euler steps; model.num_inference_steps is {num_inference_steps}")

@@ -191,12 +191,12 @@ def _noise_and_target(kind: str, x0: torch.Tensor, scheduler, gen: torch.Generat
     if kind == "ddpm":
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=gen)
         return scheduler.add_noise(x0, eps, t), t, eps
-    from pgraft.models.corrector import flow_training_pair
-
     # Rectified flow: x_s = (1 − s) x0 + s ε, velocity target ε − x0, timestep input 1000·s.
-    t = torch.rand(len(x0), generator=gen) * scheduler.config.num_train_timesteps
-    xs, target = flow_training_pair(x0, eps, t, scheduler.config.num_train_timesteps)
-    return xs, t, target
+    from pgraft.targets import rectified_flow_pair
+
+    s = torch.rand(len(x0), generator=gen)
+    xs, target = rectified_flow_pair(x0, eps, s)
+    return xs, s * scheduler.config.num_train_timesteps, target
 
 
 def train_base(kind: str, steps: int, seed: int = 0, batch_size: int = 128, lr: float = 5e-4, progress: bool = True):

@@ -144,3 +144,15 @@ def test_cli_one_line_errors_before_any_worker(tiny_digits, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and err.startswith("pgraft train-corrector: error:") and "flow model" in err
     assert cli_main(["generate", *args, "--set", f"model.noise_corrector={tmp_path}"]) == 2
     assert "needs a flow model" in capsys.readouterr().err
+
+
+def test_invert_a_webdataset_on_s3(ray_local, tiny_digits_flow, s3_uri, tmp_path):
+    data = write_webdataset(tmp_path / "data", count=5)
+    location = f"{s3_uri.rsplit('/', 1)[0]}/webdataset"
+    open_storage(location).upload_folder(data, "")
+    cfg = invert_config(tiny_digits_flow, s3_uri, f"invert.data={location}", "invert.name=from-s3",
+                        "invert.num_workers=1")
+    summary = run_invert(cfg, progress=False)
+    assert summary.samples == 5 and summary.location == f"{s3_uri}/inversion/from-s3"
+    records = read_records(open_storage(s3_uri), "from-s3")
+    assert [r.meta.source for r in records] == [f"{location}/data-000000.tar"] * 5

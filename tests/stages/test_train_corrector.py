@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cluster import WorkerError
 from pgraft import contract
 from pgraft.config import load_config
 from pgraft.models.adapters import ModelError, initial_noise
@@ -71,8 +72,8 @@ def test_corrector_learns_the_shift_and_scale_of_its_inverse_noises(ray_local, t
         assert (tmp_path / "run" / "corrector" / "flow-synthetic" / "checkpoints" / "step0000030").is_dir()
     # A rerun with the same settings returns the finished corrector; other settings under the same name are refused.
     assert run_train_corrector(cfg, progress=False) == summary
-    with pytest.raises(CorrectorError, match="was fitted to other inverse noises or with other settings; use another "
-                                             "corrector.name"):
+    with pytest.raises(CorrectorError, match="was fitted to other inverse noises, with other settings or for another "
+                                             "base model; use another corrector.name"):
         run_train_corrector(corrector_config(tiny_digits_flow, tmp_path / "run", f"corrector.kind={kind}",
                                              f"corrector.name={kind}-synthetic", "corrector.ridge=0.5"), progress=False)
 
@@ -119,10 +120,14 @@ def test_invert_train_corrector_generate_end_to_end(ray_local, tiny_digits, tiny
     assert torch.allclose(stored, expected, atol=1e-5)
     assert not torch.allclose(stored, initial_noise(seeds, (1, 8, 8)), atol=1e-2)
 
-    # Bad input, one line each, before any worker starts.
+    # Another base: its weights are compared where they are loaded, so a worker stops with the one line.
     other_base = save_tiny_digits(tmp_path / "other-flow", "flow", seed=1)
+    with pytest.raises(WorkerError, match=r"worker failed to start: model.noise_corrector .* was fitted for the base "
+                                          r"model .* not model.path .*other-flow' \(their weights differ\)"):
+        run_generate(load_config(None, [f"run.uri={tmp_path / 'bad'}", *generate, f"model.path={other_base}"]),
+                     progress=False)
+    # Bad input, one line each, before any worker starts.
     for overrides, message in [
-        ([f"model.path={other_base}"], r"was fitted for the base model .* not model.path .*other-flow"),
         (["model.num_inference_steps=8"], "fitted to inversions with 4 Euler steps; model.num_inference_steps is 8"),
         ([f"model.path={tiny_digits}"], "noise_corrector is set, but model.path .* samples with DDIMScheduler .* needs "
                                         "a flow model"),

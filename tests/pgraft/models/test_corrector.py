@@ -1,6 +1,7 @@
 """pgraft.models.corrector: the Gaussian fit against closed forms, the card checks, save/load."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -9,15 +10,15 @@ import torch
 from pgraft import contract
 from pgraft.models.corrector import (
     NoiseCorrector,
+    base_weights_digest,
     check_card,
     corrector_card,
     corrector_network,
     fit_gaussian,
-    flow_training_pair,
     load_corrector,
     save_corrector,
 )
-from pgraft.models.fetch import ModelError, model_digest
+from pgraft.models.fetch import ModelError
 
 
 def correlated_noises(n=4000, seed=0):
@@ -63,19 +64,22 @@ def test_gaussian_corrector_draws_the_fitted_distribution():
     assert torch.allclose(torch.cov(flat.T), (fit.scale @ fit.scale.T).double(), atol=0.08)
 
 
-def test_flow_training_pair_is_rectified_flow():
+def test_residual_training_pair_is_rectified_flow_less_the_gaussian_velocity():
+    from pgraft.models.corrector import gaussian_velocity, residual_training_pair
+
     u, eps = torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2)
     t = torch.tensor([0.0, 250.0, 900.0])
-    x_s, target = flow_training_pair(u, eps, t)
+    x_s, target = residual_training_pair(u, eps, t)
     s = (t / 1000).view(-1, 1, 1, 1)
     assert torch.allclose(x_s, (1 - s) * u + s * eps, atol=1e-6)
-    assert torch.allclose(target, eps - u, atol=1e-5)
+    assert torch.allclose(target + gaussian_velocity(x_s, t / 1000), eps - u, atol=1e-5)
+    assert torch.allclose(target[0], eps[0] - u[0] + u[0], atol=1e-6)  # s = 0: v_G(u, 0) = −u
 
 
 def _base(tmp_path, name="base"):
     folder = tmp_path / name
     (folder / "unet").mkdir(parents=True)
-    (folder / "unet" / "weights.bin").write_bytes(name.encode())
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(name.encode())
     return str(folder)
 
 
@@ -85,7 +89,7 @@ def test_save_load_and_card_checks(tmp_path):
     fit = fit_gaussian(torch.randn(300, 1, 8, 8), "full")
     torch.manual_seed(0)
     net = corrector_network((1, 8, 8), [8, 16], 1)
-    card = corrector_card("flow", base, model_digest(base), 8, [1, 8, 8], 1.0, "runs/x/inversion/a", 300, 3, "full")
+    card = corrector_card("flow", base, base_weights_digest(base), 8, [1, 8, 8], 1.0, "runs/x/inversion/a", 300, 3, "full")
     save_corrector(tmp_path / "c", card, fit, net)
     loaded = load_corrector(str(tmp_path / "c"))
     assert loaded.card == json.loads((tmp_path / "c" / contract.CORRECTOR_CARD).read_text())
@@ -96,10 +100,13 @@ def test_save_load_and_card_checks(tmp_path):
     one_step = NoiseCorrector({**card, "sampling_steps": 1}, fit, net).flops_per_sample() - fit.flops_per_sample()
     assert one_step > 0 and loaded.flops_per_sample() == 3 * one_step + fit.flops_per_sample()
 
-    check_card(loaded.card, "c", base, 8, (1, 8, 8))
+    check_card(loaded.card, "c", base, 8, (1, 8, 8), base_folder=base)
+    copy = tmp_path / "copy"  # the same weights elsewhere (another node, storage) are the same base
+    shutil.copytree(base, copy)
+    check_card(loaded.card, "c", str(copy), 8, (1, 8, 8), base_folder=copy)
     other = _base(tmp_path, "other")
-    with pytest.raises(ModelError, match="was fitted for the base model .* not model.path .*other"):
-        check_card(loaded.card, "c", other, 8, (1, 8, 8))
+    with pytest.raises(ModelError, match=r"was fitted for the base model .* not model.path .*other' \(their weights differ\)"):
+        check_card(loaded.card, "c", other, 8, (1, 8, 8), base_folder=other)
     with pytest.raises(ModelError, match="fitted to inversions with 8 Euler steps; model.num_inference_steps is 4"):
         check_card(loaded.card, "c", base, 4, (1, 8, 8))
     with pytest.raises(ModelError, match=r"makes latents of shape \(1, 8, 8\); the model takes \(4, 8, 8\)"):
