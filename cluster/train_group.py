@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -113,6 +114,41 @@ def resume(engine, fingerprint: str, steps: int, where: str, name_key: str) -> i
         raise TrainError(f"{where} holds a checkpoint at step {step}, past the {steps} steps configured; "
                          f"use another {name_key}, or delete that folder to train again")
     return step
+
+
+def run_steps(engine, ds_config: dict, section, rank: int, n: int, first_step: int, micro_loss, what: str,
+              fingerprint: str, progress: bool) -> tuple[list[float], float]:
+    """The seeded step loop every trainer runs, from `first_step` to `section.steps`.
+
+    Each step takes the global batch of `global_batch` over `n` items, this rank's slice of
+    it, and `accum` micro batches; `micro_loss(idx, gen)` returns one micro batch's loss, its
+    randomness drawn from `gen` = step_generator(seed, 2, step, rank, micro), so a resumed run
+    ends with the weights of one that never stopped. Rank 0 prints a line every tenth of the
+    run (a redrawn bar would become a line per refresh in a job log); a checkpoint is reported
+    every `section.checkpoint_every` steps and at the end. Returns (loss per step, seconds in steps)."""
+    micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
+    report_every = max(1, section.steps // 10) if progress and rank == 0 else 0
+    losses, step_seconds = [], 0.0
+    engine.train()
+    for step in range(first_step, section.steps):
+        t0 = time.perf_counter()
+        mine = global_batch(n, section.batch_size, step, section.seed)[rank * micro * accum:(rank + 1) * micro * accum]
+        step_loss = 0.0
+        for m in range(accum):
+            loss = micro_loss(mine[m * micro:(m + 1) * micro], step_generator(section.seed, 2, step, rank, m))
+            engine.backward(loss)
+            engine.step()
+            step_loss += loss.item() / accum
+        losses.append(step_loss)
+        step_seconds += time.perf_counter() - t0
+        done = step + 1
+        if report_every and (done % report_every == 0 or done == section.steps):
+            rate = (done - first_step) * section.batch_size / step_seconds
+            print(f"{what}: step {done}/{section.steps}, loss {np.mean(losses[-20:]):.4f}, {rate:.0f} samples/s",
+                  flush=True)
+        if done % section.checkpoint_every == 0 or done == section.steps:
+            save_and_report(engine, done, {"loss": float(np.mean(losses[-20:]))}, fingerprint)
+    return losses, step_seconds
 
 
 def first_user_error(exc: Exception) -> Exception:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import cluster
-from cluster.train_group import deepspeed_config, fit, global_batch, join_group, resume, save_and_report, step_generator
+from cluster.train_group import deepspeed_config, fit, join_group, resume, run_steps
 from pgraft import contract
 from pgraft.config import Config
 from pgraft.errors import PgraftError
@@ -149,39 +149,21 @@ def corrector_worker(params: dict) -> None:
     net = corrector_network(tuple(noises.shape[1:]), c.channels, c.layers_per_block)
     ds_config = deepspeed_config(c, "corrector", world, device)
     engine, _, _, _ = deepspeed.initialize(model=net, model_parameters=list(net.parameters()), config=ds_config)
-    micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     first_step = resume(engine, params["fingerprint"], c.steps,
                         storage.url(f"{contract.corrector_prefix(name)}/{contract.CHECKPOINTS_DIR}"), "corrector.name")
     dtype = next(engine.module.parameters()).dtype
-    losses, step_seconds = [], 0.0
-    report_every = max(1, c.steps // 10) if params.get("progress") and rank == 0 else 0
-    engine.train()
-    for step in range(first_step, c.steps):
-        t0 = time.perf_counter()
-        batch = global_batch(len(whitened), c.batch_size, step, c.seed)
-        mine = batch[rank * micro * accum:(rank + 1) * micro * accum]
-        step_loss = 0.0
-        for m in range(accum):
-            idx = mine[m * micro:(m + 1) * micro].to(device)
-            gen = step_generator(c.seed, 2, step, rank, m)
-            noise = torch.randn(whitened[idx].shape, generator=gen).to(device)
-            timesteps = (torch.rand(len(idx), generator=gen) * 1000).to(device)
-            data = whitened[idx]
-            if c.coupling == "ot":
-                data = data[minibatch_ot_pairs(noise, data)]
-            x_s, target = residual_training_pair(data, noise, timesteps)
-            pred = engine(x_s.to(dtype), timesteps).sample
-            loss = torch.nn.functional.mse_loss(pred.float(), target.float())
-            engine.backward(loss)
-            engine.step()
-            step_loss += loss.item() / accum
-        losses.append(step_loss)
-        step_seconds += time.perf_counter() - t0
-        done = step + 1
-        if report_every and (done % report_every == 0 or done == c.steps):
-            print(f"train-corrector {name}: step {done}/{c.steps}, loss {np.mean(losses[-50:]):.4f}", flush=True)
-        if done % c.checkpoint_every == 0 or done == c.steps:
-            save_and_report(engine, done, {"loss": float(np.mean(losses[-50:]))}, params["fingerprint"])
+
+    def micro_loss(idx, gen):
+        data = whitened[idx.to(device)]
+        noise = torch.randn(data.shape, generator=gen).to(device)
+        timesteps = (torch.rand(len(idx), generator=gen) * 1000).to(device)
+        if c.coupling == "ot":
+            data = data[minibatch_ot_pairs(noise, data)]
+        x_s, target = residual_training_pair(data, noise, timesteps)
+        return torch.nn.functional.mse_loss(engine(x_s.to(dtype), timesteps).sample.float(), target.float())
+
+    losses, _ = run_steps(engine, ds_config, c, rank, len(whitened), first_step, micro_loss, f"train-corrector {name}",
+                          params["fingerprint"], bool(params.get("progress")))
 
     nodes = [None] * world
     torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
@@ -193,7 +175,7 @@ def corrector_worker(params: dict) -> None:
         name=name, kind="flow", inversion=params["inversion_url"], samples=len(noises), left_out=left_out,
         parameters=sum(p.numel() for p in net.parameters()) + fit_result.parameters,
         base_parameters=_base_parameters(cfg.model.path), steps=c.steps, resumed_from=first_step,
-        final_loss=float(np.mean(losses[-50:])) if losses else None, seconds=time.perf_counter() - start,
+        final_loss=float(np.mean(losses[-20:])) if losses else None, seconds=time.perf_counter() - start,
         model_dir=model_dir, fingerprint=params["fingerprint"], nodes=nodes,
     )
     storage.put_bytes(contract.corrector_summary_key(name), json.dumps(asdict(summary), indent=1).encode())

@@ -16,7 +16,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from cluster.train_group import deepspeed_config, global_batch, join_group, resume, save_and_report, step_generator
+from cluster.train_group import deepspeed_config, join_group, resume, run_steps
 from pgraft import contract, targets
 from pgraft.config import Config
 from pgraft.storage import open_storage
@@ -66,47 +66,29 @@ def train_worker(params: dict) -> None:
     params_to_train = trainable_parameters(model.net, cfg.train.mode, cfg.train.lora_rank, cfg.train.lora_targets)
     ds_config = deepspeed_config(cfg.train, "train", world, device)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params_to_train, config=ds_config)
-    micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     first_step = resume(engine, params["fingerprint"], cfg.train.steps,
                         storage.url(f"{contract.train_prefix(cfg.run.round, name)}/{contract.CHECKPOINTS_DIR}"), "train.name")
 
     latents = data.latents.to(device)
     prompt_idx = torch.tensor([model.prompt_index[p] for p in data.prompts], device=device)
     dtype = next(p for p in engine.module.parameters()).dtype
-    losses, data_seconds, step_seconds = [], 0.0, 0.0
-    # Progress as a line every tenth of the run (rank 0): a worker's output reaches the driver
-    # through Ray's log forwarding, where a redrawn bar would print a line per refresh.
-    report_every = max(1, cfg.train.steps // 10) if params.get("progress") and rank == 0 else 0
-    engine.train()
-    for step in range(first_step, cfg.train.steps):
-        t0 = time.perf_counter()
-        batch = global_batch(len(latents), cfg.train.batch_size, step, cfg.train.seed)
-        mine = batch[rank * micro * accum:(rank + 1) * micro * accum]
-        step_loss = 0.0
-        for m in range(accum):
-            t_data = time.perf_counter()
-            idx = mine[m * micro:(m + 1) * micro].to(device)
-            gen = step_generator(cfg.train.seed, 2, step, rank, m)
-            noise = torch.randn(latents[idx].shape, generator=gen).to(device)
-            s_pick = torch.randint(0, len(visited), (len(idx),), generator=gen)
-            drop = (torch.rand(len(idx), generator=gen) < cfg.train.prompt_dropout).to(device)
-            s_steps = visited[s_pick].to(device)
-            x_s, target = targets.training_pair(latents[idx], coefficients(s_steps), t_coef, noise, prediction_type)
-            data_seconds += time.perf_counter() - t_data
-            pred = engine(x_s.to(dtype), s_steps, prompt_idx[idx], drop)
-            loss = torch.nn.functional.mse_loss(pred.float(), target.float())
-            engine.backward(loss)
-            engine.step()
-            step_loss += loss.item() / accum
-        losses.append(step_loss)
-        step_seconds += time.perf_counter() - t0
-        done = step + 1
-        if report_every and (done % report_every == 0 or done == cfg.train.steps):
-            rate = (done - first_step) * cfg.train.batch_size / step_seconds
-            print(f"train {name}: step {done}/{cfg.train.steps}, loss {np.mean(losses[-20:]):.4f}, {rate:.0f} samples/s",
-                  flush=True)
-        if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
-            save_and_report(engine, done, {"loss": float(np.mean(losses[-20:]))}, params["fingerprint"])
+    data_seconds = 0.0
+
+    def micro_loss(idx, gen):
+        nonlocal data_seconds
+        t_data = time.perf_counter()
+        idx = idx.to(device)
+        noise = torch.randn(latents[idx].shape, generator=gen).to(device)
+        s_pick = torch.randint(0, len(visited), (len(idx),), generator=gen)
+        drop = (torch.rand(len(idx), generator=gen) < cfg.train.prompt_dropout).to(device)
+        s_steps = visited[s_pick].to(device)
+        x_s, target = targets.training_pair(latents[idx], coefficients(s_steps), t_coef, noise, prediction_type)
+        data_seconds += time.perf_counter() - t_data
+        pred = engine(x_s.to(dtype), s_steps, prompt_idx[idx], drop)
+        return torch.nn.functional.mse_loss(pred.float(), target.float())
+
+    losses, step_seconds = run_steps(engine, ds_config, cfg.train, rank, len(latents), first_step, micro_loss,
+                                     f"train {name}", params["fingerprint"], bool(params.get("progress")))
 
     card = contract.composite_card(cfg.model.path, cfg.model.kind, cfg.train.mode, cfg.train.t_step, data.t_level,
                                    data.num_inference_steps, cfg.model.guidance_scale, [float(t) for t in visited])
