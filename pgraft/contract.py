@@ -79,12 +79,22 @@ def shard_name(shard_id: int) -> str:
     return f"shard-{shard_id:06d}"
 
 
+def shard_key_at(prefix: str, shard_id: int) -> str:
+    """A shard's tar under `prefix` (a round's generate/ folder, an inversion's shards/)."""
+    return f"{prefix}/{shard_name(shard_id)}.tar"
+
+
+def commit_key_at(prefix: str, shard_id: int) -> str:
+    """The commit record of shard `shard_id` under `prefix`."""
+    return f"{prefix}/{shard_name(shard_id)}.json"
+
+
 def shard_key(round_idx: int, shard_id: int) -> str:
-    return f"{generate_prefix(round_idx)}/{shard_name(shard_id)}.tar"
+    return shard_key_at(generate_prefix(round_idx), shard_id)
 
 
 def commit_key(round_idx: int, shard_id: int) -> str:
-    return f"{generate_prefix(round_idx)}/{shard_name(shard_id)}.json"
+    return commit_key_at(generate_prefix(round_idx), shard_id)
 
 
 def shard_id_of(key: str) -> int | None:

@@ -96,9 +96,8 @@ def commit_shard(storage: Storage, local_tar: str | Path, record: CommitRecord, 
 def commit_shard_at(storage: Storage, prefix: str, local_tar: str | Path, record: CommitRecord, shard_id: int) -> None:
     """Upload the tar, then its commit record. A crash between the two leaves an uncommitted
     tar that listing ignores and a rerun overwrites."""
-    name = contract.shard_name(shard_id)
-    storage.put_file(local_tar, f"{prefix}/{name}.tar")
-    storage.put_bytes(f"{prefix}/{name}.json", record.to_json())
+    storage.put_file(local_tar, contract.shard_key_at(prefix, shard_id))
+    storage.put_bytes(contract.commit_key_at(prefix, shard_id), record.to_json())
 
 
 def list_committed(storage: Storage, round_idx: int) -> dict[int, CommitRecord]:
@@ -114,7 +113,7 @@ def list_committed_at(storage: Storage, prefix: str) -> dict[int, CommitRecord]:
         if not key.endswith(".json"):
             continue
         shard_id = contract.shard_id_of(key)
-        if shard_id is None or f"{prefix}/{contract.shard_name(shard_id)}.tar" not in keys:
+        if shard_id is None or contract.shard_key_at(prefix, shard_id) not in keys:
             continue  # a record whose tar vanished counts as not committed: the unit is redone
         committed[shard_id] = CommitRecord.from_json(storage.get_bytes(key), where=storage.url(key))
     return committed
@@ -140,14 +139,13 @@ def read_shard_bytes(storage: Storage, round_idx: int, shard_id: int, record: Co
 def read_shard_bytes_at(storage: Storage, prefix: str, shard_id: int, record: CommitRecord | None, rerun: str) -> bytes:
     """The bytes of the tar `shard_id` under `prefix`, checked against its commit record when
     one is given; `rerun` is the command that rewrites a bad one."""
-    name = contract.shard_name(shard_id)
-    key = f"{prefix}/{name}.tar"
+    key = contract.shard_key_at(prefix, shard_id)
     data = storage.get_bytes(key)
     if record is not None:
         if len(data) != record.bytes or hashlib.sha256(data).hexdigest() != record.sha256:
             raise ShardError(
                 f"{storage.url(key)} does not match its commit record (size {len(data)} vs {record.bytes}); "
-                f"the shard is torn or was replaced: delete {prefix}/{name}.json and {rerun}"
+                f"the shard is torn or was replaced: delete {contract.commit_key_at(prefix, shard_id)} and {rerun}"
             )
     return data
 

@@ -105,9 +105,7 @@ class ModelAdapter:
     def _load_corrector(self, ref: str):
         from pgraft.models.corrector import check_card, load_corrector
 
-        if not self.is_flow:
-            raise ModelError(f"model.noise_corrector is set but {self.config.path!r} samples with "
-                             f"{type(self.pipe.scheduler).__name__}: noise correction needs a flow model")
+        self.require_flow()
         corrector = load_corrector(ref)
         check_card(corrector.card, ref, self.config.path, self.config.num_inference_steps, self.latent_shape(),
                    base_folder=self.path)
@@ -118,13 +116,16 @@ class ModelAdapter:
         """A flow-matching sampler (Euler steps of a learned velocity), the kind INC inverts."""
         return "FlowMatch" in type(self.pipe.scheduler).__name__
 
+    def require_flow(self) -> None:
+        if not self.is_flow:
+            raise ModelError(f"{self.config.path!r} samples with {type(self.pipe.scheduler).__name__}, an ε- or "
+                             "v-prediction sampler: inverse noise correction needs a flow model")
+
     def euler_grid(self):
         """The sampler's noise levels σ_0 = 1 … σ_K = 0 and the model's timestep at each step."""
         from pgraft.inversion import EulerGrid
 
-        if not self.is_flow:
-            raise ModelError(f"{self.config.path!r} samples with {type(self.pipe.scheduler).__name__}, an ε- or "
-                             "v-prediction sampler: inverse noise correction needs a flow model")
+        self.require_flow()
         scheduler = self.pipe.scheduler
         scheduler.set_timesteps(self.config.num_inference_steps, device="cpu")
         return EulerGrid(sigmas=scheduler.sigmas.float().cpu().clone(), timesteps=scheduler.timesteps.float().cpu().clone())
@@ -238,7 +239,7 @@ class ClassUNetAdapter(ModelAdapter):
         return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
 
     def velocity_field(self, prompts, guidance_scale):
-        self.euler_grid()  # the one-line error for a non-flow model
+        self.require_flow()
         labels = self.class_ids(prompts).to(self.device)
 
         @torch.no_grad()

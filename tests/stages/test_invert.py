@@ -65,13 +65,12 @@ def test_invert_task_digits_then_resume_only_the_missing_unit(ray_local, tiny_di
     assert (n, converged) == (40, summary.converged) and worst == pytest.approx(summary.reconstruction_error_max)
     assert summary.converged == sum(r.meta.converged for r in records)
 
-    before = {sid: store.get_bytes(f"{contract.inversion_shards_prefix('digits-train')}/{contract.shard_name(sid)}.tar")
-              for sid in range(3)}
-    store.delete(f"{contract.inversion_shards_prefix('digits-train')}/{contract.shard_name(1)}.json")
+    prefix = contract.inversion_shards_prefix("digits-train")
+    before = {sid: store.get_bytes(contract.shard_key_at(prefix, sid)) for sid in range(3)}
+    store.delete(contract.commit_key_at(prefix, 1))
     again = run_invert(cfg, progress=False)
     assert (again.samples, again.skipped) == (40, 2)  # only the uncommitted unit was redone
-    after = {sid: store.get_bytes(f"{contract.inversion_shards_prefix('digits-train')}/{contract.shard_name(sid)}.tar")
-             for sid in range(3)}
+    after = {sid: store.get_bytes(contract.shard_key_at(prefix, sid)) for sid in range(3)}
     assert after == before  # byte-identical redo
 
     with pytest.raises(InvertError, match=r"was made with invert.tolerance=1e-05, this config has 0.01; use another "
