@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 DEMO_RUN ?= runs/demo
 
-.PHONY: venv install install-test demo test bench clean cluster-up cluster-down
+.PHONY: venv install install-test demo test bench inc-study clean cluster-up cluster-down
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/generate_overhead.py
+
+# Inverse Noise Correction study (docs/DESIGN.md §5): ~35 min on 2 cores; needs models/digits
+# (`$(VENV)/bin/pgraft pretrain digits --out models/digits`). Writes benchmarks/results/inc_study.*
+inc-study: $(VENV)/.installed
+	$(PIP) install -q -e ".[test,bench]"
+	$(PY) benchmarks/inc_study.py
 
 # A two-node Ray cluster on this machine (head without CPUs + a worker node with the custom
 # resource gpu_node): `eval "$$(make -s cluster-up)"` exports RAY_ADDRESS, RAY_API_SERVER_ADDRESS,
