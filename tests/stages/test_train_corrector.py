@@ -143,24 +143,3 @@ def test_summary_round_trips(tmp_path):
                                         model_dir="m", fingerprint="f", nodes=["a"])
     back = contract.CorrectorSummary.from_json(json.dumps(asdict(summary)).encode(), "x")
     assert back == summary and "10.0% of the base model" in back.render()
-
-
-def test_inc_on_s3_models_and_run_named_by_location(ray_local, tiny_digits_flow, s3_uri, tmp_path):
-    """The base model, the inversion, the corrector and the samples all live in S3 (moto):
-    stages hand each other storage locations, workers fetch what they load."""
-    base = f"{s3_uri.rsplit('/', 1)[0]}/models/flow"
-    open_storage(base).upload_folder(tiny_digits_flow, "")
-    cfg = corrector_config(base, s3_uri, "invert.name=digits", "invert.limit=24", "invert.samples_per_shard=12",
-                           "invert.num_workers=1", "corrector.kind=gaussian", "corrector.include_unconverged=true")
-    inversion = run_invert(cfg, progress=False)
-    assert inversion.samples == 24 and inversion.location == f"{s3_uri}/inversion/digits"
-    summary = run_train_corrector(cfg, progress=False)
-    assert summary.model_dir == f"{s3_uri}/corrector/gaussian-digits/model" and summary.samples == 24
-    gen = load_config(None, [f"run.uri={s3_uri}/samples", f"model.path={base}", "model.num_inference_steps=4",
-                             "model.device=cpu", f"model.noise_corrector={summary.model_dir}",
-                             "generate.prompts=['']", "generate.samples_per_prompt=3", "generate.capture_steps=[1]",
-                             "generate.num_workers=1"])
-    run_generate(gen, progress=False)
-    store = open_storage(gen.run.uri)
-    samples = [s for sid, rec in list_committed(store, 0).items() for s in read_shard(store, 0, sid, rec)]
-    assert {s.meta.noise_corrector for s in samples} == {summary.model_dir}
