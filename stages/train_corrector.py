@@ -70,7 +70,8 @@ def load_inverse_noises(storage: Storage, inversion: str, include_unconverged: b
             noise = sample.latents[contract.INITIAL_NOISE]
             if not torch.isfinite(noise).all():
                 raise CorrectorError(f"{storage.url(prefix)}: the inverse noise of {sample.key} is not finite; "
-                                     "rerun `pgraft invert` with a smaller tolerance or more iterations")
+                                     "its inversion diverged (|η|·Lip(v) ≥ 1): invert with more Euler steps, or leave "
+                                     "non-converged inversions out (corrector.include_unconverged=false)")
             noises.append(noise)
     if len(noises) < 2:
         raise CorrectorError(f"{storage.url(contract.inversion_prefix(inversion))} has {len(noises)} usable inverse "

@@ -61,3 +61,28 @@ class KillWhen:
     def join(self) -> int | None:
         self.thread.join(timeout=5)
         return self.killed
+
+
+def watch_rig(state: Path, timeout: float = 600) -> dict:
+    """Start a thread that reads the loopback rig's state file as soon as `make cluster-up`
+    has written it (the node ids; the file is gone after `make cluster-down`). The returned
+    dict gains `"rig"` once read."""
+    import threading
+    import time
+
+    from cluster import loopback
+
+    seen: dict = {}
+
+    def remember() -> None:
+        deadline = time.time() + timeout
+        while "rig" not in seen and time.time() < deadline:
+            if state.exists():
+                try:
+                    seen["rig"] = loopback.load_state(state)
+                except (OSError, ValueError):
+                    pass  # still being written
+            time.sleep(0.2)
+
+    threading.Thread(target=remember, daemon=True).start()
+    return seen

@@ -11,14 +11,13 @@ import os
 import shlex
 import subprocess
 import textwrap
-import threading
-import time
 import uuid
 from pathlib import Path
 
 import boto3
 
 from cluster import loopback
+from helpers import watch_rig
 from pgraft import contract
 from pgraft.shards import list_committed, read_shard
 from pgraft.storage import open_storage
@@ -60,19 +59,7 @@ def test_inc_stages_as_ray_jobs_run_on_the_worker_node(tiny_digits_flow, s3_endp
     env.update(PGRAFT_LOOPBACK_STATE=str(state), CLUSTER_ARGS=(
         f"--num-cpus 2 --resource-count 8 --head-env PGRAFT_CACHE_DIR={tmp_path / 'head-cache'} "
         f"--worker-env PGRAFT_CACHE_DIR={tmp_path / 'worker-cache'}"))
-    seen = {}
-
-    def remember_rig() -> None:
-        deadline = time.time() + 600
-        while "rig" not in seen and time.time() < deadline:
-            if state.exists():
-                try:
-                    seen["rig"] = loopback.load_state(state)
-                except (OSError, ValueError):
-                    pass  # still being written
-            time.sleep(0.2)
-
-    threading.Thread(target=remember_rig, daemon=True).start()
+    seen = watch_rig(state)
     done = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"a job failed:\n{done.stdout[-4000:]}\n{done.stderr[-2000:]}"
     rig = seen["rig"]

@@ -13,15 +13,13 @@ import os
 import shlex
 import subprocess
 import textwrap
-import threading
-import time
 import uuid
 from pathlib import Path
 
 import boto3
 
 from cluster import loopback
-from helpers import KillWhen
+from helpers import KillWhen, watch_rig
 from pgraft.shards import list_committed
 from pgraft.storage import open_storage
 
@@ -62,20 +60,7 @@ def test_ray_job_submit_runs_a_round_with_all_model_work_on_the_worker_node(tiny
     env.update(PGRAFT_LOOPBACK_STATE=str(state), CLUSTER_ARGS=(
         f"--num-cpus 2 --resource-count 8 --head-env PGRAFT_CACHE_DIR={tmp_path / 'head-cache'} "
         f"--worker-env PGRAFT_CACHE_DIR={tmp_path / 'worker-cache'}"))
-    seen = {}
-
-    def remember_rig() -> None:  # the node ids, read from the state file while the rig is up
-        deadline = time.time() + 600
-        while "rig" not in seen and time.time() < deadline:
-            if state.exists():
-                try:
-                    seen["rig"] = loopback.load_state(state)
-                except (OSError, ValueError):
-                    pass  # still being written
-            time.sleep(0.2)
-
-    watcher = threading.Thread(target=remember_rig, daemon=True)
-    watcher.start()
+    seen = watch_rig(state)
     # Lost workers on the cluster: a generate actor once shards are being committed, a Ray Train
     # worker once Ray Train has registered its step-20 checkpoint in S3.
     run = open_storage(f"s3://{bucket}/run")
