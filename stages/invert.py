@@ -174,10 +174,13 @@ class InvertWorker:
         # Φ is the base sampler itself: a noise corrector plays no part in inverting it.
         self.adapter = load_adapter(self.cfg.model.model_copy(update={"noise_corrector": None, "finetuned": None}))
         self.grid = self.adapter.euler_grid()
+        self._task = None  # the task's data, loaded by the first unit that needs it
 
     def _points(self, unit: InvertUnit):
         if unit.indices:
-            x, prompts = _task_points(self.cfg)
+            if self._task is None:  # once per actor, not once per unit
+                self._task = _task_points(self.cfg)
+            x, prompts = self._task
             idx = list(unit.indices)
             return x[idx], [prompts[i] for i in idx], idx
         x, prompts = _tar_points(self.cfg.invert.data, unit, self.adapter.latent_shape())
