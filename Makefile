@@ -7,8 +7,9 @@ PIP    := $(PY) -m pip
 # and anything unpinned would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 DEMO_RUN ?= runs/demo
+DEMO_ARGS ?=
 
-.PHONY: venv install install-test demo test bench inc-study clean cluster-up cluster-down
+.PHONY: venv install install-test chromium demo demo-s3 test bench digits-study inc-study clean cluster-up cluster-down
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -29,19 +30,36 @@ venv: $(VENV)/.created
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed
 
+# Two P-GRAFT rounds of the embedded default (pretraining the digits task first if models/digits
+# is missing): prints a table per round and writes $(DEMO_RUN)/report.html. ~10 min on 2 cores.
 demo: $(VENV)/.installed
-	$(VENV)/bin/pgraft demo --config configs/digits.yaml --set run.uri=$(DEMO_RUN)
+	$(VENV)/bin/pgraft demo --config configs/digits.yaml --set run.rounds=2 --set run.uri=$(DEMO_RUN) $(DEMO_ARGS)
 
-test: $(VENV)/.installed
+# The same against S3: a moto S3 server on loopback holds the task's models and the run (both
+# made from scratch: pretraining included); the report is written to ./demo-report.html.
+demo-s3: $(VENV)/.installed
+	$(PY) -m cluster.local_s3 --bucket pgraft-demo -- $(VENV)/bin/pgraft demo --config configs/digits.yaml \
+	  --set run.rounds=2 --set run.uri=s3://pgraft-demo/runs/demo --set task.dir=s3://pgraft-demo/models/digits $(DEMO_ARGS)
+
+# The report test renders a page in headless Chromium: Debian's package, installed when missing.
+chromium:
+	@command -v chromium > /dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium > /dev/null; } \
+	  || { echo "make test needs Debian's chromium (apt-get install chromium, as root)"; exit 1; }
+
+test: $(VENV)/.installed chromium
 	$(PY) -m pytest -q tests
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/generate_overhead.py
 
+# GRAFT vs P-GRAFT at each captured t on the same accepted samples, 3 seeds (~30 min on 2
+# cores; needs models/digits). Writes benchmarks/results/digits_study.{json,md,png}.
+digits-study: $(VENV)/.installed
+	$(PY) benchmarks/digits_study.py
+
 # Inverse Noise Correction study (docs/DESIGN.md §5): ~35 min on 2 cores; needs models/digits
 # (`$(VENV)/bin/pgraft pretrain digits --out models/digits`). Writes benchmarks/results/inc_study.*
 inc-study: $(VENV)/.installed
-	$(PIP) install -q -e ".[test,bench]"
 	$(PY) benchmarks/inc_study.py
 
 # A two-node Ray cluster on this machine (head without CPUs + a worker node with the custom

@@ -248,11 +248,11 @@ def run_pool(pool: WorkerPool, method: str, items: list, on_result, desc: str, p
     `on_result(result)` runs here per item. A lost actor's item is retried by Ray on the
     restarted actor; a failure that survives the retries stops the pool and is re-raised as
     the worker's own error. The actors and their placement group are released at the end."""
-    from tqdm.auto import tqdm
+    from pgraft.progress import progress_bar
 
     queue = list(items)
     in_flight = {}
-    bar = tqdm(total=len(items), desc=desc, unit="unit", disable=not progress)
+    bar = progress_bar(len(items), desc, "unit", enabled=progress)
     try:
         for actor in pool.actors:
             if queue:

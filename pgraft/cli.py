@@ -58,11 +58,11 @@ def _run_and_print(name: str, args) -> None:
 
 def _guarded(name: str, fn) -> int:
     try:
-        fn()
+        result = fn()
     except USER_ERRORS as exc:
         print(f"pgraft {name}: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return result if isinstance(result, int) else 0  # a command's own exit code (status: 1 = incomplete)
 
 
 def _pretrain(args) -> None:
@@ -78,10 +78,28 @@ def _pretrain(args) -> None:
 
 
 def _demo(args) -> None:
+    from pgraft.report import write_report
     from pipelines.pgraft_round import run_round_pipeline
 
     cfg = load_config(args.config, args.overrides)
     run_round_pipeline(cfg, progress=not args.quiet)
+    print(f"report: {write_report(cfg.run.uri)} (pgraft report {cfg.run.uri} writes it again; "
+          f"pgraft status {cfg.run.uri} lists what each round holds)")
+
+
+def _status(args) -> int:
+    from pgraft.runs import read_run, render_status
+
+    run = read_run(args.run)
+    print(render_status(run))
+    return 0 if run.last_round_complete else 1
+
+
+def _report(args) -> None:
+    from pgraft.report import write_report
+
+    path = write_report(args.run, args.out, progress=not args.quiet)
+    print(f"report: {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,11 +122,23 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="run the round pipeline on the embedded default (pretrains digits if needed)")
     add_config_args(demo)
 
+    status = sub.add_parser("status", help="per round and stage, what a run holds and whether it is complete")
+    status.add_argument("run", help="the run's location (run.uri): a folder or s3://bucket/prefix")
+    report = sub.add_parser("report", help="one self-contained HTML page of a run: rewards, selections, evaluation, samples")
+    report.add_argument("run", help="the run's location (run.uri): a folder or s3://bucket/prefix")
+    report.add_argument("--out", default=None, help="HTML file to write (default: RUN/report.html for a local run, "
+                        "./<run name>-report.html for s3://)")
+    report.add_argument("--quiet", action="store_true")
+
     args, rest = parser.parse_known_args(argv)
     if args.command in STAGES:
         return run_stage(args.command, (argv if argv is not None else sys.argv[1:])[1:])
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "status":
+        return _guarded("status", lambda: _status(args))
+    if args.command == "report":
+        return _guarded("report", lambda: _report(args))
     if args.command == "pretrain":
         return _guarded("pretrain", lambda: _pretrain(args))
     return _guarded("demo", lambda: _demo(args))

@@ -163,7 +163,9 @@ class TrainSection(_Section):
     lora_rank: int = Field(8, ge=1, description="LoRA rank.")
     lora_targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
                                     description="Module names that get LoRA adapters.")
-    steps: int = Field(400, ge=1, description="Optimizer steps.")
+    steps: int = Field(400, ge=1, description="Optimizer steps (unless train.epochs is set).")
+    epochs: float | None = Field(None, gt=0, description="Passes over the accepted set: when set, the steps are "
+                                 "ceil(epochs × accepted / batch_size), so training scales with what the filter kept.")
     batch_size: int = Field(64, ge=1, description="Global batch size (micro batch × accumulation × processes).")
     micro_batch_size: int | None = Field(None, ge=1, description="Per-process micro batch (default: batch_size / processes).")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")

@@ -102,6 +102,12 @@ def shard_id_of(key: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def generate_plan_key(round_idx: int) -> str:
+    """What a round's generate stage set out to write ({"units", "samples"}), written before any
+    shard, so that `pgraft status` can tell a half-generated round from a finished one."""
+    return f"{generate_prefix(round_idx)}/plan.json"
+
+
 def rewards_prefix(round_idx: int, reward_name: str) -> str:
     return f"{round_prefix(round_idx)}/rewards/{reward_name}"
 
@@ -279,6 +285,10 @@ class TrainSummary:
     nodes: list[str] = field(default_factory=list)  # Ray node id of every rank
     fingerprint: str = ""  # of the accepted table and every setting that changes the weights
 
+    def headline(self) -> str:
+        return (f"train round {self.round}: {self.name}, {self.steps} steps on {self.samples} latents from x_{self.t_step}, "
+                f"final loss {self.final_loss:.4f}, {self.seconds:.1f} s on {self.processes} worker(s)")
+
     def render(self) -> str:
         level = "x_0 (GRAFT)" if self.t_level is None else f"x_{self.t_step} (t={self.t_level:g}, P-GRAFT)"
         return "\n".join([
@@ -312,6 +322,10 @@ class EvalSummary:
     def nodes(self) -> list[str]:
         """Ray nodes that sampled, scored or summarised any variant."""
         return sorted({node for v in self.variants.values() for node in v.get("nodes", [v["node_id"]])})
+
+    def headline(self) -> str:
+        parts = [f"{name} {v['reward_mean']:.4f} ± {v['reward_stderr']:.4f}" for name, v in self.variants.items()]
+        return f"evaluate round {self.round}: mean reward " + ", ".join(parts) + f" ({self.seconds:.1f} s)"
 
     def render(self) -> str:
         lines = [f"evaluate: round {self.round}, {self.samples_per_prompt} fresh samples per prompt, reward {self.reward}"]

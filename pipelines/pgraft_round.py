@@ -111,8 +111,9 @@ def run_round_pipeline(cfg: Config, progress: bool = True) -> list[dict]:
         for name, run_stage in runs:
             start = time.perf_counter()
             summary = run_stage(round_cfg, progress=progress)
-            print(summary.render())
-            record["stages"][name] = {"seconds": round(time.perf_counter() - start, 2),
+            seconds = time.perf_counter() - start
+            print(summary.headline(), flush=True)  # one line per finished stage: job logs stay readable
+            record["stages"][name] = {"seconds": round(seconds, 2),
                                       "nodes": sorted(getattr(summary, "nodes", []))}  # filter: in this process
             if name == "evaluate":
                 record["eval"] = {v: {"reward_mean": s["reward_mean"], "reward_stderr": s["reward_stderr"],
@@ -120,6 +121,9 @@ def run_round_pipeline(cfg: Config, progress: bool = True) -> list[dict]:
                                   for v, s in summary.variants.items()}
         storage.put_bytes(contract.pipeline_record_key(rnd), json.dumps(record, indent=1).encode())
         results.append(record)
+    from pgraft.runs import read_run, render_rounds_table
+
+    print(render_rounds_table(read_run(storage.uri)), flush=True)
     return results
 
 

@@ -76,6 +76,10 @@ class FilterSummary:
     location: str = ""
     notes: list[str] = field(default_factory=list)
 
+    def headline(self) -> str:
+        return (f"filter round {self.round}: selection {self.name} accepted {self.rows_accepted} of {self.rows_considered} "
+                f"({self.acceptance_rate:.1%}), implied KL {self.kl:.3f} nats" + (", reused" if self.reused else ""))
+
     def render(self) -> str:
         counts = list(self.per_prompt_accepted.values())
         lines = [

@@ -11,6 +11,7 @@ sample_idx), so the same config gives byte-identical shards.
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 import time
@@ -58,6 +59,11 @@ class GenerateSummary:
     captured: dict[str, int] = field(default_factory=dict)  # latent name -> timestep
     shard_prefix: str = ""
     nodes: list[str] = field(default_factory=list)  # Ray node ids the shards were written on
+
+    def headline(self) -> str:
+        """One line for job logs (the round pipeline prints one per finished stage)."""
+        return (f"generate round {self.round}: {self.units} shards ({self.written} written now, {self.skipped} already "
+                f"there), {self.samples_written} samples in {self.seconds:.1f} s on {self.workers} worker(s)")
 
     def render(self) -> str:
         rate = self.samples_written / self.seconds if self.seconds > 0 else 0.0
@@ -172,6 +178,8 @@ def run_generate(cfg: Config, progress: bool = True) -> GenerateSummary:
 
     rnd = cfg.run.round
     units = plan_units(len(prompts), cfg.generate.samples_per_prompt, cfg.generate.samples_per_shard)
+    storage.put_bytes(contract.generate_plan_key(rnd), json.dumps(
+        {"units": len(units), "samples": len(prompts) * cfg.generate.samples_per_prompt}).encode())
     committed = list_committed(storage, rnd)
     pending = [u for u in units if u.shard_id not in committed]
     summary = GenerateSummary(run_uri=storage.uri, round=rnd, units=len(units), skipped=len(units) - len(pending),

@@ -47,6 +47,11 @@ class RewardSummary:
     table_prefix: str
     nodes: list[str] = field(default_factory=list)  # Ray node ids the parts were scored on
 
+    def headline(self) -> str:
+        mean = "n/a" if self.reward_mean is None else f"{self.reward_mean:.4f}"
+        return (f"reward round {self.round}: table {self.table}, {self.shards} parts ({self.written} written now), "
+                f"{self.rows_written} rows scored in {self.seconds:.1f} s, mean reward of new rows {mean}")
+
     def render(self) -> str:
         mean = "n/a" if self.reward_mean is None else f"{self.reward_mean:.4f}"
         return "\n".join([

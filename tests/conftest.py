@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -24,38 +21,14 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("PGRAFT_S3_MAX_ATTEMPTS", "2")
 os.environ.setdefault("PGRAFT_S3_CONNECT_TIMEOUT", "2")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_moto(extra_env: dict | None = None) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = dict(os.environ, **(extra_env or {}))
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return proc, endpoint
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError("moto server exited at start")
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("moto server did not start within 30 s")
+from cluster.local_s3 import TEST_CREDENTIALS, free_port, start_moto  # noqa: E402,F401 (tests import them from here)
 
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A moto S3 server process on 127.0.0.1; its endpoint goes into the standard env vars,
     set before Ray starts so that Ray's workers inherit them."""
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing-secret-value",
-                      AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(TEST_CREDENTIALS)
     proc, endpoint = start_moto()
     os.environ["AWS_ENDPOINT_URL"] = endpoint
     yield endpoint
@@ -130,6 +103,18 @@ def tiny_sd3(tmp_path_factory):
     from tiny_models import save_tiny_sd3
 
     return save_tiny_sd3(tmp_path_factory.mktemp("models") / "sd3")
+
+
+@pytest.fixture(scope="session")
+def two_round_run(s3_endpoint, _ray_session_shutdown, tiny_digits, classifier_dir, tmp_path_factory):
+    """(config, pipeline records) of a finished two-round run (helpers.two_round_config), made
+    once per session: the pipeline test checks it, the status and report tests read it."""
+    from helpers import two_round_config
+    from pipelines.pgraft_round import run_round_pipeline
+
+    ensure_local_ray()
+    cfg = two_round_config(tmp_path_factory.mktemp("two-rounds") / "run", tiny_digits, classifier_dir)
+    return cfg, run_round_pipeline(cfg, progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
+
+from pgraft.progress import progress_bar
 
 NUM_CLASSES = 10
 NULL_CLASS = 10  # reserved label for the unconditional branch of classifier-free guidance
@@ -218,7 +219,8 @@ def train_base(kind: str, steps: int, seed: int = 0, batch_size: int = 128, lr: 
     gen = torch.Generator().manual_seed(seed + 1)
     losses = []
     unet.train()
-    for _ in tqdm(range(steps), desc=f"pretrain {kind}", disable=not progress, mininterval=2):
+    bar = progress_bar(steps, f"pretrain {kind}", "step", enabled=progress)
+    for _ in range(steps):
         idx = torch.randint(0, len(x), (batch_size,), generator=gen)
         labels = torch.where(torch.rand(batch_size, generator=gen) < LABEL_DROPOUT, NULL_CLASS, y[idx])
         model_in, t, target = _noise_and_target(kind, x[idx], train_sched, gen)
@@ -227,6 +229,8 @@ def train_base(kind: str, steps: int, seed: int = 0, batch_size: int = 128, lr: 
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        bar.update(1)
+    bar.close()
     unet.eval()
     return unet, sampler, float(np.mean(losses[-50:]))
 

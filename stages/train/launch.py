@@ -11,8 +11,11 @@ run's storage, the worker group restarted from the latest checkpoint after a los
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import math
 
+import pyarrow.parquet as pq
 import torch
 
 from cluster.train_group import deepspeed_config, fit
@@ -40,6 +43,11 @@ def train_fingerprint(cfg: Config, accepted: bytes) -> str:
     return digest.hexdigest()
 
 
+def steps_for_epochs(epochs: float, accepted: int, batch_size: int) -> int:
+    """Optimizer steps for `epochs` passes over `accepted` latents in batches of `batch_size`."""
+    return max(1, math.ceil(epochs * accepted / batch_size))
+
+
 def check_settings(cfg: Config) -> None:
     """Errors a worker would otherwise meet only after placement and model load."""
     if cfg.model.kind not in ("class_unet", "stable_diffusion"):
@@ -59,7 +67,11 @@ def run_train(cfg: Config, progress: bool = True) -> contract.TrainSummary:
     check_selection(storage, cfg, selection)
     check_model_folder(cfg.model)
     check_settings(cfg)
-    fingerprint = train_fingerprint(cfg, storage.get_bytes(contract.accepted_key(rnd, selection)))
+    accepted = storage.get_bytes(contract.accepted_key(rnd, selection))
+    if cfg.train.epochs is not None:
+        cfg.train.steps = steps_for_epochs(cfg.train.epochs, pq.read_metadata(io.BytesIO(accepted)).num_rows,
+                                           cfg.train.batch_size)
+    fingerprint = train_fingerprint(cfg, accepted)
     summary_key = contract.train_summary_key(rnd, name)
     if storage.exists(summary_key):
         done = contract.TrainSummary.from_json(storage.get_bytes(summary_key), storage.url(summary_key))

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
+import sys
 import textwrap
 import uuid
 from pathlib import Path
@@ -29,7 +31,7 @@ PIN = "{gpu_node: 1}"
 
 def readme_commands(sets: list[str]) -> str:
     """The README's loopback recipe as one bash script; `trap` brings the cluster down whatever happens."""
-    entry = " ".join(shlex.quote(a) for a in ["python", "pipelines/pgraft_round.py", "--quiet"]
+    entry = " ".join(shlex.quote(a) for a in ["python", "pipelines/pgraft_round.py"]
                      + [x for s in sets for x in ("--set", s)])
     return textwrap.dedent(f"""\
         set -e
@@ -94,3 +96,20 @@ def test_ray_job_submit_runs_a_round_with_all_model_work_on_the_worker_node(tiny
     assert not (tmp_path / "head-cache").exists()
     fetches = [json.loads(line) for line in (tmp_path / "worker-cache/models/fetch.log").read_text().splitlines()]
     assert len(fetches) == len({f["digest"] for f in fetches}) == 3, fetches
+
+    # The job log reads well: plain progress lines (no carriage-return redraws), one summary
+    # line per finished stage, and the rounds table at the end.
+    log = done.stdout
+    assert "\r" not in log
+    for headline in (r"generate round 0: 24 shards", r"reward round 0: table digits_alignment", r"filter round 0: selection",
+                     r"train round 0: best_of_n-4-t3, 80 steps", r"evaluate round 0: mean reward base"):
+        assert len(re.findall(rf"^{headline}", log, re.M)) == 1, headline
+    assert re.search(r"^generate round 0: 24/24 unit \(100%\)", log, re.M)
+    assert re.search(r"^round\s+samples\s+accepted\s+implied KL", log, re.M)
+    # What a user checks afterwards, straight from S3: status (exit 0: complete) and the report.
+    status = subprocess.run([sys.executable, "-m", "pgraft.cli", "status", f"s3://{bucket}/run"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and "last round 0: complete" in status.stdout, status.stdout + status.stderr
+    report = subprocess.run([sys.executable, "-m", "pgraft.cli", "report", f"s3://{bucket}/run", "--out",
+                             str(tmp_path / "report.html")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0 and "data-figure" in (tmp_path / "report.html").read_text(), report.stderr

@@ -4,12 +4,14 @@ the mean reward of fresh samples, by a margin a t-test finds clear."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import duckdb
 import numpy as np
 import pytest
 from scipy import stats
 
+from helpers import two_round_config
 from pgraft import contract
 from pgraft.config import load_config
 from pgraft.errors import PgraftError
@@ -20,19 +22,9 @@ from pipelines.pgraft_round import run_round_pipeline
 from stages.evaluate import trained_model
 
 
-def two_round_config(uri, tiny_digits, classifier_dir, *extra):
-    return load_config(None, [
-        f"run.uri={uri}", "run.rounds=2", "task.name=null", f"model.path={tiny_digits}",
-        "model.num_inference_steps=6", "model.device=cpu", "generate.prompts=[a handwritten digit 1, a handwritten digit 2]",
-        "generate.samples_per_prompt=8", "generate.samples_per_shard=8", "generate.capture_steps=[3]",
-        f"reward.model_path={classifier_dir}", "filter.n=4", "train.t_step=3", "train.steps=2", "train.batch_size=4",
-        "train.eval_samples_per_prompt=4", *extra,
-    ])
-
-
-def test_two_rounds_second_samples_from_the_first_model(ray_local, tiny_digits, classifier_dir, tmp_path):
-    cfg = two_round_config(tmp_path / "run", tiny_digits, classifier_dir)
-    results = run_round_pipeline(cfg, progress=False)
+def test_two_rounds_second_samples_from_the_first_model(two_round_run):
+    cfg, results = two_round_run
+    tmp_path = Path(cfg.run.uri).parent
     assert [r["round"] for r in results] == [0, 1]
     store = open_storage(cfg.run.uri)
     round1 = list_committed(store, 1)
@@ -42,6 +34,8 @@ def test_two_rounds_second_samples_from_the_first_model(ray_local, tiny_digits, 
     assert meta.finetuned == trained_model(first) and meta.round == 1
     card = json.loads((tmp_path / "run/round-001/train/best_of_n-4-t3/model/composite.json").read_text())
     assert card["switch_step"] == 3
+    trained = json.loads((tmp_path / "run/round-001/train/best_of_n-4-t3/summary.json").read_text())
+    assert trained["samples"] == 4 and trained["steps"] == 2  # train.epochs=2 over 4 accepted latents, batch 4
     # Evaluation ran in actors and left Parquet tables and a summary per round.
     for rnd in (0, 1):
         summary = json.loads((tmp_path / f"run/round-{rnd:03d}/eval/summary.json").read_text())

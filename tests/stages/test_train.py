@@ -27,6 +27,7 @@ from stages.filter import run_filter
 from stages.generate import run_generate
 from stages.reward import run_reward
 from stages.train import TrainError, global_batch, run_train
+from stages.train.launch import steps_for_epochs
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = ("train.selection=bo4", "train.t_step=3", "train.batch_size=8", "train.lr=1e-3")
@@ -85,6 +86,12 @@ def test_global_batches_are_seeded_epoch_permutations():
     assert sorted(first[:10]) == list(range(10))  # one epoch covers every sample once
     assert global_batch(10, 4, 1, 0).tolist() == global_batch(10, 4, 1, 0).tolist()
     assert global_batch(10, 4, 1, 0).tolist() != global_batch(10, 4, 1, 1).tolist()
+
+
+def test_epochs_set_the_steps_from_the_accepted_count():
+    assert steps_for_epochs(40, 160, 64) == 100  # 40 passes over 160 latents in batches of 64
+    assert steps_for_epochs(2, 4, 4) == 2 and steps_for_epochs(1.5, 10, 4) == 4  # a partial batch counts
+    assert steps_for_epochs(0.01, 4, 64) == 1  # never zero steps
 
 
 def test_train_exports_a_model_the_generate_stage_samples_from(run_dir, tiny_digits, classifier_dir):
