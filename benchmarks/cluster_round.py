@@ -51,7 +51,7 @@ def run_once(rig, run_uri: str, task_dir: str, args, cache: Path) -> dict:
     sets = [f"run.uri={run_uri}", f"task.dir={task_dir}", "model.device=auto",
             f"generate.samples_per_prompt={args.samples_per_prompt}", "generate.capture_steps=[15]",
             f"generate.resources={PIN}", f"reward.resources={PIN}", f"train.resources_per_worker={PIN}",
-            "train.t_step=15", f"train.steps={args.train_steps}", "train.checkpoint_every=25",
+            "train.t_step=15", "train.epochs=null", f"train.steps={args.train_steps}", "train.checkpoint_every=25",
             f"train.eval_samples_per_prompt={args.eval_samples}", "cluster.placement_timeout_s=120"]
     entry = ["python", "pipelines/pgraft_round.py", "--quiet", "--config", "configs/digits.yaml"]
     entry += [a for s in sets for a in ("--set", s)]

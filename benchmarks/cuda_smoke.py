@@ -52,7 +52,7 @@ def main() -> None:
 
     cfg = load_config(REPO / "configs/digits.yaml", [
         f"run.uri={tmp / 'run'}", f"task.dir={tmp / 'models'}", f"model.path={tmp / 'models/ddpm'}", "model.device=cuda",
-        "generate.samples_per_prompt=64", "generate.capture_steps=[15]", "reward.device=cuda", "train.steps=100",
+        "generate.samples_per_prompt=64", "generate.capture_steps=[15]", "reward.device=cuda", "train.epochs=null", "train.steps=100",
         "train.checkpoint_every=50",
     ])
     storage = open_storage(cfg.run.uri)

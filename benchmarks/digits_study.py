@@ -108,7 +108,7 @@ def run_seed(args, seed: int, run_uri: str, independent) -> dict:
             continue
         for k in [steps_total, *sorted(args.capture, reverse=True)]:
             train_cfg = sel_cfg.model_copy(deep=True)
-            train_cfg.train.t_step, train_cfg.train.steps = k, steps
+            train_cfg.train.t_step, train_cfg.train.steps, train_cfg.train.epochs = k, steps, None
             train_cfg.train.checkpoint_every = steps
             t1 = time.perf_counter()
             trained = run_train(train_cfg, progress=False)
@@ -135,10 +135,17 @@ def aggregate(runs: dict) -> dict:
     for label, entry in first["selections"].items():
         sel = {"kl": entry["kl"], "accepted": mean_and_stderr([runs[s]["selections"][label]["accepted"] for s in seeds]),
                "steps": [runs[s]["selections"][label]["steps"] for s in seeds], "levels": {}}
+        graft = str(max(int(k) for k in entry["levels"]))  # t_step = num_inference_steps: x_0
         for k, level in entry["levels"].items():
+            per_seed = [runs[s]["selections"][label]["levels"] for s in seeds]
             sel["levels"][k] = {"t_level": level["t_level"], **{
-                m: mean_and_stderr([runs[s]["selections"][label]["levels"][k][m] for s in seeds])
-                for m in ("reward", "alignment", *METRICS)}}
+                m: mean_and_stderr([levels[k][m] for levels in per_seed]) for m in ("reward", "alignment", *METRICS)}}
+            # Paired by seed (same generation, same accepted set, same evaluation seeds): P-GRAFT − GRAFT.
+            sel["levels"][k]["minus_graft"] = {
+                m: mean_and_stderr([levels[k][m] - levels[graft][m] for levels in per_seed]) for m in METRICS}
+        same = {runs[s]["selections"][label].get("same_accepted_set_as") for s in seeds}
+        if len(same) == 1 and None not in same:
+            sel["same_accepted_set_as"] = same.pop()
         out["selections"][label] = sel
     return out
 
@@ -158,13 +165,28 @@ def table(results: dict) -> str:
              f"Fréchet distance {_pm(b['frechet_distance'], 1)}, diversity {_pm(b['diversity'], 2)}.", "",
              "| selection | implied KL | accepted | trained on | reward gain | alignment gain (independent) | "
              "Fréchet distance | diversity |", "|---|---|---|---|---|---|---|---|"]
+    notes = []
     for label, sel in agg["selections"].items():
+        if sel.get("same_accepted_set_as"):
+            notes.append(f"{label}: accepted exactly the samples of {sel['same_accepted_set_as']} in every seed "
+                         "(dedup removed nothing), so its rows repeat those results.")
+            continue
         for k, level in sel["levels"].items():
             where = "x_0 (GRAFT, t = 0)" if level["t_level"] == 0 else f"x_{k} (P-GRAFT, t = {level['t_level']:g})"
             lines.append(f"| {label} | {sel['kl']:.3f} | {sel['accepted'][0]:.0f} | {where} | "
                          f"{_pm(level['reward_gain'])} | {_pm(level['alignment_gain'])} | "
                          f"{_pm(level['frechet_distance'], 1)} | {_pm(level['diversity'], 2)} |")
-    return "\n".join(lines) + "\n"
+    lines += ["", "P-GRAFT minus GRAFT, paired by seed (same samples, same accepted set, same evaluation seeds):", "",
+              "| selection | trained on | Δ reward gain | Δ alignment gain | Δ Fréchet distance | Δ diversity |",
+              "|---|---|---|---|---|---|"]
+    for label, sel in agg["selections"].items():
+        for k, level in sel["levels"].items():
+            if level["t_level"] == 0 or sel.get("same_accepted_set_as"):
+                continue
+            d = level["minus_graft"]
+            lines.append(f"| {label} | x_{k} (t = {level['t_level']:g}) | {_pm(d['reward_gain'])} | "
+                         f"{_pm(d['alignment_gain'])} | {_pm(d['frechet_distance'], 1)} | {_pm(d['diversity'], 2)} |")
+    return "\n".join(lines + [""] + notes) + "\n"
 
 
 def plot(results: dict, path: Path) -> None:
@@ -177,7 +199,8 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
     titles = {"reward_gain": "reward gain", "alignment_gain": "alignment gain (independent classifier)",
               "frechet_distance": "Fréchet distance", "diversity": "within-prompt diversity"}
-    for (label, sel), marker in zip(agg["selections"].items(), ("o", "s")):
+    shown = {label: sel for label, sel in agg["selections"].items() if not sel.get("same_accepted_set_as")}
+    for (label, sel), marker in zip(shown.items(), ("o", "s")):
         levels = sorted(sel["levels"].values(), key=lambda v: v["t_level"])
         t = [v["t_level"] for v in levels]
         for ax, metric in zip(axes, METRICS):
@@ -204,7 +227,14 @@ def main() -> None:
     parser.add_argument("--eval-samples-per-prompt", type=int, default=50)
     parser.add_argument("--run", default=None, help="run folder (default: a new temp folder)")
     parser.add_argument("--out", default="benchmarks/results/digits_study")
+    parser.add_argument("--tables-only", action="store_true", help="rewrite <out>.md and .png from <out>.json")
     args = parser.parse_args()
+    out = Path(args.out)
+    if args.tables_only:
+        results = json.loads(out.with_suffix(".json").read_text())
+        results["aggregate"] = aggregate(results["runs"])
+        write_results(results, out)
+        return
 
     import ray
 
@@ -224,13 +254,17 @@ def main() -> None:
                "independent_classifier_accuracy": accuracy, "runs": {str(s): r for s, r in runs.items()},
                "seconds": time.perf_counter() - start}
     results["aggregate"] = aggregate(runs)
-    out = Path(args.out)
+    write_results(results, out)
+    print(f"in {results['seconds'] / 60:.1f} min")
+
+
+def write_results(results: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     out.with_suffix(".md").write_text(table(results))
     plot(results, out.with_suffix(".png"))
     print(table(results))
-    print(f"wrote {out}.json, .md, .png in {results['seconds'] / 60:.1f} min")
+    print(f"wrote {out}.json, .md, .png")
 
 
 if __name__ == "__main__":

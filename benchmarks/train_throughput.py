@@ -73,7 +73,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config("configs/digits.yaml", [
             f"run.uri={tmp}/run", f"model.path={args.model}", f"reward.model_path={args.classifier}",
-            "generate.capture_steps=[15]", "train.t_step=15", f"train.steps={args.steps}",
+            "generate.capture_steps=[15]", "train.t_step=15", "train.epochs=null", f"train.steps={args.steps}",
             f"train.batch_size={args.batch}", "train.checkpoint_every=100000", "model.device=cpu",
         ])
         for stage in (run_generate, run_reward, run_filter):

@@ -238,9 +238,15 @@ def _round_section(rd: RoundData) -> str:
         out.append(f'<p class="incomplete" data-round-state="incomplete">Round {rnd} is not finished: {html.escape(missing)}. '
                    "It is shown as far as it goes; rerun the stages named (they resume).</p>")
     stage_seconds = (st.pipeline or {}).get("stages", {})
-    rows = [f"<td>{html.escape(s.stage)}</td><td>{html.escape(s.name or '-')}</td><td>{s.state}</td>"
-            + _cell(stage_seconds.get(s.stage, {}).get("seconds"), f"round{rnd}.pipeline.{s.stage}.seconds", 1)
-            + f"<td>{html.escape(s.detail)}</td>" for s in st.stages]
+    rows = []
+    for s in st.stages:
+        if s.stage in stage_seconds:  # the round pipeline's wall time of the whole stage
+            seconds = _cell(stage_seconds[s.stage]["seconds"], f"round{rnd}.pipeline.{s.stage}.seconds", 1)
+        else:  # a stage run by hand: its own summary's time, where it records one
+            seconds = _cell((s.summary or {}).get("seconds"), f"round{rnd}.{s.stage}.{s.name}.seconds" if s.summary
+                            and "seconds" in s.summary else None, 1)
+        rows.append(f"<td>{html.escape(s.stage)}</td><td>{html.escape(s.name or '-')}</td><td>{s.state}</td>"
+                    f"{seconds}<td>{html.escape(s.detail)}</td>")
     out.append(f"<p>Samples planned: <span data-figure='round{rnd}.generate.samples'>{rd.samples}</span></p>")
     out.append(_table(["stage", "name", "state", "wall time (s)", "what exists"], rows))
     selections = [s.summary for s in st.of("filter") if s.state == COMPLETE]

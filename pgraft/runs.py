@@ -107,47 +107,49 @@ def _generate_state(storage: Storage, keys: set[str], rnd: int, config: dict) ->
                       summary=plan), committed
 
 
+def _named_states(keys: list[str], base: str, stage: str, missing: str, state_of) -> list[StageState]:
+    """`state_of(name)` for every output folder under `base` (tables, selections, trainings),
+    or one MISSING state when there is none."""
+    return [state_of(name) for name in _names_under(keys, base)] or [StageState(stage, "", MISSING, missing)]
+
+
 def _reward_states(keys: list[str], rnd: int, shards: int, generated: bool) -> list[StageState]:
     base = f"{contract.round_prefix(rnd)}/rewards"
-    states = []
-    for table in _names_under(keys, base):
+
+    def state_of(table: str) -> StageState:
         parts = sum(1 for k in keys if k.startswith(f"{base}/{table}/") and contract.part_shard_id(k) is not None)
-        state = COMPLETE if generated and parts >= shards else PARTIAL
-        states.append(StageState("reward", table, state, f"{parts}/{shards} parts"))
-    return states or [StageState("reward", "", MISSING, "no reward table")]
+        return StageState("reward", table, COMPLETE if generated and parts >= shards else PARTIAL, f"{parts}/{shards} parts")
+
+    return _named_states(keys, base, "reward", "no reward table", state_of)
 
 
 def _filter_states(storage: Storage, keys: list[str], rnd: int) -> list[StageState]:
-    base = f"{contract.round_prefix(rnd)}/filter"
-    states = []
-    for name in _names_under(keys, base):
+    def state_of(name: str) -> StageState:
         summary = _json(storage, contract.selection_summary_key(rnd, name))
         if summary is None:
-            states.append(StageState("filter", name, PARTIAL, "no summary.json (interrupted): rerun the filter"))
-            continue
+            return StageState("filter", name, PARTIAL, "no summary.json (interrupted): rerun the filter")
         params = " ".join(f"{k}={v}" for k, v in summary["parameters"].items() if k != "seed")
-        states.append(StageState("filter", name, COMPLETE,
-                                 f"{summary['method']} {params}: {summary['rows_accepted']} of {summary['rows_considered']} "
-                                 f"accepted, implied KL {summary['kl']:.3f}", summary))
-    return states or [StageState("filter", "", MISSING, "no selection")]
+        return StageState("filter", name, COMPLETE, f"{summary['method']} {params}: {summary['rows_accepted']} of "
+                          f"{summary['rows_considered']} accepted, implied KL {summary['kl']:.3f}", summary)
+
+    return _named_states(keys, f"{contract.round_prefix(rnd)}/filter", "filter", "no selection", state_of)
 
 
 def _train_states(storage: Storage, keys: list[str], rnd: int) -> list[StageState]:
     base = f"{contract.round_prefix(rnd)}/train"
-    states = []
-    for name in _names_under(keys, base):
+
+    def state_of(name: str) -> StageState:
         summary = _json(storage, contract.train_summary_key(rnd, name))
         card = f"{contract.model_prefix(rnd, name)}/{contract.COMPOSITE_CARD}" in keys
-        steps = sorted({int(m.group(1)) for k in keys if k.startswith(f"{base}/{name}/")
-                        for m in [_CHECKPOINT_RE.search(k)] if m})
+        steps = {int(m.group(1)) for k in keys if k.startswith(f"{base}/{name}/") for m in [_CHECKPOINT_RE.search(k)] if m}
         checkpoints = f"{len(steps)} checkpoint(s)" if steps else "no checkpoint"
         if summary is not None and card:
-            states.append(StageState("train", name, COMPLETE, f"{summary['steps']} steps on {summary['samples']} latents "
-                                     f"from x_{summary['t_step']}; model exported; {checkpoints}", summary))
-        else:
-            what = "model folder without summary" if card else "not exported"
-            states.append(StageState("train", name, PARTIAL, f"{checkpoints}, {what}: rerun train to resume"))
-    return states or [StageState("train", "", MISSING, "not trained")]
+            return StageState("train", name, COMPLETE, f"{summary['steps']} steps on {summary['samples']} latents "
+                              f"from x_{summary['t_step']}; model exported; {checkpoints}", summary)
+        what = "model folder without summary" if card else "not exported"
+        return StageState("train", name, PARTIAL, f"{checkpoints}, {what}: rerun train to resume")
+
+    return _named_states(keys, base, "train", "not trained", state_of)
 
 
 def _eval_state(storage: Storage, keys: list[str], rnd: int) -> StageState:

@@ -27,9 +27,10 @@ from stages.train.data import check_selection
 from stages.train.errors import TrainError
 from stages.train.loop import train_worker
 
-# Train settings that change nothing in the weights: where and how the work is placed and kept.
+# Train settings that change nothing in the weights: where and how the work is placed and kept,
+# and `epochs`, which acts only through the steps it resolves to (those are fingerprinted).
 _PLACEMENT_ONLY = {"name", "cpus_per_worker", "resources_per_worker", "max_failures", "keep_checkpoints",
-                   "checkpoint_every", "eval_samples_per_prompt"}
+                   "checkpoint_every", "eval_samples_per_prompt", "epochs"}
 
 
 def train_fingerprint(cfg: Config, accepted: bytes) -> str:

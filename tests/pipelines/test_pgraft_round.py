@@ -84,7 +84,7 @@ def test_one_pgraft_round_raises_the_reward_of_fresh_samples(ray_local, tmp_path
     cfg = load_config("configs/digits.yaml", [
         f"run.uri={tmp_path / 'run'}", f"task.dir={models}",
         "generate.samples_per_prompt=64", "generate.capture_steps=[15]", "filter.n=8",
-        "train.t_step=15", "train.steps=200", "train.lr=1e-4", "train.eval_samples_per_prompt=100",
+        "train.t_step=15", "train.epochs=null", "train.steps=200", "train.lr=1e-4", "train.eval_samples_per_prompt=100",
     ])
     run_round_pipeline(cfg, progress=False)
     store = open_storage(cfg.run.uri)
