@@ -226,7 +226,7 @@ _STYLE = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
 table{border-collapse:collapse;margin:8px 0 16px}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}
 th{background:#f2f2f2}.incomplete{background:#fff4d6;border:1px solid #e0b000;padding:6px 10px}
-img.plot{max-width:100%}img.grid{image-rendering:pixelated;height:48px}
+img.plot{max-width:100%}img.grid{image-rendering:pixelated;height:32px}.wide{overflow-x:auto}
 """
 
 
@@ -307,7 +307,7 @@ def _grid_section(storage: Storage, run: RunState, eval_rows: list[dict], prompt
                         if images[label].get(p) else "<td>n/a</td>" for label, _, _ in columns)
         rows.append(f"<td>{html.escape(name)}</td>{cells}")
     return (f"<h2>Samples</h2><p>The first {GRID_SAMPLES} evaluation seeds of each prompt, the same seeds in every column.</p>"
-            + _table(["prompt"] + [c[0] for c in columns], rows))
+            + '<div class="wide">' + _table(["prompt"] + [c[0] for c in columns], rows) + "</div>")
 
 
 def render_report(uri: str, progress: bool = False) -> str:
