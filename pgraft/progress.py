@@ -2,7 +2,8 @@
 
 On a terminal, a tqdm bar redrawn in place. Anywhere else (`ray job logs`, a CI log, a file) a
 redrawn bar is one line per refresh glued together by carriage returns, so there we print a
-plain line at every tenth of the work, and at most one a minute in between.
+plain line each time another tenth of the work is done, and one after any update that comes more
+than a minute after the last line.
 """
 
 from __future__ import annotations
@@ -10,8 +11,7 @@ from __future__ import annotations
 import sys
 import time
 
-LINE_FRACTION = 0.1  # a plain line at every tenth of the work
-LINE_MAX_SECONDS = 60.0  # and at least one a minute on long steps
+LINE_MAX_SECONDS = 60.0  # a line on the first update after this long without one, tenth or not
 
 
 class LineProgress:
@@ -21,16 +21,19 @@ class LineProgress:
         self.total, self.desc, self.unit, self.n = total, desc, unit, 0
         self.stream = stream or sys.stderr
         self.start = self.last_time = time.perf_counter()
-        self.next_mark = max(1, round(total * LINE_FRACTION))
+        self.tenths_shown = 0  # lines printed at tenths so far: the next is due at ceil(total × (tenths_shown+1)/10)
         self.closed = False
+
+    def _tenths_done(self) -> int:
+        return int(self.n * 10 // self.total) if self.total else 0
 
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.perf_counter()
-        if self.n >= self.next_mark or self.n == self.total or now - self.last_time >= LINE_MAX_SECONDS:
+        tenths = self._tenths_done()
+        if tenths > self.tenths_shown or now - self.last_time >= LINE_MAX_SECONDS:
             self._line(now)
-            while self.next_mark <= self.n:
-                self.next_mark += max(1, round(self.total * LINE_FRACTION))
+            self.tenths_shown = tenths
 
     def _line(self, now: float) -> None:
         elapsed = now - self.start

@@ -15,6 +15,7 @@ it comes from, so a test (or a reader) can check the page against storage.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import math
@@ -47,6 +48,7 @@ def threshold_sweep(rewards: np.ndarray, points: int = 200) -> tuple[np.ndarray,
     return taus, acceptance, -np.log(acceptance)
 
 
+@functools.lru_cache(maxsize=8)
 def family_curves(group_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(acceptance, KL) of best-of-N (N = 1..M) and top-K of M (K = 1..M), M = `group_size`."""
     ns = np.arange(1, group_size + 1)
@@ -160,33 +162,38 @@ def _thumbnail_strip(images: list[np.ndarray]) -> str:
 # Reading the run ---------------------------------------------------------------------------
 
 @dataclass
+class TableData:
+    rewards: np.ndarray  # finite rewards of every sample in the table
+    group_size: int  # the most common samples-per-prompt (M of the top-K curve)
+    accepted: dict[str, np.ndarray]  # selection name → accepted rewards, for the selections made from this table
+    selections: list[dict]  # their summaries
+
+
+@dataclass
 class RoundData:
     state: RoundState
     samples: int
-    rewards: np.ndarray | None  # the round's first complete reward table
-    reward_table: str
-    group_size: int  # the most common samples-per-prompt (M of the top-K curve)
-    accepted: dict[str, np.ndarray]  # selection name → accepted rewards
+    tables: dict[str, TableData]  # every complete reward table that a selection used (or the first one)
+
+
+def read_table(storage: Storage, rnd: int, table_name: str, selections: list[dict]) -> TableData:
+    parts = list_reward_parts(storage, rnd, table_name)
+    table = read_reward_table(storage, [parts[k] for k in sorted(parts)], columns=["prompt_id", "reward"]).table
+    rewards = table["reward"].to_numpy(zero_copy_only=False)
+    counts = np.bincount(np.unique(table["prompt_id"].to_numpy(), return_inverse=True)[1])
+    accepted = {s["name"]: read_parquet(storage, contract.accepted_key(rnd, s["name"]))["reward"].to_numpy()
+                for s in selections}
+    return TableData(rewards[np.isfinite(rewards)], int(np.bincount(counts).argmax()), accepted, selections)
 
 
 def read_round(storage: Storage, state: RoundState) -> RoundData:
-    rnd = state.round
-    tables = [s.name for s in state.of("reward") if s.state == COMPLETE]
-    rewards, table_name, group = None, "", 1
-    if tables:
-        table_name = tables[0]
-        parts = list_reward_parts(storage, rnd, table_name)
-        table = read_reward_table(storage, [parts[k] for k in sorted(parts)], columns=["prompt_id", "reward"]).table
-        rewards = table["reward"].to_numpy(zero_copy_only=False)
-        counts = np.bincount(np.unique(table["prompt_id"].to_numpy(), return_inverse=True)[1])
-        group = int(np.bincount(counts).argmax())
-        rewards = rewards[np.isfinite(rewards)]
-    accepted = {}
-    for s in state.of("filter"):
-        if s.state == COMPLETE and s.summary["reward_table"] == table_name:
-            accepted[s.name] = read_parquet(storage, contract.accepted_key(rnd, s.name))["reward"].to_numpy()
+    tables = state.done("reward")
+    selections = [s.summary for s in state.done("filter").values() if s.summary["reward_table"] in tables]
+    used = sorted({s["reward_table"] for s in selections}) or sorted(tables)[:1]
     generate = state.of("generate")[0].summary or {}
-    return RoundData(state, int(generate.get("samples", 0)), rewards, table_name, group, accepted)
+    return RoundData(state, int(generate.get("samples", 0)),
+                     {name: read_table(storage, state.round, name, [s for s in selections if s["reward_table"] == name])
+                      for name in used})
 
 
 def eval_images(storage: Storage, round_idx: int, variant: str, per_prompt: int) -> dict[int, list[np.ndarray]]:
@@ -240,7 +247,7 @@ def _round_section(rd: RoundData) -> str:
     stage_seconds = (st.pipeline or {}).get("stages", {})
     rows = []
     for s in st.stages:
-        if s.stage in stage_seconds:  # the round pipeline's wall time of the whole stage
+        if s.stage in stage_seconds and len(st.of(s.stage)) == 1:  # the round pipeline's wall time of the stage
             seconds = _cell(stage_seconds[s.stage]["seconds"], f"round{rnd}.pipeline.{s.stage}.seconds", 1)
         else:  # a stage run by hand: its own summary's time, where it records one
             seconds = _cell((s.summary or {}).get("seconds"), f"round{rnd}.{s.stage}.{s.name}.seconds" if s.summary
@@ -262,14 +269,17 @@ def _round_section(rd: RoundData) -> str:
         out.append("<h3>Selections</h3>" + _table(
             ["selection", "method", "parameters", "considered", "accepted", "acceptance", "implied KL (nats)",
              "plug-in KL"], rows))
-    if rd.rewards is not None and len(rd.rewards):
-        out.append(f"<h3>Rewards ({html.escape(rd.reward_table)})</h3>")
-        out.append(f'<img class="plot" alt="reward histogram round {rnd}" src="{histogram_figure(rd.rewards, rd.accepted)}">')
-        out.append("<h3>GRS trade-off</h3><p>Left: acceptance and implied KL of a threshold on this round's rewards; "
-                   "right: KL against acceptance for each rule (best-of-N and top-K in closed form, "
-                   f"M = {rd.group_size} samples per prompt). Stars: this round's selections.</p>")
-        sel = [s for s in selections if s["reward_table"] == rd.reward_table]
-        out.append(f'<img class="plot" alt="GRS trade-off round {rnd}" src="{tradeoff_figure(rd.rewards, rd.group_size, sel)}">')
+    for name, td in rd.tables.items():
+        if not len(td.rewards):
+            continue
+        out.append(f"<h3>Rewards ({html.escape(name)})</h3>")
+        out.append(f'<img class="plot" alt="reward histogram round {rnd} {html.escape(name)}" '
+                   f'src="{histogram_figure(td.rewards, td.accepted)}">')
+        out.append(f"<h3>GRS trade-off ({html.escape(name)})</h3><p>Left: acceptance and implied KL of a threshold on "
+                   "this table's rewards; right: KL against acceptance for each rule (best-of-N and top-K in closed "
+                   f"form, M = {td.group_size} samples per prompt). Stars: the selections made from this table.</p>")
+        out.append(f'<img class="plot" alt="GRS trade-off round {rnd} {html.escape(name)}" '
+                   f'src="{tradeoff_figure(td.rewards, td.group_size, td.selections)}">')
     return "\n".join(out)
 
 

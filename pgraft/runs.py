@@ -4,8 +4,9 @@ complete. `pgraft status` prints it; `pgraft report` draws it.
 A stage is *complete* when its commit marker exists (docs/FORMAT.md): every planned shard's
 commit record, a reward part per committed shard, a selection's or a training's summary.json,
 the evaluation's summary.json. Anything short of that is *partial* (some output, no marker)
-or *missing*. A round is complete when generate, a reward table, a selection, a trained and
-exported model and (when the run evaluates) the evaluation are all complete.
+or *missing*. A round is complete when generate is, and a trained and exported model whose selection is
+complete and was made from a complete reward table, and (when the round evaluates) the
+evaluation.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import yaml
 
@@ -48,13 +50,20 @@ class RoundState:
     def of(self, stage: str) -> list[StageState]:
         return [s for s in self.stages if s.stage == stage]
 
+    def done(self, stage: str) -> dict[str, StageState]:
+        """The complete outputs of a stage, by name."""
+        return {s.name: s for s in self.of(stage) if s.state == COMPLETE}
+
     @property
     def complete(self) -> bool:
-        def done(stage: str) -> bool:
-            return any(s.state == COMPLETE for s in self.of(stage))
-
-        needed = ["generate", "reward", "filter", "train"] + (["evaluate"] if self.evaluates else [])
-        return all(done(stage) for stage in needed)
+        """Generate complete, and one chain that holds together: an exported training whose
+        selection is complete, made from a complete reward table; plus the evaluation if asked.
+        An older finished training does not make a round complete while its chain is broken."""
+        if not self.done("generate") or (self.evaluates and not self.done("evaluate")):
+            return False
+        tables, selections = self.done("reward"), self.done("filter")
+        return any((selection := selections.get(train.summary["selection"])) is not None
+                   and selection.summary["reward_table"] in tables for train in self.done("train").values())
 
     @property
     def started(self) -> bool:
@@ -87,6 +96,8 @@ def planned_units(config: dict) -> dict | None:
     rounds predate plan.json: shards of `samples_per_shard` over prompts × samples_per_prompt."""
     generate = config.get("generate", {})
     prompts = generate.get("prompts")
+    if isinstance(prompts, str) and Path(prompts).is_file():  # a prompts file, where this machine can read it
+        prompts = [line for line in Path(prompts).read_text().splitlines() if line.strip()]
     if not isinstance(prompts, list) or not prompts:
         return None
     samples = len(prompts) * int(generate["samples_per_prompt"])
@@ -169,7 +180,10 @@ def _eval_state(storage: Storage, keys: list[str], rnd: int) -> StageState:
 
 def round_state(storage: Storage, keys: list[str], rnd: int, config: dict) -> RoundState:
     key_set = set(keys)
-    evaluates = bool(config.get("train", {}).get("eval_samples_per_prompt", 0))
+    pipeline = _json(storage, contract.pipeline_record_key(rnd)) if contract.pipeline_record_key(rnd) in key_set else None
+    # Whether this round evaluates: what the round pipeline ran, else the config the run started with.
+    evaluates = ("evaluate" in pipeline["stages"] if pipeline is not None
+                 else bool(config.get("train", {}).get("eval_samples_per_prompt", 0)))
     generate, shards = _generate_state(storage, key_set, rnd, config)
     state = RoundState(rnd, [generate], evaluates=evaluates)
     state.stages += _reward_states(keys, rnd, shards, generate.state == COMPLETE)
@@ -177,7 +191,7 @@ def round_state(storage: Storage, keys: list[str], rnd: int, config: dict) -> Ro
     state.stages += _train_states(storage, keys, rnd)
     if evaluates or any(k.startswith(f"{contract.round_prefix(rnd)}/eval/") for k in keys):
         state.stages.append(_eval_state(storage, keys, rnd))
-    state.pipeline = _json(storage, contract.pipeline_record_key(rnd)) if contract.pipeline_record_key(rnd) in key_set else None
+    state.pipeline = pipeline
     return state
 
 

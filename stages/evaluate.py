@@ -135,8 +135,8 @@ def run_evaluate(cfg: Config, progress: bool = True, finetuned: str | None = Non
     for variant, model in (("base", None), ("finetuned", finetuned)):
         variant_cfg = variant_config(cfg, variant, model)
         check_variant(storage, cfg, variant, model)
-        sampled = run_generate(variant_cfg, progress)
-        scored = run_reward(variant_cfg, progress)
+        sampled = run_generate(variant_cfg, progress, label=f"evaluate round {cfg.run.round} {variant}: generate")
+        scored = run_reward(variant_cfg, progress, label=f"evaluate round {cfg.run.round} {variant}: reward")
         placement = cluster.Placement(1, 1, 0, dict(cfg.reward.resources))
         result = cluster.run_task(summarize_variant, (variant_cfg.model_dump(mode="json"),), placement,
                                   f"evaluate {variant} summary", cfg.cluster.placement_timeout_s)

@@ -166,7 +166,9 @@ class GenerateWorker:
                 "node_id": cluster.current_node_id()}
 
 
-def run_generate(cfg: Config, progress: bool = True) -> GenerateSummary:
+def run_generate(cfg: Config, progress: bool = True, label: str | None = None) -> GenerateSummary:
+    """Generate the round's missing shards; `label` names the work in progress lines (the
+    evaluate stage's variants are one-round runs of their own: "evaluate round 3 base")."""
     start = time.perf_counter()
     cfg = cfg.with_absolute_paths()
     prompts = resolve_prompts(cfg.generate.prompts)
@@ -200,7 +202,7 @@ def run_generate(cfg: Config, progress: bool = True) -> GenerateSummary:
             if result["node_id"] not in summary.nodes:
                 summary.nodes.append(result["node_id"])
 
-        cluster.run_pool(pool, "run_unit", pending, on_result, f"generate round {rnd}", progress)
+        cluster.run_pool(pool, "run_unit", pending, on_result, label or f"generate round {rnd}", progress)
     summary.seconds = time.perf_counter() - start
     if not summary.captured and committed:
         from pgraft.shards import read_shard

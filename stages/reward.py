@@ -154,7 +154,8 @@ def check_reward_config(cfg: Config) -> None:
                           "(run `pgraft pretrain digits --out DIR` or set reward.model_path)")
 
 
-def run_reward(cfg: Config, progress: bool = True) -> RewardSummary:
+def run_reward(cfg: Config, progress: bool = True, label: str | None = None) -> RewardSummary:
+    """Score the round's unscored shards; `label` names the work in progress lines (see run_generate)."""
     start = time.perf_counter()
     cfg = cfg.with_absolute_paths()
     check_reward_config(cfg)
@@ -182,7 +183,7 @@ def run_reward(cfg: Config, progress: bool = True) -> RewardSummary:
             if result["node_id"] not in summary.nodes:
                 summary.nodes.append(result["node_id"])
 
-        cluster.run_pool(pool, "score_shard", pending, on_result, f"reward {table} round {rnd}", progress)
+        cluster.run_pool(pool, "score_shard", pending, on_result, label or f"reward {table} round {rnd}", progress)
         summary.reward_mean = totals["sum"] / totals["finite"] if totals["finite"] else None
     summary.seconds = time.perf_counter() - start
     return summary

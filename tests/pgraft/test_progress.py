@@ -20,6 +20,15 @@ def test_a_log_gets_a_line_per_tenth_and_never_a_carriage_return():
     assert lines[0].startswith("generate round 0: 10/100 unit (10%)") and lines[-1].startswith("generate round 0: 100/100 unit (100%)")
 
 
+def test_uneven_totals_still_give_ten_lines():
+    log = io.StringIO()
+    bar = progress_bar(25, "x", stream=log)
+    for _ in range(25):
+        bar.update(1)
+    assert [line.split(",")[0].split(" ")[1] for line in log.getvalue().splitlines()] == [
+        "3/25", "5/25", "8/25", "10/25", "13/25", "15/25", "18/25", "20/25", "23/25", "25/25"]
+
+
 def test_few_items_print_each_and_the_end_once():
     log = io.StringIO()
     bar = progress_bar(3, "reward", stream=log)

@@ -113,6 +113,21 @@ def test_an_s3_run_gives_the_same_page(two_round_run, s3_uri, tmp_path):
     assert Path(path).read_text().count("data-figure") == len(local.figures)
 
 
+def test_a_selection_on_another_reward_table_gets_its_own_plots(two_round_run, tmp_path):
+    from stages.filter import run_filter
+
+    cfg, _ = two_round_run
+    run_dir = shutil.copytree(cfg.run.uri, tmp_path / "run")
+    shutil.copytree(run_dir / "round-000/rewards/digits_alignment", run_dir / "round-000/rewards/copy")
+    other = cfg.model_copy(deep=True)
+    other.run.uri, other.run.round, other.reward.table, other.filter.name = str(run_dir), 0, "copy", "top-on-copy"
+    run_filter(other, progress=False)
+    page = render_report(str(run_dir))
+    assert "<h3>Rewards (copy)</h3>" in page and "<h3>Rewards (digits_alignment)</h3>" in page
+    assert 'data-figure="round0.filter.top-on-copy.kl"' in page
+    assert len(parse(page).images) == len(parse(render_report(cfg.run.uri)).images) + 2
+
+
 def test_a_half_finished_round_is_shown_as_such(two_round_run, tmp_path):
     cfg, _ = two_round_run
     run_dir = shutil.copytree(cfg.run.uri, tmp_path / "run")

@@ -60,6 +60,23 @@ def test_a_round_not_started_past_generate_lists_the_rest_missing(two_round_run,
                               ("train", ""): MISSING, ("evaluate", ""): MISSING}
 
 
+def test_a_round_the_pipeline_ran_without_evaluation_is_complete_without_one(two_round_run, tmp_path):
+    run_dir = copy_run(two_round_run, tmp_path)
+    record = json.loads((run_dir / "round-001/pipeline.json").read_text())
+    del record["stages"]["evaluate"]  # as with --set train.eval_samples_per_prompt=0 for this round
+    (run_dir / "round-001/pipeline.json").write_text(json.dumps(record))
+    shutil.rmtree(run_dir / "round-001/eval")
+    run = read_run(str(run_dir))
+    assert run.last_round_complete and ("evaluate", "") not in states(run, 1)
+
+
+def test_a_training_whose_selection_is_gone_does_not_complete_the_round(two_round_run, tmp_path):
+    run_dir = copy_run(two_round_run, tmp_path)
+    (run_dir / "round-001/filter/best_of_n-4/summary.json").unlink()  # the selection was being remade
+    run = read_run(str(run_dir))
+    assert states(run, 1)[("train", "best_of_n-4-t3")] == COMPLETE and not run.last_round_complete
+
+
 def test_not_a_run_is_one_line_and_exits_2(tmp_path, capsys):
     with pytest.raises(NotARunError, match="is not a pgraft run"):
         read_run(str(tmp_path))
