@@ -22,7 +22,6 @@ class LineProgress:
         self.stream = stream or sys.stderr
         self.start = self.last_time = time.perf_counter()
         self.tenths_shown = 0  # lines printed at tenths so far: the next is due at ceil(total × (tenths_shown+1)/10)
-        self.closed = False
 
     def _tenths_done(self) -> int:
         return int(self.n * 10 // self.total) if self.total else 0
@@ -44,7 +43,7 @@ class LineProgress:
         self.last_time = now
 
     def close(self) -> None:
-        self.closed = True
+        """Nothing to tidy: every line is already complete (tqdm's interface)."""
 
 
 class _Silent:

@@ -65,10 +65,6 @@ class RoundState:
         return any((selection := selections.get(train.summary["selection"])) is not None
                    and selection.summary["reward_table"] in tables for train in self.done("train").values())
 
-    @property
-    def started(self) -> bool:
-        return any(s.state != MISSING for s in self.stages)
-
 
 @dataclass
 class RunState:
