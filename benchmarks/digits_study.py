@@ -41,22 +41,16 @@ SELECTIONS = {"best-of-8": False, "best-of-8 + dedup": True}  # label → filter
 METRICS = ("reward_gain", "alignment_gain", "frechet_distance", "diversity")
 
 
-def evaluate_variant(cfg, variant: str, model: str | None, independent) -> dict:
-    """Fresh-seed samples of `model` (None: the base) under round-000/eval/<variant>/, scored."""
+def evaluate(cfg, variant: str, model: str | None, independent) -> dict:
+    """The evaluate stage's summary of one variant (fresh seeds), plus the independent
+    classifier's alignment on the same images."""
     from pgraft.report import eval_images
     from pgraft.storage import open_storage
     from pgraft.tasks.digits import prompt_alignment
-    from stages.evaluate import check_variant, summarize_variant, variant_config
-    from stages.generate import run_generate
-    from stages.reward import run_reward
+    from stages.evaluate import evaluate_variant
 
-    variant_cfg = variant_config(cfg, variant, model)
-    storage = open_storage(cfg.run.uri)
-    check_variant(storage, cfg, variant, model)
-    run_generate(variant_cfg, progress=False)
-    run_reward(variant_cfg, progress=False)
-    summary = summarize_variant(variant_cfg.model_dump(mode="json"))
-    images = eval_images(storage, 0, variant, per_prompt=10**5)
+    summary = evaluate_variant(cfg, variant, model, progress=False)
+    images = eval_images(open_storage(cfg.run.uri), 0, variant, per_prompt=10**5)
     with torch.no_grad():
         alignment = np.concatenate([prompt_alignment(independent, np.stack(imgs), [p] * len(imgs))
                                     for p, imgs in images.items()])
@@ -82,7 +76,7 @@ def run_seed(args, seed: int, run_uri: str, independent) -> dict:
     t0 = time.perf_counter()
     run_generate(cfg, progress=False)
     run_reward(cfg, progress=False)
-    base = evaluate_variant(cfg, "base", None, independent)
+    base = evaluate(cfg, "base", None, independent)
     out = {"base": base, "selections": {}, "generate_and_base_seconds": time.perf_counter() - t0}
     print(f"seed {seed}: base reward {base['reward']:.3f}, alignment {base['alignment']:.3f}, "
           f"FD {base['frechet_distance']:.1f}, diversity {base['diversity']:.2f}", flush=True)
@@ -112,7 +106,7 @@ def run_seed(args, seed: int, run_uri: str, independent) -> dict:
             train_cfg.train.checkpoint_every = steps
             t1 = time.perf_counter()
             trained = run_train(train_cfg, progress=False)
-            result = evaluate_variant(train_cfg, trained.name, trained.model_dir, independent)
+            result = evaluate(train_cfg, trained.name, trained.model_dir, independent)
             level = "0 (GRAFT)" if trained.t_level is None else f"{trained.t_level:g}"
             result.update(t_level=0.0 if trained.t_level is None else trained.t_level, t_step=k,
                           reward_gain=result["reward"] - base["reward"],

@@ -119,6 +119,24 @@ def summarize_variant(cfg_tree: dict) -> dict:
     }
 
 
+def evaluate_variant(cfg: Config, variant: str, model: str | None, progress: bool = True) -> dict:
+    """Fresh-seed samples of `model` (None: the base) under round-NNN/eval/<variant>/, drawn by
+    the generate actors, scored by the reward actors, summarised in a placed Ray task; the
+    summary is written beside them and returned (`nodes`: every node that did its work)."""
+    cfg = cfg.with_absolute_paths()
+    storage = open_storage(cfg.run.uri)
+    variant_cfg = variant_config(cfg, variant, model)
+    check_variant(storage, cfg, variant, model)
+    sampled = run_generate(variant_cfg, progress, label=f"evaluate round {cfg.run.round} {variant}: generate")
+    scored = run_reward(variant_cfg, progress, label=f"evaluate round {cfg.run.round} {variant}: reward")
+    placement = cluster.Placement(1, 1, 0, dict(cfg.reward.resources))
+    result = cluster.run_task(summarize_variant, (variant_cfg.model_dump(mode="json"),), placement,
+                              f"evaluate {variant} summary", cfg.cluster.placement_timeout_s)
+    result["nodes"] = sorted({result["node_id"], *sampled.nodes, *scored.nodes})
+    storage.put_bytes(f"{contract.eval_prefix(cfg.run.round, variant)}/summary.json", json.dumps(result, indent=1).encode())
+    return result
+
+
 def run_evaluate(cfg: Config, progress: bool = True, finetuned: str | None = None) -> EvalSummary:
     """Evaluate the round's base (`base`) and its fine-tuned composite (`finetuned`, the
     train stage's model unless given)."""
@@ -133,17 +151,7 @@ def run_evaluate(cfg: Config, progress: bool = True, finetuned: str | None = Non
     summary = EvalSummary(round=cfg.run.round, reward=cfg.reward.name, seed=eval_seed(cfg.run.seed),
                           samples_per_prompt=cfg.train.eval_samples_per_prompt)
     for variant, model in (("base", None), ("finetuned", finetuned)):
-        variant_cfg = variant_config(cfg, variant, model)
-        check_variant(storage, cfg, variant, model)
-        sampled = run_generate(variant_cfg, progress, label=f"evaluate round {cfg.run.round} {variant}: generate")
-        scored = run_reward(variant_cfg, progress, label=f"evaluate round {cfg.run.round} {variant}: reward")
-        placement = cluster.Placement(1, 1, 0, dict(cfg.reward.resources))
-        result = cluster.run_task(summarize_variant, (variant_cfg.model_dump(mode="json"),), placement,
-                                  f"evaluate {variant} summary", cfg.cluster.placement_timeout_s)
-        result["nodes"] = sorted({result["node_id"], *sampled.nodes, *scored.nodes})  # every node that did its work
-        summary.variants[variant] = result
-        storage.put_bytes(f"{contract.eval_prefix(cfg.run.round, variant)}/summary.json",
-                          json.dumps(summary.variants[variant], indent=1).encode())
+        summary.variants[variant] = evaluate_variant(cfg, variant, model, progress)
     summary.seconds = time.perf_counter() - start
     storage.put_bytes(contract.eval_summary_key(cfg.run.round), json.dumps(asdict(summary), indent=1).encode())
     return summary

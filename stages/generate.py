@@ -168,7 +168,7 @@ class GenerateWorker:
 
 def run_generate(cfg: Config, progress: bool = True, label: str | None = None) -> GenerateSummary:
     """Generate the round's missing shards; `label` names the work in progress lines (the
-    evaluate stage's variants are one-round runs of their own: "evaluate round 3 base")."""
+    evaluate stage's variants are one-round runs of their own: "evaluate round 3 base: generate")."""
     start = time.perf_counter()
     cfg = cfg.with_absolute_paths()
     prompts = resolve_prompts(cfg.generate.prompts)
