@@ -134,7 +134,8 @@ class FilterSection(_Section):
     dedup: bool = Field(False, description="Keep one representative (highest reward) per sample_hash within a prompt first.")
     kl_budget: float | None = Field(None, gt=0, description="Pick τ, K, N, the quantile or α so the implied KL (nats) meets this budget.")
     nan_policy: Literal["error", "drop"] = Field("error", description="NaN/inf rewards: `error` names the keys; `drop` leaves them out.")
-    engine: Literal["local", "ray"] = Field("local", description="`local`: one process; `ray`: Ray Data, for tables larger than a node's memory.")
+    engine: Literal["local", "ray"] = Field("local", description="`local`: one process; `ray`: prompts hash-partitioned over the Ray cluster, for tables larger than a node's memory (same accepted rows).")
+    partitions: int | None = Field(None, ge=1, le=4096, description="ray engine: prompt partitions (default: 2 per CPU of the cluster, 2–256); changes speed, never the rows.")
 
     @model_validator(mode="after")
     def _parameters_present(self) -> "FilterSection":

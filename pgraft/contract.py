@@ -216,7 +216,18 @@ def reward_part_key(round_idx: int, table: str, shard_id: int) -> str:
 
 
 def accepted_key(round_idx: int, selection: str) -> str:
+    """The single accepted file of selections made before accepted parts (still read)."""
     return f"{filter_prefix(round_idx, selection)}/accepted.parquet"
+
+
+def accepted_prefix(round_idx: int, selection: str) -> str:
+    """Folder of a selection's accepted parts (`part-<token>-NNNNNN.parquet`, listed in its summary)."""
+    return f"{filter_prefix(round_idx, selection)}/accepted"
+
+
+def accepted_part_key(round_idx: int, selection: str, token: str, index: int) -> str:
+    """`token` names one make of the selection (its parts are listed in its summary)."""
+    return f"{accepted_prefix(round_idx, selection)}/part-{token}-{index:06d}.parquet"
 
 
 def selection_summary_key(round_idx: int, selection: str) -> str:

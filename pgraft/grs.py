@@ -107,6 +107,29 @@ def rejection_alpha_for_kl(rewards: np.ndarray, kl_budget: float, r_max: float) 
     return float(optimize.brentq(lambda a: rejection_kl(rewards, a, r_max) - kl_budget, lo, hi, xtol=1e-10 * spread))
 
 
+def rejection_kl_from_sums(sum_b: float, sum_bd: float, count: int) -> float:
+    """The same KL from the sums of b = e^d and b·d, d = log a − max log a, over `count` rows
+    (what `selection.RewardStats.acceptance_sums` returns): E_p̂[d] − log E_p̄[e^d]; the shift
+    by max log a cancels. Sums of per-partition parts, so any engine computes it."""
+    return sum_bd / sum_b - math.log(sum_b / count)
+
+
+def rejection_mean_acceptance(sum_b: float, count: int, high: float, alpha: float, r_max: float) -> float:
+    """E_p̄[a] from Σ e^d, d = (r − high)/α: a = e^d · e^((high − r_max)/α)."""
+    return math.exp((high - r_max) / alpha) * sum_b / count
+
+
+def rejection_alpha_for_kl_sums(acceptance_sums, count: int, kl_budget: float, spread: float) -> float:
+    """`rejection_alpha_for_kl` from sums: `acceptance_sums(α)` gives (Σ b, Σ b·d) at α."""
+    def kl(alpha: float) -> float:
+        return rejection_kl_from_sums(*acceptance_sums(alpha), count)
+
+    lo, hi = spread * 1e-4, spread * 1e4
+    if kl(lo) <= kl_budget:
+        return lo
+    return float(optimize.brentq(lambda a: kl(a) - kl_budget, lo, hi, xtol=1e-10 * spread))
+
+
 # dedup modifier ----------------------------------------------------------------------------
 
 def dedup_log_ratio(copies: np.ndarray) -> np.ndarray:

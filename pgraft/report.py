@@ -28,7 +28,7 @@ from pgraft import contract, grs
 from pgraft.errors import PgraftError
 from pgraft.runs import COMPLETE, RoundState, RunState, read_run
 from pgraft.storage import Storage, open_storage
-from pgraft.tables import list_reward_parts, read_parquet, read_reward_table
+from pgraft.tables import list_reward_parts, read_accepted_table, read_reward_table
 
 GRID_SAMPLES = 8  # samples per prompt and variant in the sample grids (sample_idx 0..7: the same seeds)
 THUMBNAIL_PX = 64  # larger images are shrunk to this height in the grids
@@ -181,7 +181,7 @@ def read_table(storage: Storage, rnd: int, table_name: str, selections: list[dic
     table = read_reward_table(storage, [parts[k] for k in sorted(parts)], columns=["prompt_id", "reward"]).table
     rewards = table["reward"].to_numpy(zero_copy_only=False)
     counts = np.bincount(np.unique(table["prompt_id"].to_numpy(), return_inverse=True)[1])
-    accepted = {s["name"]: read_parquet(storage, contract.accepted_key(rnd, s["name"]))["reward"].to_numpy()
+    accepted = {s["name"]: read_accepted_table(storage, rnd, s["name"], s)["reward"].to_numpy()
                 for s in selections}
     return TableData(rewards[np.isfinite(rewards)], int(np.bincount(counts).argmax()), accepted, selections)
 

@@ -48,37 +48,149 @@ class Resolved:
         return {k: v for k, v in asdict(self).items() if v is not None and k != "method"}
 
 
-def _kth_largest(values: np.ndarray, count: int) -> float:
-    return float(np.partition(values, len(values) - count)[len(values) - count])
+class RewardStats:
+    """What the global parameters need to know about all rewards (after NaN handling, before
+    dedup), without holding them: engines answer the two questions below from wherever the
+    rows live (one process's arrays, or partitions spread over a cluster)."""
+
+    count: int  # rows
+    low: float  # smallest reward
+    high: float  # largest reward
+    size_counts: dict[int, int]  # prompt size -> number of prompts of that size
+
+    @property
+    def min_prompt_size(self) -> int:
+        return min(self.size_counts)
+
+    def count_at_least(self, points: np.ndarray) -> np.ndarray:
+        """For each point, the number of rewards ≥ it."""
+        raise NotImplementedError
+
+    def acceptance_sums(self, alpha: float) -> tuple[float, float]:
+        """(Σ b, Σ b·d) over all rows with d = (r − high)/α and b = e^d, each correctly rounded
+        from the per-prompt sums (`prompt_sums`): the same value on any engine."""
+        raise NotImplementedError
 
 
-def resolve(spec: FilterSection, rewards: np.ndarray, prompt_sizes: np.ndarray, seed: int) -> Resolved:
+def prompt_sums(values: np.ndarray, prompt_starts: np.ndarray) -> np.ndarray:
+    """Per-prompt sums of `values` in canonical row order: what every engine sums the same way."""
+    return np.add.reduceat(values, prompt_starts) if len(values) else np.zeros(0)
+
+
+def exact_partials(values) -> list[float]:
+    """Non-overlapping floats whose exact sum is the exact sum of `values` (Shewchuk's
+    algorithm, as in `math.fsum`): partitions send these, and `math.fsum` of all of them is
+    the correctly rounded total, whatever the partitioning."""
+    partials: list[float] = []
+    for x in map(float, values):
+        i = 0
+        for y in partials:
+            if abs(x) < abs(y):
+                x, y = y, x
+            hi = x + y
+            lo = y - (hi - x)
+            if lo:
+                partials[i] = lo
+                i += 1
+            x = hi
+        partials[i:] = [x]
+    return partials
+
+
+def acceptance_terms(rewards: np.ndarray, high: float, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    d = (rewards - high) / alpha
+    b = np.exp(d)
+    return b, b * d
+
+
+class ArrayRewardStats(RewardStats):
+    """RewardStats over arrays in one process. Rows must be in canonical order (see
+    `canonical_order`); pass `sample_idx` to have them put in it."""
+
+    def __init__(self, rewards: np.ndarray, prompt_id: np.ndarray, sample_idx: np.ndarray | None = None):
+        order = None if sample_idx is None else canonical_order(prompt_id, sample_idx)
+        if order is not None:
+            rewards, prompt_id = rewards[order], prompt_id[order]
+        self.rewards = rewards
+        self.count, self.low, self.high = len(rewards), float(rewards.min()), float(rewards.max())
+        self.prompts = Segments.starts_of(prompt_id)
+        sizes = np.diff(np.append(self.prompts, len(rewards)))
+        values, counts = np.unique(sizes, return_counts=True)
+        self.size_counts = {int(v): int(c) for v, c in zip(values, counts)}
+        self._sorted = None
+
+    def kth_largest(self, count: int) -> float:
+        return float(np.partition(self.rewards, self.count - count)[self.count - count])
+
+    def count_at_least(self, points: np.ndarray) -> np.ndarray:
+        if self._sorted is None:
+            self._sorted = np.sort(self.rewards)
+        return self.count - np.searchsorted(self._sorted, points, side="left")
+
+    def acceptance_sums(self, alpha: float) -> tuple[float, float]:
+        b, bd = acceptance_terms(self.rewards, self.high, alpha)
+        return math.fsum(prompt_sums(b, self.prompts)), math.fsum(prompt_sums(bd, self.prompts))
+
+
+def _ordered_int(values: np.ndarray) -> np.ndarray:
+    """int64 keys with the order of the floats (finite values), and back (`_ordered_float`)."""
+    bits = np.asarray(values, dtype=np.float64).view(np.int64)
+    return bits ^ ((bits >> 63) & np.int64(0x7FFFFFFFFFFFFFFF))
+
+
+def _ordered_float(keys: np.ndarray) -> np.ndarray:
+    keys = np.asarray(keys, dtype=np.int64)
+    return (keys ^ ((keys >> 63) & np.int64(0x7FFFFFFFFFFFFFFF))).view(np.float64)
+
+
+def kth_largest(stats: RewardStats, count: int, probes: int = 1024) -> float:
+    """The count-th largest reward, exactly, from `count_at_least` queries alone: the largest
+    float x with at least `count` rewards ≥ x is that reward. Each round probes `probes`
+    floats between the bounds (in the floats' own order), so it takes ⌈64 / log2 probes⌉ rounds."""
+    direct = getattr(stats, "kth_largest", None)
+    if direct is not None:
+        return direct(count)
+    lo, hi = int(_ordered_int(np.array([stats.low]))[0]), int(_ordered_int(np.array([stats.high]))[0])
+    while hi > lo:  # invariant: count_at_least(lo) ≥ count; the answer lies in [lo, hi]
+        step = max(1, -(-(hi - lo) // probes))
+        keys = np.arange(lo, hi + 1, step, dtype=np.int64)
+        if keys[-1] != hi:
+            keys = np.append(keys, np.int64(hi))
+        enough = np.flatnonzero(stats.count_at_least(_ordered_float(keys)) >= count)
+        best = int(enough[-1])  # keys[0] = lo always qualifies
+        lo = int(keys[best])
+        hi = int(keys[best + 1]) - 1 if best + 1 < len(keys) else lo
+    return float(_ordered_float(np.array([lo]))[0])
+
+
+def resolve(spec: FilterSection, stats: RewardStats, seed: int) -> Resolved:
     """Fix global parameters from all rewards (and pick one for a KL budget)."""
     res = Resolved(method=spec.method, threshold=spec.threshold, n=spec.n, k=spec.k, m=spec.m, alpha=spec.alpha,
                    r_max=spec.r_max, quantile=spec.quantile, dedup=spec.dedup, seed=seed, kl_budget=spec.kl_budget)
     budget = spec.kl_budget
     if spec.method == "threshold" and budget is not None:
-        res.threshold = _kth_largest(rewards, max(1, math.ceil(grs.acceptance_for_kl(budget) * len(rewards))))
+        res.threshold = kth_largest(stats, max(1, math.ceil(grs.acceptance_for_kl(budget) * stats.count)))
         res.chosen_for_budget = "threshold"
     elif spec.method == "quantile":
         if budget is not None:
             res.quantile, res.chosen_for_budget = grs.acceptance_for_kl(budget), "quantile"
         # Global top fraction = a threshold at the ⌈q·n⌉-th largest reward (ties kept).
-        res.threshold = _kth_largest(rewards, max(1, math.ceil(res.quantile * len(rewards))))
+        res.threshold = kth_largest(stats, max(1, math.ceil(res.quantile * stats.count)))
     elif spec.method == "best_of_n" and budget is not None:
-        res.n, res.chosen_for_budget = grs.best_of_n_for_kl(budget, int(prompt_sizes.min())), "n"
+        res.n, res.chosen_for_budget = grs.best_of_n_for_kl(budget, stats.min_prompt_size), "n"
     elif spec.method == "top_k" and budget is not None:
-        res.k, res.chosen_for_budget = grs.top_k_for_kl(budget, res.m or int(prompt_sizes.min())), "k"
+        res.k, res.chosen_for_budget = grs.top_k_for_kl(budget, res.m or stats.min_prompt_size), "k"
     elif spec.method == "rejection":
-        rewards = np.sort(rewards)  # sums below must not depend on the engine's row order
-        top = float(rewards[-1])
         if res.r_max is None:
-            res.r_max = top
-        elif res.r_max < top:
-            raise SelectionError(f"filter.r_max={res.r_max} is below the largest reward {top}; raise it or leave it null")
+            res.r_max = stats.high
+        elif res.r_max < stats.high:
+            raise SelectionError(f"filter.r_max={res.r_max} is below the largest reward {stats.high}; raise it or leave it null")
+        spread = (stats.high - stats.low) or 1.0
         if budget is not None:
-            res.alpha, res.chosen_for_budget = grs.rejection_alpha_for_kl(rewards, budget, res.r_max), "alpha"
-        res.mean_acceptance = float(grs.rejection_acceptance(rewards, res.alpha, res.r_max).mean())
+            res.alpha = grs.rejection_alpha_for_kl_sums(lambda a: stats.acceptance_sums(a), stats.count, budget, spread)
+            res.chosen_for_budget = "alpha"
+        sum_b, _ = stats.acceptance_sums(res.alpha)
+        res.mean_acceptance = grs.rejection_mean_acceptance(sum_b, stats.count, stats.high, res.alpha, res.r_max)
     return res
 
 
@@ -106,10 +218,17 @@ class Segments:
     ids: np.ndarray  # segment index of every row
     pos: np.ndarray  # position of every row inside its segment
 
+    @staticmethod
+    def starts_of(keys: np.ndarray) -> np.ndarray:
+        """Row index where each run of equal keys starts."""
+        if not len(keys):
+            return np.zeros(0, np.int64)
+        return np.concatenate([[0], np.flatnonzero(keys[1:] != keys[:-1]) + 1]).astype(np.int64)
+
     @classmethod
     def of(cls, keys: np.ndarray) -> "Segments":
         n = len(keys)
-        starts = np.concatenate([[0], np.flatnonzero(keys[1:] != keys[:-1]) + 1]).astype(np.int64) if n else np.zeros(0, np.int64)
+        starts = cls.starts_of(keys)
         sizes = np.diff(np.concatenate([starts, [n]])).astype(np.int64)
         ids = np.repeat(np.arange(len(starts)), sizes)
         return cls(starts, sizes, ids, np.arange(n) - starts[ids])
@@ -195,10 +314,9 @@ def dedup_rows(seg: Segments, values: np.ndarray, hash_code: np.ndarray) -> tupl
 def hash_codes(hashes) -> np.ndarray:
     """64-bit codes of sample_hash strings (a pyarrow array): equal strings, equal codes; distinct
     strings collide with probability ~n²/2⁶⁴. Same-length strings (every built-in hash) are read
-    straight from Arrow's data buffer; others go through dictionary encoding."""
+    straight from Arrow's data buffer; others are hashed by content. Codes depend on the string
+    alone, so parts can be coded one at a time."""
     import pyarrow as pa
-    import pyarrow.compute as pc
-
     arr = hashes.combine_chunks() if isinstance(hashes, pa.ChunkedArray) else hashes
     arr = arr.cast(pa.string())
     if len(arr) and arr.null_count == 0:
@@ -215,7 +333,10 @@ def hash_codes(hashes) -> np.ndarray:
                     code *= np.uint64(0x9E3779B97F4A7C15)
                     code ^= words[:, j] + (code >> np.uint64(29))
             return code.view(np.int64)
-    return pc.dictionary_encode(arr).indices.to_numpy().astype(np.int64)
+    # Other strings: a content hash, so a string gets the same code in every part and engine.
+    import pandas as pd
+
+    return pd.util.hash_array(arr.to_numpy(zero_copy_only=False).astype(object)).view(np.int64)
 
 
 # Rules ---------------------------------------------------------------------------------
@@ -318,7 +439,7 @@ def add_threshold_ratio(res: Resolved, reshaped: np.ndarray, acceptance_rate: fl
     return reshaped
 
 
-def implied_kl(res: Resolved, rows_in: int, accepted: int, rewards: np.ndarray, prompt_sizes: np.ndarray) -> dict:
+def implied_kl(res: Resolved, rows_in: int, accepted: int, stats: RewardStats) -> dict:
     """KL(p̂ ‖ p̄) in nats: the closed form of docs/DESIGN.md §3 and the plug-in estimate on this table."""
     rate = accepted / rows_in if rows_in else 0.0
     plug_in = grs.threshold_kl(rate) if rate > 0 else math.inf
@@ -327,12 +448,13 @@ def implied_kl(res: Resolved, rows_in: int, accepted: int, rewards: np.ndarray, 
     if res.method == "best_of_n":
         return {"kl": grs.best_of_n_kl(res.n), "kl_formula": "log N - (N-1)/N", "kl_empirical": plug_in}
     if res.method == "top_k":
-        ms = [res.m] if res.m else sorted(set(int(m) for m in prompt_sizes))
+        ms = [res.m] if res.m else sorted(stats.size_counts)
         per_m = {m: grs.top_k_kl(min(res.k, m), m) for m in ms}
-        weights = np.array([1.0]) if res.m else np.array([np.sum(prompt_sizes == m) for m in ms], dtype=float)
+        weights = np.array([1.0]) if res.m else np.array([stats.size_counts[m] for m in ms], dtype=float)
         kl = float(np.dot(weights / weights.sum(), [per_m[m] for m in ms]))
         return {"kl": kl, "kl_formula": "int_0^1 g log g du, g = (M/K) P[Bin(M-1, 1-u) <= K-1]", "kl_empirical": plug_in}
     if res.method == "rejection":
-        return {"kl": grs.rejection_kl(np.sort(rewards), res.alpha, res.r_max), "kl_formula": "E_phat[log a] - log E_pbar[a]",
+        sum_b, sum_bd = stats.acceptance_sums(res.alpha)
+        return {"kl": grs.rejection_kl_from_sums(sum_b, sum_bd, stats.count), "kl_formula": "E_phat[log a] - log E_pbar[a]",
                 "kl_empirical": plug_in}
     raise SelectionError(f"unknown filter.method {res.method!r}")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 
 from pgraft import contract
@@ -51,7 +52,7 @@ def list_reward_parts(storage: Storage, round_idx: int, name: str) -> dict[int, 
     return parts
 
 
-def _fingerprint_line(key: str, sha256: str) -> bytes:
+def fingerprint_line(key: str, sha256: str) -> bytes:
     return f"{Path(key).name}:{sha256}\n".encode()
 
 
@@ -63,7 +64,7 @@ def fingerprint_parts(storage: Storage, part_keys: list[str]) -> str:
         with storage.open_read(key) as stream:
             for chunk in iter(lambda: stream.read(1 << 20), b""):
                 digest.update(chunk)
-        fingerprint.update(_fingerprint_line(key, digest.hexdigest()))
+        fingerprint.update(fingerprint_line(key, digest.hexdigest()))
     return fingerprint.hexdigest()
 
 
@@ -85,7 +86,26 @@ def read_reward_table(storage: Storage, part_keys: list[str], columns: list[str]
         loaded = list(pool.map(load, part_keys))
     fingerprint = hashlib.sha256()
     for key, (digest, _) in zip(part_keys, loaded):
-        fingerprint.update(_fingerprint_line(key, digest))
+        fingerprint.update(fingerprint_line(key, digest))
     tables = [table for _, table in loaded]
     table = pa.concat_tables(tables) if tables else arrow_schema(contract.REWARD_COLUMNS).empty_table()
     return RewardTable(table, fingerprint.hexdigest())
+
+
+def read_accepted_table(storage: Storage, round_idx: int, name: str, summary: dict) -> pa.Table:
+    """A selection's accepted rows sorted by (prompt_id, rank_in_prompt): the parts its summary
+    lists, or the single `accepted.parquet` of selections made before parts."""
+    keys = [f"{contract.accepted_prefix(round_idx, name)}/{part}" for part in summary.get("accepted_parts") or []]
+    if not keys:
+        return read_parquet(storage, contract.accepted_key(round_idx, name))
+    table = pa.concat_tables([read_parquet(storage, key) for key in keys])
+    order = pa.compute.sort_indices(table, sort_keys=[("prompt_id", "ascending"), ("rank_in_prompt", "ascending")])
+    return table.take(order)
+
+
+def accepted_bytes(storage: Storage, round_idx: int, name: str, summary: dict) -> list[bytes]:
+    """The stored bytes of a selection's accepted file(s), in part order (for fingerprints)."""
+    parts = summary.get("accepted_parts") or []
+    if not parts:
+        return [storage.get_bytes(contract.accepted_key(round_idx, name))]
+    return [storage.get_bytes(f"{contract.accepted_prefix(round_idx, name)}/{part}") for part in parts]

@@ -23,6 +23,8 @@ from pgraft import contract
 from pgraft.config import Config
 from pgraft.models.adapters import check_model_folder
 from pgraft.storage import open_storage
+from pgraft.tables import accepted_bytes
+from stages.filter import read_summary
 from stages.train.data import check_selection
 from stages.train.errors import TrainError
 from stages.train.loop import train_worker
@@ -68,9 +70,10 @@ def run_train(cfg: Config, progress: bool = True) -> contract.TrainSummary:
     check_selection(storage, cfg, selection)
     check_model_folder(cfg.model)
     check_settings(cfg)
-    accepted = storage.get_bytes(contract.accepted_key(rnd, selection))
+    pieces = accepted_bytes(storage, rnd, selection, read_summary(storage, rnd, selection))
+    accepted = b"".join(pieces)
     if cfg.train.epochs is not None:
-        cfg.train.steps = steps_for_epochs(cfg.train.epochs, pq.read_metadata(io.BytesIO(accepted)).num_rows,
+        cfg.train.steps = steps_for_epochs(cfg.train.epochs, sum(pq.read_metadata(io.BytesIO(b)).num_rows for b in pieces),
                                            cfg.train.batch_size)
     fingerprint = train_fingerprint(cfg, accepted)
     summary_key = contract.train_summary_key(rnd, name)

@@ -12,16 +12,17 @@ from scipy import stats
 
 from pgraft import grs
 from pgraft.config import FilterSection
-from pgraft.selection import implied_kl, resolve, select_rows
+from pgraft.selection import ArrayRewardStats, implied_kl, resolve, select_rows
 
 
 def run_rule(rewards: np.ndarray, per_prompt: int, seed: int = 0, **spec):
     n = len(rewards)
     prompt_id = np.arange(n) // per_prompt
     sample_idx = np.arange(n) % per_prompt
-    res = resolve(FilterSection(**spec), rewards, np.bincount(prompt_id), seed)
+    reward_stats = ArrayRewardStats(rewards, prompt_id)
+    res = resolve(FilterSection(**spec), reward_stats, seed)
     chosen = select_rows(prompt_id, sample_idx, rewards, None, res)
-    kl = implied_kl(res, chosen.rows_considered, len(chosen.index), rewards, np.bincount(prompt_id))
+    kl = implied_kl(res, chosen.rows_considered, len(chosen.index), reward_stats)
     return res, chosen, kl
 
 

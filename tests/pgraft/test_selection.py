@@ -7,11 +7,16 @@ import math
 import numpy as np
 import pytest
 
+from pgraft import grs
 from pgraft.config import FilterSection
 from pgraft.selection import (
+    ArrayRewardStats,
+    RewardStats,
     Segments,
     SelectionError,
     canonical_order,
+    exact_partials,
+    kth_largest,
     ranks_desc,
     resolve,
     select_rows,
@@ -29,7 +34,7 @@ def table(prompts=20, per_prompt=30, seed=0, ties=False):
 
 
 def run(p, s, r, codes=None, **spec):
-    res = resolve(FilterSection(**spec), r, np.bincount(p), seed=7)
+    res = resolve(FilterSection(**spec), ArrayRewardStats(r, p, s), seed=7)
     return select_rows(p, s, r, codes, res)
 
 
@@ -126,3 +131,48 @@ def test_dedup_paths_agree_on_regular_and_ragged_prompts():
                 best = group[np.lexsort((group, -values[group]))[0]]
                 assert keep[group].tolist() == [g == best for g in group]
                 assert (copies[group] == len(group)).all()
+
+
+class _ProbedStats(RewardStats):
+    """Only the queries a cluster answers (no direct access to the rows)."""
+
+    def __init__(self, rewards):
+        self._sorted = np.sort(rewards)
+        self.count, self.low, self.high = len(rewards), float(rewards.min()), float(rewards.max())
+
+    def count_at_least(self, points):
+        return self.count - np.searchsorted(self._sorted, points, side="left")
+
+
+@pytest.mark.parametrize("values", [
+    np.random.default_rng(0).standard_normal(5000),
+    np.round(np.random.default_rng(1).random(5000), 2),  # heavy ties
+    np.array([-3.5, -0.0, 0.0, 1e-300, 2.0, 2.0, 7e300]),
+])
+def test_kth_largest_from_counts_alone_is_exact(values):
+    probed = _ProbedStats(values)
+    for count in sorted({1, 2, 3, len(values) // 3, len(values) - 1, len(values)}):
+        expected = np.partition(values, len(values) - count)[len(values) - count]
+        assert kth_largest(probed, count) == expected
+
+
+def test_exact_partials_sum_to_fsum_however_values_are_split():
+    values = np.random.default_rng(2).standard_normal(3000) * 10.0 ** np.random.default_rng(3).integers(-8, 8, 3000)
+    whole = math.fsum(values)
+    for cuts in ([1500], [7, 900, 2999], list(range(100, 3000, 100))):
+        pieces = np.split(values, cuts)
+        assert math.fsum(x for piece in pieces for x in exact_partials(piece)) == whole
+
+
+def test_acceptance_sums_match_the_closed_form_kl_and_mean():
+    rewards = np.random.default_rng(4).standard_normal(20_000)
+    prompt_id = np.arange(len(rewards)) // 50
+    stats = ArrayRewardStats(rewards, prompt_id)
+    for alpha in (0.05, 0.3, 2.0):
+        sum_b, sum_bd = stats.acceptance_sums(alpha)
+        assert grs.rejection_kl_from_sums(sum_b, sum_bd, len(rewards)) == pytest.approx(
+            grs.rejection_kl(rewards, alpha, stats.high), rel=1e-9)
+        assert grs.rejection_mean_acceptance(sum_b, len(rewards), stats.high, alpha, stats.high + 0.5) == pytest.approx(
+            grs.rejection_acceptance(rewards, alpha, stats.high + 0.5).mean(), rel=1e-12)
+    alpha = grs.rejection_alpha_for_kl_sums(stats.acceptance_sums, len(rewards), 0.4, float(np.ptp(rewards)))
+    assert alpha == pytest.approx(grs.rejection_alpha_for_kl(rewards, 0.4, stats.high), rel=1e-8)

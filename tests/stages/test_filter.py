@@ -16,7 +16,7 @@ from pgraft import contract
 from pgraft.cli import main as cli_main
 from pgraft.config import load_config
 from pgraft.storage import open_storage
-from stages.filter import FilterError, run_filter
+from stages.filter import FilterError, read_accepted, run_filter
 from stages.generate import run_generate
 from stages.reward import run_reward
 
@@ -56,7 +56,7 @@ def test_new_threshold_adds_a_selection_and_touches_nothing_upstream(run_dir, ti
     assert sorted(p.name for p in (run_dir / "round-000" / "filter").iterdir()) == ["thr_a", "thr_b"]
     assert first.rows_accepted >= second.rows_accepted and first.rows_in == 72
 
-    accepted = f"{run_dir}/round-000/filter/thr_b/accepted.parquet"
+    accepted = f"{run_dir}/round-000/filter/thr_b/accepted/*.parquet"
     rewards = f"{run_dir}/round-000/rewards/digits_alignment/*.parquet"
     count, low = duckdb.sql(f"SELECT count(*), min(reward) FROM '{accepted}'").fetchall()[0]
     assert count == second.rows_accepted and low >= 0.4
@@ -64,8 +64,9 @@ def test_new_threshold_adds_a_selection_and_touches_nothing_upstream(run_dir, ti
     assert expected == count
     joined = duckdb.sql(f"SELECT count(*) FROM '{accepted}' a JOIN '{rewards}' r USING (key) WHERE a.reward = r.reward").fetchall()[0][0]
     assert joined == count
-    assert pq.read_schema(accepted).names == list(contract.ACCEPTED_COLUMNS)
     summary = json.loads((run_dir / "round-000/filter/thr_b/summary.json").read_text())
+    part = run_dir / "round-000/filter/thr_b/accepted" / summary["accepted_parts"][0]
+    assert pq.read_schema(part).names == list(contract.ACCEPTED_COLUMNS)
     assert summary["kl"] == pytest.approx(-np.log(count / 72)) and summary["source"]["parts"] == 9
     assert sum(summary["per_prompt_accepted"].values()) == count
 
@@ -74,7 +75,7 @@ def test_best_of_n_per_prompt_and_ranks(run_dir, tiny_digits, classifier_dir):
     summary = run_filter(cfg_for(run_dir, tiny_digits, classifier_dir, "filter.name=bo4", "filter.n=4"), progress=False)
     assert summary.rows_accepted == 18 and summary.per_prompt_accepted == {"0": 6, "1": 6, "2": 6}
     assert summary.kl == pytest.approx(np.log(4) - 3 / 4)
-    table = pq.read_table(run_dir / "round-000/filter/bo4/accepted.parquet").to_pandas()
+    table = read_accepted(open_storage(str(run_dir)), 0, "bo4").to_pandas()
     rewards = duckdb.sql(f"SELECT prompt_id, sample_idx, reward FROM '{run_dir}/round-000/rewards/digits_alignment/*.parquet'").df()
     for _, row in table.iterrows():  # each accepted sample is the best of its group of 4
         group = rewards[(rewards.prompt_id == row.prompt_id) & (rewards.sample_idx // 4 == row.sample_idx // 4)]
@@ -109,8 +110,8 @@ def test_ray_data_engine_gives_the_same_selection(run_dir, tiny_digits, classifi
     local = run_filter(cfg_for(run_dir, tiny_digits, classifier_dir, "filter.name=local", *extra), progress=False)
     dist = run_filter(cfg_for(run_dir, tiny_digits, classifier_dir, "filter.name=dist", "filter.engine=ray", *extra),
                       progress=False)
-    a = pq.read_table(run_dir / "round-000/filter/local/accepted.parquet")
-    b = pq.read_table(run_dir / "round-000/filter/dist/accepted.parquet")
+    a = read_accepted(open_storage(str(run_dir)), 0, "local")
+    b = read_accepted(open_storage(str(run_dir)), 0, "dist")
     assert a.num_rows > 0 and a.equals(b)
     for field in ("rows_in", "rows_considered", "rows_accepted", "kl", "parameters", "per_prompt_accepted"):
         assert getattr(local, field) == getattr(dist, field), field
@@ -133,6 +134,41 @@ def test_empty_selection_says_what_to_change(run_dir, tiny_digits, classifier_di
     assert not (run_dir / "round-000" / "filter").exists()
 
 
+def _spoil_part(part, how: str) -> None:
+    import pyarrow as pa
+
+    if how == "not parquet":
+        part.write_bytes(b"reward,key\n0.5,p000000_s00000\n")
+        return
+    table = pq.read_table(part)
+    if how == "mixed schemas":
+        table = table.drop_columns(["predicted_digit"])  # a column every other part has
+    elif how == "wrong type":
+        index = table.schema.get_field_index("reward")
+        table = table.set_column(index, "reward", table["reward"].cast(pa.string()))
+    pq.write_table(table, part)
+
+
+@pytest.mark.parametrize("how, message", [
+    ("not parquet", r"reward part \S+/part-000004.parquet is not a Parquet file \(.*\); delete it and rerun `pgraft reward`$"),
+    ("mixed schemas", r"reward part \S+/part-000004.parquet has another schema than \S+/part-000000.parquet "
+                      r"\(differs in predicted_digit: int64\): .*new reward.name$"),
+    ("wrong type", r"reward part \S+/part-000004.parquet: column reward is string, expected double; .*$"),
+])
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_bad_reward_parts_name_the_part_and_write_nothing(run_dir, tiny_digits, classifier_dir, how, message, engine,
+                                                          ray_local):
+    """A selection made before stays whole: replacing it with --force fails before anything changes."""
+    base = ("filter.name=sel", "filter.method=threshold", "filter.threshold=0.1", f"filter.engine={engine}")
+    run_filter(cfg_for(run_dir, tiny_digits, classifier_dir, *base), progress=False)
+    before = snapshot(run_dir / "round-000" / "filter")
+    _spoil_part(run_dir / "round-000/rewards/digits_alignment/part-000004.parquet", how)
+    with pytest.raises(FilterError, match=message) as caught:
+        run_filter(cfg_for(run_dir, tiny_digits, classifier_dir, *base), progress=False, force=True)
+    assert "\n" not in str(caught.value)
+    assert snapshot(run_dir / "round-000" / "filter") == before
+
+
 def test_missing_reward_parts_listed_unless_allow_partial(run_dir, tiny_digits, classifier_dir):
     for sid in (2, 7):
         (run_dir / "round-000/rewards/digits_alignment" / f"part-{sid:06d}.parquet").unlink()
@@ -148,7 +184,7 @@ def test_filter_on_s3_read_back_with_pyarrow(ray_local, tiny_digits, classifier_
     run_reward(cfg, progress=False)
     summary = run_filter(cfg, progress=False)
     store = open_storage(s3_uri)
-    fs, path = store.arrow_location(contract.accepted_key(0, "best"))
+    fs, path = store.arrow_location(contract.accepted_prefix(0, "best"))
     table = pq.read_table(path, filesystem=fs)
     assert table.num_rows == summary.rows_accepted == 6
     assert json.loads(store.get_bytes(contract.selection_summary_key(0, "best")))["rows_accepted"] == 6

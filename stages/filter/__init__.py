@@ -1,0 +1,8 @@
+"""Filter stage (docs/DESIGN.md §3): `stage` runs a selection; `inputs` reads and checks the
+reward parts; `partition` selects over whole prompts; `local` and `ray_engine` are the two
+engines; `output` writes the accepted parts."""
+
+from stages.filter.errors import FilterError
+from stages.filter.stage import FilterSummary, main, read_accepted, read_summary, run_filter
+
+__all__ = ["FilterError", "FilterSummary", "main", "read_accepted", "read_summary", "run_filter"]

@@ -1,0 +1,5 @@
+import sys
+
+from stages.filter import main
+
+sys.exit(main())
