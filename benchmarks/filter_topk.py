@@ -1,21 +1,30 @@
-"""Top-K + dedup over synthetic reward tables: the filter stage against DuckDB, same files, one run.
+"""The filter stage against DuckDB doing the same work, and the filter's scaling, one run.
 
     python benchmarks/filter_topk.py [--rows 10000000] [--per-prompt 1000] [--k 8]
+    python benchmarks/filter_topk.py --scaling 1000000,10000000,40000000 [--out benchmarks/results/filter.md]
 
 Writes `--rows` reward rows (docs/DESIGN.md §2 columns, ~2 % duplicate sample hashes within a
-prompt) as Parquet parts of a run, then times, each in a fresh subprocess that also reports
-its peak RSS:
-  * pgraft: `run_filter` with method=top_k, k=K, dedup=true (reads the parts, dedups, selects,
-    writes accepted.parquet and summary.json);
-  * duckdb: `SELECT * FROM parts QUALIFY row_number() OVER (PARTITION BY prompt_id ORDER BY
-    reward DESC) <= K`, materialised as Arrow (no dedup, no output file: less work than ours).
-Then the wall time of the `pgraft filter` command on a 1 M-row table (process start included).
+prompt) as Parquet parts of a run. Then times whole processes (interpreter start included),
+each one's peak RSS read from the kernel (wait4), best of `--repeats`:
+  * pgraft: `pgraft filter` with method=top_k, k=K, dedup=true: reads the parts, dedups
+    within each prompt, keeps the K best per prompt, writes the accepted part and summary.json;
+  * duckdb: one SQL statement doing the same: dedup within (prompt_id, sample_hash) keeping the
+    best reward (ties by sample_idx), top-K per prompt (row_number, ties by sample_idx), the
+    copy count and the prompt size (the inputs of the reshaped reward), written as zstd
+    Parquet sorted by (prompt_id, rank).
+Both outputs must hold the same (prompt_id, sample_idx, rank) rows, or the script fails.
+
+`--scaling` times the local engine and the Ray engine (a driver process against a two-node
+loopback Ray cluster whose worker node has all CPUs) at each size, with the driver's peak RSS:
+the Ray engine's driver never holds rows, so its memory should not grow with the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,63 +66,124 @@ def write_table(run: Path, rows: int, per_prompt: int, part_rows: int = 100_000,
         pq.write_table(table, prefix / f"part-{part:06d}.parquet", compression="zstd")
 
 
-OURS = """
-import json, resource, sys, time
-from pgraft.config import load_config
-from stages.filter import run_filter
-cfg = load_config(None, ["run.uri={run}", "reward.name=synthetic", "filter.name=topk", "filter.method=top_k",
-                         "filter.k={k}", "filter.dedup=true"])
-t = time.perf_counter(); s = run_filter(cfg, progress=False, force=True); wall = time.perf_counter() - t
-print(json.dumps({{"seconds": wall, "rows": s.rows_accepted, "considered": s.rows_considered,
-                   "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+DUCKDB_SAME_WORK = """
+import duckdb
+duckdb.sql('''
+COPY (
+  WITH copies AS (
+    SELECT key, shard, prompt_id, sample_idx, reward,
+           count(*) OVER twins AS copies,
+           row_number() OVER (twins ORDER BY reward DESC, sample_idx) AS copy_rank
+    FROM read_parquet('{glob}')
+    WINDOW twins AS (PARTITION BY prompt_id, sample_hash)
+  ), ranked AS (
+    SELECT *, count(*) OVER (PARTITION BY prompt_id) AS prompt_size,
+           row_number() OVER (PARTITION BY prompt_id ORDER BY reward DESC, sample_idx) - 1 AS rank_in_prompt
+    FROM copies WHERE copy_rank = 1
+  )
+  SELECT key, shard, prompt_id, sample_idx, reward, copies, prompt_size, rank_in_prompt
+  FROM ranked WHERE rank_in_prompt < {k} ORDER BY prompt_id, rank_in_prompt
+) TO '{out}' (FORMAT parquet, COMPRESSION zstd)''')
 """
 
-DUCK = """
-import json, resource, time, duckdb
-con = duckdb.connect()
-t = time.perf_counter()
-out = con.sql("SELECT * FROM '{glob}' QUALIFY row_number() OVER (PARTITION BY prompt_id ORDER BY reward DESC) <= {k}").to_arrow_table()
-wall = time.perf_counter() - t
-print(json.dumps({{"seconds": wall, "rows": out.num_rows, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
-"""
+
+def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of one child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])} … failed:\n{proc.stderr.read().decode()[-3000:]}")
+    proc.stderr.close()
+    return wall, usage.ru_maxrss / 1024
 
 
-def child(code: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def best(cmd: list[str], repeats: int, env: dict | None = None) -> tuple[float, float]:
+    runs = [timed(cmd, env) for _ in range(repeats)]
+    return min(r[0] for r in runs), max(r[1] for r in runs)
+
+
+def filter_cmd(run: Path, k: int, engine: str = "local") -> list[str]:
+    return [sys.executable, "-m", "pgraft.cli", "filter", "--quiet", "--force", "--set", f"run.uri={run}",
+            "--set", "reward.name=synthetic", "--set", "filter.name=topk", "--set", "filter.method=top_k",
+            "--set", f"filter.k={k}", "--set", "filter.dedup=true", "--set", f"filter.engine={engine}"]
+
+
+def accepted_rows(run: Path) -> set:
+    from pgraft.storage import open_storage
+    from stages.filter import read_accepted
+
+    table = read_accepted(open_storage(str(run)), 0, "topk")
+    return set(zip(*(table[c].to_pylist() for c in ("prompt_id", "sample_idx", "rank_in_prompt"))))
+
+
+def same_work(args, tmp: Path) -> None:
+    run = tmp / "run"
+    t = time.perf_counter()
+    write_table(run, args.rows, args.per_prompt)
+    print(f"wrote {args.rows:,} rows in {time.perf_counter() - t:.1f} s")
+    ours = best(filter_cmd(run, args.k), args.repeats)
+    out = tmp / "duckdb.parquet"
+    code = DUCKDB_SAME_WORK.format(glob=run / contract.rewards_prefix(0, "synthetic") / "*.parquet", k=args.k, out=out)
+    duck = best([sys.executable, "-c", code], args.repeats)
+    theirs = set(zip(*(pq.read_table(out)[c].to_pylist() for c in ("prompt_id", "sample_idx", "rank_in_prompt"))))
+    mine = accepted_rows(run)
+    if mine != theirs:
+        raise SystemExit(f"accepted rows differ: {len(mine - theirs)} only in pgraft, {len(theirs - mine)} only in duckdb")
+    print(f"same work: dedup within prompt, top-{args.k} per prompt, accepted rows written as Parquet "
+          f"({len(mine):,} rows, identical in both); whole processes, best of {args.repeats}")
+    print(f"  pgraft filter : {ours[0]:6.2f} s  peak {ours[1]:6.0f} MB")
+    print(f"  duckdb        : {duck[0]:6.2f} s  peak {duck[1]:6.0f} MB")
+    print(f"  speed ÷ duckdb: {duck[0] / ours[0]:.2f}×   peak memory ÷ duckdb: {ours[1] / duck[1]:.2f}×")
+
+
+def scaling(args, tmp: Path) -> None:
+    from cluster import loopback
+
+    sizes = [int(float(s)) for s in args.scaling.split(",")]
+    lines = ["| rows | local engine | local peak RSS | Ray engine | Ray driver peak RSS |", "|---|---|---|---|---|"]
+    results = []
+    with loopback.running(num_cpus=os.cpu_count()) as rig:
+        env = rig.client_env()
+        for rows in sizes:
+            run = tmp / f"run-{rows}"
+            write_table(run, rows, args.per_prompt)
+            local = best(filter_cmd(run, args.k), args.repeats)
+            local_rows = accepted_rows(run)
+            ray = best(filter_cmd(run, args.k, "ray"), args.repeats, env)
+            if accepted_rows(run) != local_rows:
+                raise SystemExit(f"{rows:,} rows: the Ray engine accepted other rows than the local engine")
+            results.append({"rows": rows, "local_s": local[0], "local_peak_mb": local[1], "ray_s": ray[0],
+                            "ray_driver_peak_mb": ray[1], "accepted": len(local_rows)})
+            line = (f"| {rows:,} | {local[0]:.1f} s | {local[1]:,.0f} MB | {ray[0]:.1f} s | {ray[1]:,.0f} MB |")
+            lines.append(line)
+            print(line, flush=True)
+            shutil.rmtree(run)
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(
+            f"Filter scaling: top-{args.k} + dedup, {args.per_prompt} samples per prompt, whole `pgraft filter` "
+            f"processes, best of {args.repeats}; Ray = two-node loopback cluster, worker node with {os.cpu_count()} CPUs; "
+            "both engines accepted the same rows at every size.\n\n" + text + "\n")
+        Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--per-prompt", type=int, default=1000)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--scaling", help="comma-separated table sizes: time both engines at each")
+    parser.add_argument("--out", help="with --scaling: write the table here (and the figures as .json beside it)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        run = Path(tmp) / "run"
-        t = time.perf_counter()
-        write_table(run, args.rows, args.per_prompt)
-        print(f"wrote {args.rows:,} rows in {time.perf_counter() - t:.1f} s")
-        glob = run / contract.rewards_prefix(0, "synthetic") / "*.parquet"
-        ours = [child(OURS.format(run=run, k=args.k)) for _ in range(args.repeats)]
-        duck = [child(DUCK.format(glob=glob, k=args.k)) for _ in range(args.repeats)]
-        best_ours = min(r["seconds"] for r in ours)
-        best_duck = min(r["seconds"] for r in duck)
-        print(f"pgraft top-{args.k} + dedup : {best_ours:6.2f} s  peak {max(r['peak_mb'] for r in ours):7.0f} MB  "
-              f"({ours[0]['rows']:,} accepted of {ours[0]['considered']:,} after dedup)")
-        print(f"duckdb QUALIFY top-{args.k}  : {best_duck:6.2f} s  peak {max(r['peak_mb'] for r in duck):7.0f} MB  "
-              f"({duck[0]['rows']:,} rows, no dedup)")
-        print(f"speed ratio duckdb/pgraft : {best_duck / best_ours:.2f} (≥ 1 means pgraft is as fast or faster)")
-
-        small = Path(tmp) / "small"
-        write_table(small, 1_000_000, args.per_prompt)
-        cmd = [sys.executable, "-m", "pgraft.cli", "filter", "--quiet", "--set", f"run.uri={small}",
-               "--set", "reward.name=synthetic", "--set", "filter.name=thr", "--set", "filter.method=threshold",
-               "--set", "filter.threshold=0.9"]
-        t = time.perf_counter()
-        subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
-        print(f"`pgraft filter` on 1,000,000 rows (threshold, process start included): {time.perf_counter() - t:.2f} s")
+        if args.scaling:
+            scaling(args, Path(tmp))
+        else:
+            same_work(args, Path(tmp))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import integrate, optimize, special, stats
+# scipy is imported inside the functions that need it: it costs ~0.6 s at start-up, and a
+# filter rerun with a threshold should not pay it.
 
 # threshold τ: p̂/p̄ = 1/P(r ≥ τ) on the accepted set -------------------------------------
 
@@ -44,17 +45,23 @@ def best_of_n_for_kl(kl_budget: float, n_max: int = 4096) -> int:
 # top-K of M: p̂/p̄ = (M/K)·P[Bin(M−1, 1−u) ≤ K−1] ------------------------------------------
 
 def top_k_ratio(u: np.ndarray, k: int, m: int) -> np.ndarray:
+    from scipy import stats
+
     return (m / k) * stats.binom.cdf(k - 1, m - 1, 1.0 - np.asarray(u, dtype=float))
 
 
 def top_k_log_ratio(u: np.ndarray, k: int | np.ndarray, m: int | np.ndarray) -> np.ndarray:
     """`k` and `m` may be arrays (one group per row)."""
+    from scipy import stats
+
     k, m = np.asarray(k, dtype=float), np.asarray(m, dtype=float)
     return np.log(m / k) + stats.binom.logcdf(k - 1, m - 1, 1.0 - np.asarray(u, dtype=float))
 
 
 def top_k_kl(k: int, m: int) -> float:
     """∫₀¹ g log g du; K = 1 reduces to best-of-M, K = M to 0."""
+    from scipy import integrate
+
     if k >= m:
         return 0.0
 
@@ -76,6 +83,8 @@ def top_k_for_kl(kl_budget: float, m: int) -> int:
 
 def top_k_cdf(x: np.ndarray, k: int, m: int, grid_points: int = 20001) -> np.ndarray:
     """CDF of u = F(r) among accepted samples, ∫₀ˣ g(u) du, by the trapezoid rule on a fine grid."""
+    from scipy import integrate
+
     grid = np.linspace(0.0, 1.0, grid_points)
     cdf = integrate.cumulative_trapezoid(top_k_ratio(grid, k, m), grid, initial=0.0)
     return np.interp(x, grid, cdf / cdf[-1])
@@ -91,6 +100,8 @@ def rejection_kl(rewards: np.ndarray, alpha: float, r_max: float) -> float:
     """E_p̂[log a] − log E_p̄[a], estimated on the base sample (p̂ weights ∝ a), in log space so
     small α does not underflow. Exact for the empirical base distribution; for Gaussian
     rewards it tends to 1/(2α²)."""
+    from scipy import special
+
     log_a = (np.asarray(rewards, dtype=float) - r_max) / alpha
     log_mean_a = special.logsumexp(log_a) - math.log(len(log_a))
     weights = np.exp(log_a - special.logsumexp(log_a))
@@ -99,6 +110,8 @@ def rejection_kl(rewards: np.ndarray, alpha: float, r_max: float) -> float:
 
 def rejection_alpha_for_kl(rewards: np.ndarray, kl_budget: float, r_max: float) -> float:
     """α whose implied KL equals the budget (KL falls monotonically as α grows)."""
+    from scipy import optimize
+
     rewards = np.asarray(rewards, dtype=float)
     spread = float(rewards.max() - rewards.min()) or 1.0
     lo, hi = spread * 1e-4, spread * 1e4
@@ -121,6 +134,8 @@ def rejection_mean_acceptance(sum_b: float, count: int, high: float, alpha: floa
 
 def rejection_alpha_for_kl_sums(acceptance_sums, count: int, kl_budget: float, spread: float) -> float:
     """`rejection_alpha_for_kl` from sums: `acceptance_sums(α)` gives (Σ b, Σ b·d) at α."""
+    from scipy import optimize
+
     def kl(alpha: float) -> float:
         return rejection_kl_from_sums(*acceptance_sums(alpha), count)
 

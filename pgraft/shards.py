@@ -22,6 +22,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from pgraft import contract
+from pgraft.commits import list_committed, list_committed_at  # noqa: F401 - re-exported
 from pgraft.contract import CommitRecord, SampleMeta
 from pgraft.errors import PgraftError
 from pgraft.storage import Storage
@@ -98,25 +99,6 @@ def commit_shard_at(storage: Storage, prefix: str, local_tar: str | Path, record
     tar that listing ignores and a rerun overwrites."""
     storage.put_file(local_tar, contract.shard_key_at(prefix, shard_id))
     storage.put_bytes(contract.commit_key_at(prefix, shard_id), record.to_json())
-
-
-def list_committed(storage: Storage, round_idx: int) -> dict[int, CommitRecord]:
-    """Committed generate shards of a round by shard id (see `list_committed_at`)."""
-    return list_committed_at(storage, contract.generate_prefix(round_idx))
-
-
-def list_committed_at(storage: Storage, prefix: str) -> dict[int, CommitRecord]:
-    """Committed shards under `prefix` by shard id. A tar without its record is not listed."""
-    keys = set(storage.list(prefix))
-    committed: dict[int, CommitRecord] = {}
-    for key in sorted(keys):
-        if not key.endswith(".json"):
-            continue
-        shard_id = contract.shard_id_of(key)
-        if shard_id is None or contract.shard_key_at(prefix, shard_id) not in keys:
-            continue  # a record whose tar vanished counts as not committed: the unit is redone
-        committed[shard_id] = CommitRecord.from_json(storage.get_bytes(key), where=storage.url(key))
-    return committed
 
 
 def _decode_member(key: str, ext: str, data: bytes, sample: dict, meta_cls) -> None:
