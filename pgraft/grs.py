@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
 # scipy is imported inside the functions that need it: it costs ~0.6 s at start-up, and a
 # filter rerun with a threshold should not pay it.
 

@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pgraft import contract
+from pgraft.commits import list_committed
 from pgraft.config import Config
 from pgraft.selection import hash_codes
-from pgraft.commits import list_committed
 from pgraft.storage import Storage
 from pgraft.tables import arrow_schema, list_reward_parts
 from stages.filter.errors import FilterError

@@ -8,7 +8,7 @@ set does not depend on how prompts were grouped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -123,6 +123,7 @@ class Selected:
     per_prompt: dict[int, int]
     fingerprint: str
     accepted_parts: list[str]
+    nodes: list[str] = field(default_factory=list)  # Ray nodes that selected and wrote (Ray engine)
 
 
 def merge_counts(into: dict[int, int], more: dict[int, int]) -> None:

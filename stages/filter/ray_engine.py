@@ -85,14 +85,14 @@ def _pick_count(rows: PartRows, res) -> tuple[int, int]:
 
 def _pick_and_write(rows: PartRows, res, acceptance_rate: float | None, output: AcceptedOutput, index: int) -> dict:
     if not len(rows):
-        return {"considered": 0, "accepted": 0, "per_prompt": {}, "part": None}
+        return {"considered": 0, "accepted": 0, "per_prompt": {}, "part": None, "node": cluster.current_node_id()}
     picked = pick(rows, res)
     part = None
     if picked.table.num_rows:
         rate = acceptance_rate if acceptance_rate is not None else 1.0  # only threshold rules use the rate
         part = output.write(index, finish(picked.table, res, rate))
     return {"considered": picked.considered, "accepted": picked.table.num_rows, "per_prompt": picked.per_prompt,
-            "part": part}
+            "part": part, "node": cluster.current_node_id()}
 
 
 class RayRewardStats(RewardStats):
@@ -173,4 +173,4 @@ def select_ray(storage: Storage, parts: list[str], cfg: Config, seed: int, outpu
     return Selected(res=res, stats=stats, rows_in=stats.count, dropped=dropped,
                     considered=sum(r["considered"] for r in results), accepted=sum(r["accepted"] for r in results),
                     per_prompt=per_prompt, fingerprint=fingerprint.hexdigest(),
-                    accepted_parts=[r["part"] for r in results if r["part"]])
+                    accepted_parts=[r["part"] for r in results if r["part"]], nodes=sorted({r["node"] for r in results}))

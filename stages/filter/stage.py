@@ -51,6 +51,7 @@ class FilterSummary:
     location: str = ""
     notes: list[str] = field(default_factory=list)
     accepted_parts: list[str] = field(default_factory=list)  # under accepted/; empty: the older accepted.parquet
+    nodes: list[str] = field(default_factory=list)  # Ray nodes that selected and wrote (Ray engine; local: none)
 
     def headline(self) -> str:
         return (f"filter round {self.round}: selection {self.name} accepted {self.rows_accepted} of {self.rows_considered} "
@@ -142,7 +143,8 @@ def run_filter(cfg: Config, progress: bool = True, force: bool = False, allow_pa
         per_prompt_accepted={str(k): v for k, v in sorted(got.per_prompt.items())},
         source={"reward_table": cfg.reward.table_name(), "parts": len(parts), "fingerprint": got.fingerprint,
                 "seed": cfg.run.seed},
-        engine=cfg.filter.engine, location=location, notes=notes, accepted_parts=got.accepted_parts, **kl,
+        engine=cfg.filter.engine, location=location, notes=notes, accepted_parts=got.accepted_parts, nodes=got.nodes,
+        **kl,
     )
     summary.seconds = time.perf_counter() - start
     storage.put_bytes(contract.selection_summary_key(rnd, name), json.dumps(asdict(summary), indent=1).encode())

@@ -53,7 +53,7 @@ def test_ray_job_submit_runs_a_round_with_all_model_work_on_the_worker_node(tiny
         f"reward.model_path=s3://{bucket}/models/classifier", "model.num_inference_steps=6", "model.device=auto",
         "generate.prompts=[a handwritten digit 1, a handwritten digit 2]", "generate.samples_per_prompt=24",
         "generate.samples_per_shard=2", "generate.capture_steps=[3]", f"generate.resources={PIN}",
-        f"reward.resources={PIN}", f"train.resources_per_worker={PIN}", "filter.n=4", "train.t_step=3",
+        f"reward.resources={PIN}", f"train.resources_per_worker={PIN}", "filter.n=4", "filter.engine=ray", "train.t_step=3",
         "train.steps=80", "train.batch_size=4", "train.checkpoint_every=20", "train.eval_samples_per_prompt=4",
         "cluster.placement_timeout_s=60",
     ]
@@ -81,7 +81,7 @@ def test_ray_job_submit_runs_a_round_with_all_model_work_on_the_worker_node(tiny
     store = open_storage(f"s3://{bucket}/run")
     record = json.loads(store.get_bytes("round-000/pipeline.json"))
     assert record["driver_node"] == rig.head_node_id
-    for stage in ("generate", "reward", "train", "evaluate"):
+    for stage in ("generate", "reward", "filter", "train", "evaluate"):  # filter: its Ray engine's tasks
         assert record["stages"][stage]["nodes"] == [rig.worker_node_id], stage
     assert store.exists("round-000/train/best_of_n-4-t3/model/composite.json")
     assert store.exists("round-000/train/best_of_n-4-t3/checkpoints/step0000080/latest")
