@@ -96,6 +96,9 @@ def test_existing_name_refused_unless_force_and_same_spec_reused(run_dir, tiny_d
     assert "selection 'sel' (threshold)" in capsys.readouterr().out
     summary = json.loads((run_dir / "round-000/filter/sel/summary.json").read_text())
     assert summary["parameters"]["threshold"] == 0.2
+    # The remake's parts replaced the first make's: only the parts its summary lists are left.
+    left = sorted(p.name for p in (run_dir / "round-000/filter/sel/accepted").iterdir())
+    assert left == summary["accepted_parts"] and len(left) == 1
 
 
 @pytest.mark.parametrize("extra", [
