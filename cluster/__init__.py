@@ -5,6 +5,7 @@ from cluster.ray_cluster import (
     WorkerError,
     WorkerPool,
     connect,
+    current_actor_id,
     current_node_id,
     plan_placement,
     reserve,
@@ -14,5 +15,5 @@ from cluster.ray_cluster import (
     unwrap_remote_error,
 )
 
-__all__ = ["Placement", "WorkerError", "WorkerPool", "connect", "current_node_id", "plan_placement", "reserve",
-           "run_pool", "run_task", "start_workers", "unwrap_remote_error"]
+__all__ = ["Placement", "WorkerError", "WorkerPool", "connect", "current_actor_id", "current_node_id", "plan_placement",
+           "reserve", "run_pool", "run_task", "start_workers", "unwrap_remote_error"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+from collections import deque
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
@@ -69,6 +70,11 @@ def connect(num_cpus: int | None = None) -> None:
 def current_node_id() -> str:
     """The Ray node this process runs on (recorded in stage summaries: what ran where)."""
     return ray.get_runtime_context().get_node_id()
+
+
+def current_actor_id() -> str | None:
+    """The Ray actor this call runs in (None outside actors); it stays the same when Ray restarts the actor."""
+    return ray.get_runtime_context().get_actor_id()
 
 
 def _alive_nodes() -> list[dict]:
@@ -188,10 +194,13 @@ class WorkerPool:
 
 
 def start_workers(worker_cls, num_workers: int, device: str, device_key: str, needed: int, *args,
-                  extra_resources: dict | None = None, timeout_s: float = 300.0, max_restarts: int = 3) -> WorkerPool:
+                  extra_resources: dict | None = None, timeout_s: float = 300.0, max_restarts: int = 3,
+                  max_concurrency: int = 1) -> WorkerPool:
     """Start up to `needed` actors of `worker_cls(*args, threads)`, where `threads` is the CPUs
     each actor holds (None on GPUs), for torch.set_num_threads. A lost actor is restarted up to
-    `max_restarts` times and the call it was running is retried on the new one."""
+    `max_restarts` times and the calls it was running are retried on the new one. With
+    `max_concurrency` > 1 an actor runs that many calls at once, each in its own thread (the
+    worker class must be thread-safe)."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     connect()
@@ -204,7 +213,8 @@ def start_workers(worker_cls, num_workers: int, device: str, device_key: str, ne
         for i in range(placement.count):
             strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)
             pool.actors.append(remote.options(**placement.actor_options(), max_restarts=max_restarts,
-                                              max_task_retries=max_restarts, scheduling_strategy=strategy)
+                                              max_task_retries=max_restarts, max_concurrency=max_concurrency,
+                                              scheduling_strategy=strategy)
                                .remote(*args, placement.threads))
     except BaseException:
         pool.close()
@@ -243,20 +253,28 @@ def unwrap_remote_error(exc: Exception) -> Exception:
     return WorkerError(f"worker failed to start: {match.group(2)}" if match else f"worker failed: {last}")
 
 
-def run_pool(pool: WorkerPool, method: str, items: list, on_result, desc: str, progress: bool = True) -> None:
-    """Feed `items` to `actor.<method>` over the pool, refilling whichever finishes first;
-    `on_result(result)` runs here per item. A lost actor's item is retried by Ray on the
-    restarted actor; a failure that survives the retries stops the pool and is re-raised as
-    the worker's own error. The actors and their placement group are released at the end."""
+def run_pool(pool: WorkerPool, method: str, items: list, on_result, desc: str, progress: bool = True,
+             calls_per_actor: int = 1) -> None:
+    """Feed `items` to `actor.<method>` over the pool, keeping up to `calls_per_actor` calls in
+    flight per actor (more than one only pays on actors started with that `max_concurrency`)
+    and refilling whichever actor finishes first; `on_result(result)` runs here once per item.
+    A lost actor's items are retried by Ray on the restarted actor; a failure that survives
+    the retries stops the pool and is re-raised as the worker's own error. The actors and
+    their placement group are released at the end."""
     from pgraft.progress import progress_bar
 
-    queue = list(items)
+    queue = deque(items)
     in_flight = {}
     bar = progress_bar(len(items), desc, "unit", enabled=progress)
+
+    def submit(actor) -> None:
+        in_flight[getattr(actor, method).remote(queue.popleft())] = actor
+
     try:
-        for actor in pool.actors:
-            if queue:
-                in_flight[getattr(actor, method).remote(queue.pop(0))] = actor
+        for _ in range(calls_per_actor):  # round by round, so a short queue still reaches every actor
+            for actor in pool.actors:
+                if queue:
+                    submit(actor)
         while in_flight:
             done, _ = ray.wait(list(in_flight), num_returns=1)
             actor = in_flight.pop(done[0])
@@ -267,7 +285,7 @@ def run_pool(pool: WorkerPool, method: str, items: list, on_result, desc: str, p
             on_result(result)
             bar.update(1)
             if queue:
-                in_flight[getattr(actor, method).remote(queue.pop(0))] = actor
+                submit(actor)  # the actor that finished: never more than calls_per_actor on one actor
     finally:
         bar.close()
         pool.close()

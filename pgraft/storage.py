@@ -198,13 +198,15 @@ class S3Storage(Storage):
 
     @property
     def client(self):
-        # Created lazily so the store pickles cleanly into Ray actors.
+        # Created lazily so the store pickles cleanly into Ray actors; from a session of its own
+        # because boto3's default session is not thread-safe (generate actors upload from two
+        # threads). A race creates two clients, and either one serves.
         if self._client is None:
             import boto3
             from botocore.config import Config as BotoConfig
 
             attempts = int(os.environ.get("PGRAFT_S3_MAX_ATTEMPTS", "5"))
-            self._client = boto3.client(
+            self._client = boto3.session.Session().client(
                 "s3",
                 endpoint_url=self.endpoint,
                 config=BotoConfig(

@@ -45,6 +45,31 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
+def copy_to_host(latents: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """A float32 CPU copy of `latents`, and on CUDA the event to wait on before reading it.
+
+    `.cpu()` of a CUDA tensor makes the host wait until the device has run every queued
+    kernel; done at each captured step, it stops the host from queueing the next steps and
+    the device idles. So on CUDA the copy goes into pinned memory with `non_blocking=True`
+    (asynchronous only into pinned memory) and an event recorded after it says when it has
+    landed: the caller waits on it once, after the rollout. On the CPU it is a plain copy,
+    never a view, because a sampler may update its latents in place after the capture."""
+    source = latents.detach()
+    if source.device.type != "cuda":
+        return source.to(torch.float32, copy=True), None
+    host = torch.empty(source.shape, dtype=torch.float32, pin_memory=True)
+    host.copy_(source.float(), non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(source.device))  # the stream the copy went on, on cuda:N too
+    return host, copied
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait until `device` has run all queued work (a no-op off CUDA), so host clocks measure it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def step_generators(seeds: list[int]) -> list[torch.Generator]:
     # A stream distinct from the initial noise, for stochastic samplers' per-step noise.
     return [torch.Generator().manual_seed((s + 0x9E3779B97F4A7C15) % (1 << 63)) for s in seeds]
@@ -175,6 +200,12 @@ class ModelAdapter:
         scale = float(getattr(self.pipe.scheduler, "init_noise_sigma", 1.0)) if self.scales_initial_noise else 1.0
         captured: dict[str, torch.Tensor] = {contract.INITIAL_NOISE: noise * scale}
         wanted = set(capture_steps)
+        copies: list[torch.cuda.Event] = []  # device→host copies still in flight (CUDA only)
+
+        def capture(name: str, latents: torch.Tensor) -> None:
+            captured[name], copied = copy_to_host(latents)
+            if copied is not None:
+                copies.append(copied)
 
         if self.composite:
             self.composite.use_finetuned()
@@ -184,12 +215,14 @@ class ModelAdapter:
             if self.composite and k == self.composite.switch_step:
                 self.composite.use_base()  # steps T→t done: the base model takes over for t→0
             if k in wanted:
-                captured[contract.latent_name(k)] = kwargs["latents"].detach().float().cpu()
+                capture(contract.latent_name(k), kwargs["latents"])
             if k == n_steps:
-                captured[contract.FINAL_LATENT] = kwargs["latents"].detach().float().cpu()
+                capture(contract.FINAL_LATENT, kwargs["latents"])
             return kwargs
 
         images = self._call_pipeline(prompts, noise.to(self.device, self.dtype), step_generators(seeds), on_step_end)
+        for copied in copies:
+            copied.synchronize()  # the captures are read from here on
         timesteps = [float(t) for t in self.pipe.scheduler.timesteps]
         if len(timesteps) != n_steps:
             raise ModelError(f"the sampler visited {len(timesteps)} timesteps, expected model.num_inference_steps = {n_steps}")

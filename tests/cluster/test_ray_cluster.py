@@ -63,3 +63,34 @@ def test_cuda_on_a_local_ray_without_gpus_fails_at_once(tiny_digits, tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip().splitlines()[-1] == ("pgraft generate: error: model.device=cuda but the Ray cluster has "
                                                    "no GPUs; use model.device=auto or cpu")
+
+
+def test_run_pool_keeps_calls_per_actor_in_flight_and_returns_each_item_once(ray_local):
+    import threading
+    import time
+
+    class Counting:
+        """Counts its calls running at once; its max_concurrency (4) leaves the limit to run_pool."""
+
+        def __init__(self, threads=None):
+            self.lock, self.running, self.most = threading.Lock(), 0, 0
+
+        def work(self, item):
+            import ray
+
+            with self.lock:
+                self.running += 1
+                self.most = max(self.most, self.running)
+            time.sleep(0.1)  # long enough for the pool's second call to arrive while this one runs
+            with self.lock:
+                self.running -= 1
+            return {"item": item, "actor": ray.get_runtime_context().get_actor_id(), "most": self.most}
+
+    pool = cluster.start_workers(Counting, 2, "cpu", "model.device", 12, max_concurrency=4)
+    results = []
+    cluster.run_pool(pool, "work", list(range(12)), results.append, "test", progress=False, calls_per_actor=2)
+    assert sorted(r["item"] for r in results) == list(range(12))  # on_result once per item
+    most = {}
+    for r in results:
+        most[r["actor"]] = max(most.get(r["actor"], 0), r["most"])
+    assert len(most) == 2 and set(most.values()) == {2}  # both actors ran two calls at once, never more

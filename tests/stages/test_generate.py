@@ -16,7 +16,8 @@ from pgraft.config import ConfigError, load_config
 from pgraft.models.adapters import ModelError
 from pgraft.shards import list_committed, read_shard
 from pgraft.storage import StorageError, open_storage
-from stages.generate import GenerateError, plan_units, run_generate
+from stages import generate
+from stages.generate import ActorClock, GenerateError, device_idle_fraction, plan_units, run_generate
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,6 +42,15 @@ def test_plan_units_cover_every_sample_once():
     assert sorted(items) == [(p, s) for p in range(3) for s in range(6)] and len(set(items)) == 18
 
 
+def test_device_idle_fraction_per_actor_averaged():
+    busy, half = ActorClock(), ActorClock()
+    for clock, units in ((busy, [(0.0, 4.0, 5.0), (4.0, 5.0, 10.0)]), (half, [(0.0, 2.0, 4.0), (4.0, 3.0, 10.0)])):
+        for device_start, device_seconds, committed_at in units:
+            clock.add({"device_start": device_start, "device_seconds": device_seconds, "committed_at": committed_at})
+    assert (busy.idle_fraction, half.idle_fraction) == (pytest.approx(0.1), pytest.approx(0.5))
+    assert device_idle_fraction([busy, half]) == pytest.approx(0.3) and device_idle_fraction([]) == 0.0
+
+
 def test_generate_writes_committed_shards_on_two_actors(ray_local, tiny_digits, tmp_path):
     cfg = small_config(tiny_digits, tmp_path / "run")
     summary = run_generate(cfg, progress=False)
@@ -59,17 +69,22 @@ def test_generate_writes_committed_shards_on_two_actors(ray_local, tiny_digits, 
     assert first.image.shape == (8, 8)
     assert store.exists(contract.CONFIG_KEY)
     assert "round 0" in summary.render() and "x_5 (t=400)" in summary.render()
+    assert summary.bytes_written == sum(rec.bytes for rec in committed.values()) > 0
+    assert summary.device_seconds > 0 and 0 <= summary.device_idle_fraction <= 1
+    assert "kB per sample" in summary.render() and "idle" in summary.render() and "idle" not in summary.headline()
 
 
-def test_same_config_same_bytes_other_seed_differs(ray_local, tiny_digits, tmp_path):
+def test_same_config_same_bytes_other_seed_differs(ray_local, tiny_digits, tmp_path, monkeypatch):
     a = small_config(tiny_digits, tmp_path / "a")
     b = small_config(tiny_digits, tmp_path / "b")
     c = small_config(tiny_digits, tmp_path / "c", "run.seed=1")
     # One worker with two threads instead of two with one: the same samples up to float
     # summation order (bit equality holds for equal threads per worker).
     d = small_config(tiny_digits, tmp_path / "d", "generate.num_workers=1")
-    for cfg in (a, b, c, d):
-        run_generate(cfg, progress=False)
+    for cfg in (a, c, d):
+        run_generate(cfg, progress=False)  # two units in flight per actor: rollouts overlap shard writing
+    monkeypatch.setattr(generate, "CALLS_PER_ACTOR", 1)
+    run_generate(b, progress=False)  # one unit at a time per actor, as before the overlap
     assert shard_bytes(open_storage(a.run.uri)) == shard_bytes(open_storage(b.run.uri))
 
     def latents(cfg):

@@ -8,7 +8,7 @@ import torch
 
 from pgraft import contract
 from pgraft.config import ModelSection
-from pgraft.models.adapters import ModelError, initial_noise, load_adapter
+from pgraft.models.adapters import ModelError, copy_to_host, initial_noise, load_adapter
 
 CAPTURE = [1, 5, 9]
 STEPS = 10
@@ -116,6 +116,25 @@ def test_same_seed_same_rollout_regardless_of_batch(tiny_digits):
     together = adapter.rollout(["a handwritten digit 2", "a handwritten digit 4"], [99, 100], [5])
     torch.testing.assert_close(alone.latents["x_T"][0], together.latents["x_T"][0], rtol=0, atol=0)
     torch.testing.assert_close(alone.latents["x_0"][0], together.latents["x_0"][0], rtol=0, atol=1e-5)
+
+
+def test_copy_to_host_on_cpu_is_an_equal_float32_copy_not_a_view():
+    latents = torch.randn(2, 1, 8, 8)
+    host, copied = copy_to_host(latents)
+    assert copied is None and host.dtype == torch.float32 and torch.equal(host, latents)
+    expected = latents.clone()
+    latents.mul_(0.5)  # a sampler updating its latents in place after the capture
+    assert torch.equal(host, expected)
+    half = torch.randn(3, 4).to(torch.bfloat16)
+    assert torch.equal(copy_to_host(half)[0], half.float())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_copy_to_host_on_cuda_lands_in_pinned_memory_once_its_event_is_done():
+    latents = torch.randn(2, 4, 16, 16, device="cuda", dtype=torch.bfloat16)
+    host, copied = copy_to_host(latents)
+    copied.synchronize()
+    assert host.is_pinned() and host.device.type == "cpu" and torch.equal(host, latents.float().cpu())
 
 
 def test_bad_model_inputs_are_named(tiny_digits, tmp_path):
