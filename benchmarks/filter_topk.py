@@ -87,16 +87,31 @@ COPY (
 """
 
 
+# A child's peak RSS counts the pages it shared with its parent before exec, and this process
+# holds tens of GB after writing a big table; so each measured command is started by a fresh,
+# small interpreter that reports the command's own wall time and peak RSS.
+LAUNCHER = """
+import json, os, subprocess, sys, time
+start = time.perf_counter()
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(proc.pid, 0)
+print(json.dumps({"code": os.waitstatus_to_exitcode(status), "seconds": time.perf_counter() - start,
+                  "peak_mb": usage.ru_maxrss / 1024}))
+"""
+
+
 def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of one child process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd[:4])} … failed:\n{proc.stderr.read().decode()[-3000:]}")
-    proc.stderr.close()
-    return wall, usage.ru_maxrss / 1024
+    """Wall seconds and peak RSS (MB) of one process running `cmd`."""
+    # stderr goes to a file, not a pipe: a pipe nobody reads until the end fills up, and a Ray
+    # driver then holds the worker log lines it cannot print (memory the engine never used).
+    with tempfile.TemporaryFile() as log:
+        out = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=log, text=True)
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        if got["code"] != 0:
+            log.seek(0)
+            raise SystemExit(f"{' '.join(cmd[:4])} … failed:\n{log.read().decode()[-3000:]}")
+    return got["seconds"], got["peak_mb"]
 
 
 def best(cmd: list[str], repeats: int, env: dict | None = None) -> tuple[float, float]:

@@ -1,7 +1,8 @@
 """The Ray engine: a selection over a table larger than one node, with no row on the driver.
 
-1. `_scatter`, a task per reward part: read and check the part, code its hashes, and split
-   its rows by prompt_id into hash partitions (the shuffle goes through Ray's object store).
+1. `_scatter`, a task per batch of reward parts: read and check each part, code its hashes,
+   and split the rows by prompt_id into hash partitions (the shuffle goes through Ray's
+   object store). Batches keep the task count, and the driver's bookkeeping, small.
 2. `_gather`, a task per partition: concatenate its pieces, put them in canonical order and
    report small facts (rows, reward range, prompt sizes).
 3. Global parameters from those facts; a quantile's τ or a KL budget's threshold by probing
@@ -39,16 +40,25 @@ from stages.filter.partition import (
 )
 
 
-def _scatter(storage: Storage, key: str, partitions: int, dedup: bool):
-    loaded = load_part(storage, key, dedup)
-    rows = loaded.rows
-    bad = nonfinite(rows)
-    info = {"digest": loaded.digest, "signature": loaded.signature, "bad": int(bad.sum()), "bad_keys": first_keys(rows, bad)}
+def _scatter(storage: Storage, keys: list[str], partitions: int, dedup: bool):
+    infos, pieces = [], []
+    for key in keys:
+        loaded = load_part(storage, key, dedup)
+        bad = nonfinite(loaded.rows)
+        infos.append({"digest": loaded.digest, "signature": loaded.signature, "bad": int(bad.sum()),
+                      "bad_keys": first_keys(loaded.rows, bad)})
+        pieces.append(loaded.rows)
+    rows = PartRows.concat(pieces)
     bucket = rows.prompt_id % partitions
     order = np.argsort(bucket, kind="stable")
     bounds = np.searchsorted(bucket[order], np.arange(partitions + 1))
-    pieces = [rows.take(order[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
-    return (info, *pieces)
+    return (infos, *(rows.take(order[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])))
+
+
+def scatter_batches(parts: list[str], cpus: int) -> list[list[str]]:
+    """Parts per scatter task: about 4 tasks per CPU, at most 16 parts (a few million rows) each."""
+    size = max(1, min(16, -(-len(parts) // (4 * cpus))))
+    return [parts[i:i + size] for i in range(0, len(parts), size)]
 
 
 def _gather(drop_nonfinite: bool, *pieces: PartRows):
@@ -128,19 +138,21 @@ def _get(refs):
         raise cluster.unwrap_remote_error(exc) from None
 
 
+def cluster_cpus() -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
 def partition_count(cfg: Config) -> int:
-    if cfg.filter.partitions:
-        return cfg.filter.partitions
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    return max(2, min(256, 2 * cpus))
+    return cfg.filter.partitions or max(2, min(256, 2 * cluster_cpus()))
 
 
 def select_ray(storage: Storage, parts: list[str], cfg: Config, seed: int, output: AcceptedOutput) -> Selected:
     cluster.connect()
     partitions = partition_count(cfg)
     scatter = _remote(_scatter, num_returns=partitions + 1)
-    scattered = [scatter.remote(storage, key, partitions, cfg.filter.dedup) for key in parts]
-    infos = _get([refs[0] for refs in scattered])
+    scattered = [scatter.remote(storage, batch, partitions, cfg.filter.dedup)
+                 for batch in scatter_batches(parts, cluster_cpus())]
+    infos = [info for batch in _get([refs[0] for refs in scattered]) for info in batch]
     check_same_schema([info["signature"] for info in infos], [storage.url(key) for key in parts])
     dropped = sum(info["bad"] for info in infos)
     if dropped and cfg.filter.nan_policy == "error":
