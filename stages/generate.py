@@ -76,6 +76,7 @@ class GenerateSummary:
     nodes: list[str] = field(default_factory=list)  # Ray node ids the shards were written on
     device_seconds: float = 0.0  # in rollouts, summed over actors
     device_idle_fraction: float = 0.0  # per actor, first rollout start to last commit; mean over actors
+    working_seconds: float = 0.0  # per actor, first rollout start to last commit (no start-up); mean over actors
 
     def headline(self) -> str:
         """One line for job logs (the round pipeline prints one per finished stage)."""
@@ -294,6 +295,8 @@ def run_generate(cfg: Config, progress: bool = True, label: str | None = None) -
         cluster.run_pool(pool, "run_unit", pending, on_result, label or f"generate round {rnd}", progress,
                          calls_per_actor=CALLS_PER_ACTOR)
         summary.device_idle_fraction = device_idle_fraction(list(clocks.values()))
+        spans = [c.last_end - c.first_start for c in clocks.values()]
+        summary.working_seconds = sum(spans) / len(spans) if spans else 0.0
     summary.seconds = time.perf_counter() - start
     if not summary.captured and committed:
         from pgraft.shards import read_shard
