@@ -2,8 +2,8 @@
 
 Rows are put in canonical order (prompt_id, sample_idx); a prompt's rows form one segment.
 Ranks are by reward descending, ties broken by sample_idx, so the result is a pure function
-of the rows: the single-node path and the Ray Data path (which calls `select_rows` once per
-prompt group) give identical accepted sets. Global quantities (a quantile's τ, rejection's
+of the rows: the local engine and the Ray engine (which call `select_rows` once per
+partition of whole prompts) give identical accepted sets. Global quantities (a quantile's τ, rejection's
 r_max and E[a], parameters chosen for a KL budget) are resolved once over all rewards with
 `resolve` before any rows are selected.
 """
@@ -120,7 +120,7 @@ class ArrayRewardStats(RewardStats):
         self._sorted = None
 
     def kth_largest(self, count: int) -> float:
-        return float(np.partition(self.rewards, self.count - count)[self.count - count])
+        return float(np.partition(self.rewards, self.count - count)[self.count - count]) + 0.0  # −0.0 → 0.0
 
     def count_at_least(self, points: np.ndarray) -> np.ndarray:
         if self._sorted is None:
@@ -160,7 +160,7 @@ def kth_largest(stats: RewardStats, count: int, probes: int = 1024) -> float:
         best = int(enough[-1])  # keys[0] = lo always qualifies
         lo = int(keys[best])
         hi = int(keys[best + 1]) - 1 if best + 1 < len(keys) else lo
-    return float(_ordered_float(np.array([lo]))[0])
+    return float(_ordered_float(np.array([lo]))[0]) + 0.0  # −0.0 → 0.0, as every engine reports it
 
 
 def resolve(spec: FilterSection, stats: RewardStats, seed: int) -> Resolved:
@@ -311,32 +311,43 @@ def dedup_rows(seg: Segments, values: np.ndarray, hash_code: np.ndarray) -> tupl
     return keep, copies
 
 
-def hash_codes(hashes) -> np.ndarray:
-    """64-bit codes of sample_hash strings (a pyarrow array): equal strings, equal codes; distinct
-    strings collide with probability ~n²/2⁶⁴. Same-length strings (every built-in hash) are read
-    straight from Arrow's data buffer; others are hashed by content. Codes depend on the string
-    alone, so parts can be coded one at a time."""
-    import pyarrow as pa
-    arr = hashes.combine_chunks() if isinstance(hashes, pa.ChunkedArray) else hashes
-    arr = arr.cast(pa.string())
-    if len(arr) and arr.null_count == 0:
-        offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset:arr.offset + len(arr) + 1]
-        width = int(offsets[1] - offsets[0])
-        if width > 0 and np.all(np.diff(offsets) == width):
-            data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]].reshape(-1, width)
-            if width % 8:
-                data = np.concatenate([data, np.zeros((len(arr), 8 - width % 8), np.uint8)], axis=1)
-            words = np.ascontiguousarray(data).view(np.uint64)
-            code = words[:, 0].copy()
-            with np.errstate(over="ignore"):
-                for j in range(1, words.shape[1]):  # mix in further 8-byte words
-                    code *= np.uint64(0x9E3779B97F4A7C15)
-                    code ^= words[:, j] + (code >> np.uint64(29))
-            return code.view(np.int64)
-    # Other strings: a content hash, so a string gets the same code in every part and engine.
-    import pandas as pd
+def _word_codes(data: np.ndarray, width: int) -> np.ndarray:
+    """Codes of `width`-byte strings given as rows of a uint8 matrix (the length mixed in)."""
+    if width % 8 or width == 0:
+        data = np.concatenate([data, np.zeros((len(data), 8 - width % 8), np.uint8)], axis=1)
+    words = np.ascontiguousarray(data).view(np.uint64)
+    with np.errstate(over="ignore"):
+        code = words[:, 0] ^ (np.uint64(width) * np.uint64(0xBF58476D1CE4E5B9))
+        for j in range(1, words.shape[1]):  # mix in further 8-byte words
+            code *= np.uint64(0x9E3779B97F4A7C15)
+            code ^= words[:, j] + (code >> np.uint64(29))
+    return code.view(np.int64)
 
-    return pd.util.hash_array(arr.to_numpy(zero_copy_only=False).astype(object)).view(np.int64)
+
+def hash_codes(hashes) -> np.ndarray:
+    """64-bit codes of sample_hash strings (a pyarrow array without nulls): equal strings, equal
+    codes; distinct strings collide with probability ~n²/2⁶⁴. A code depends on its string
+    alone (bytes and length), so parts can be coded one at a time: strings are read straight
+    from Arrow's data buffer, one group per length (every built-in hash has one length)."""
+    import pyarrow as pa
+
+    arr = hashes.combine_chunks() if isinstance(hashes, pa.ChunkedArray) else hashes
+    arr = arr.cast(pa.large_string())  # 64-bit offsets: any size
+    if arr.null_count:
+        raise ValueError("hash_codes: null strings have no code")
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset:arr.offset + len(arr) + 1]
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8) if arr.buffers()[2] is not None else np.zeros(0, np.uint8)
+    lengths = np.diff(offsets)
+    codes = np.empty(len(arr), dtype=np.int64)
+    for width in np.unique(lengths):
+        rows = np.flatnonzero(lengths == width)
+        starts = offsets[rows]
+        if len(rows) == len(arr) and width and np.all(np.diff(starts) == width):  # contiguous: no gather
+            matrix = data[starts[0]:starts[0] + len(rows) * int(width)].reshape(len(rows), int(width))
+        else:
+            matrix = data[starts[:, None] + np.arange(int(width))[None, :]] if width else np.zeros((len(rows), 0), np.uint8)
+        codes[rows] = _word_codes(matrix, int(width))
+    return codes
 
 
 # Rules ---------------------------------------------------------------------------------

@@ -56,16 +56,24 @@ def fingerprint_line(key: str, sha256: str) -> bytes:
     return f"{Path(key).name}:{sha256}\n".encode()
 
 
+def table_fingerprint(part_keys: list[str], digests: list[str]) -> str:
+    """The fingerprint of a table from its parts' keys and sha256 digests, in part order."""
+    fingerprint = hashlib.sha256()
+    for key, digest in zip(part_keys, digests):
+        fingerprint.update(fingerprint_line(key, digest))
+    return fingerprint.hexdigest()
+
+
 def fingerprint_parts(storage: Storage, part_keys: list[str]) -> str:
     """The table fingerprint without holding the parts in memory (streams each part)."""
-    fingerprint = hashlib.sha256()
+    digests = []
     for key in part_keys:
         digest = hashlib.sha256()
         with storage.open_read(key) as stream:
             for chunk in iter(lambda: stream.read(1 << 20), b""):
                 digest.update(chunk)
-        fingerprint.update(fingerprint_line(key, digest.hexdigest()))
-    return fingerprint.hexdigest()
+        digests.append(digest.hexdigest())
+    return table_fingerprint(part_keys, digests)
 
 
 def read_reward_table(storage: Storage, part_keys: list[str], columns: list[str] | None = None,
@@ -84,12 +92,9 @@ def read_reward_table(storage: Storage, part_keys: list[str], columns: list[str]
     # Parts are independent: fetch and decode them on a few threads (I/O and Arrow release the GIL).
     with ThreadPoolExecutor(max_workers=8) as pool:
         loaded = list(pool.map(load, part_keys))
-    fingerprint = hashlib.sha256()
-    for key, (digest, _) in zip(part_keys, loaded):
-        fingerprint.update(fingerprint_line(key, digest))
     tables = [table for _, table in loaded]
     table = pa.concat_tables(tables) if tables else arrow_schema(contract.REWARD_COLUMNS).empty_table()
-    return RewardTable(table, fingerprint.hexdigest())
+    return RewardTable(table, table_fingerprint(part_keys, [digest for digest, _ in loaded]))
 
 
 def read_accepted_table(storage: Storage, round_idx: int, name: str, summary: dict) -> pa.Table:
@@ -103,9 +108,15 @@ def read_accepted_table(storage: Storage, round_idx: int, name: str, summary: di
     return table.take(order)
 
 
-def accepted_bytes(storage: Storage, round_idx: int, name: str, summary: dict) -> list[bytes]:
-    """The stored bytes of a selection's accepted file(s), in part order (for fingerprints)."""
-    parts = summary.get("accepted_parts") or []
-    if not parts:
-        return [storage.get_bytes(contract.accepted_key(round_idx, name))]
-    return [storage.get_bytes(f"{contract.accepted_prefix(round_idx, name)}/{part}") for part in parts]
+def accepted_content(storage: Storage, round_idx: int, name: str, summary: dict) -> tuple[bytes, int]:
+    """(bytes that stand for a selection's accepted rows, row count), for fingerprints: the
+    sorted rows as Arrow IPC, so the same rows give the same bytes however they were split
+    into parts; selections made before parts give their `accepted.parquet` bytes, as before."""
+    if not summary.get("accepted_parts"):
+        data = storage.get_bytes(contract.accepted_key(round_idx, name))
+        return data, pq.read_metadata(io.BytesIO(data)).num_rows
+    table = read_accepted_table(storage, round_idx, name, summary).combine_chunks()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes(), table.num_rows

@@ -81,15 +81,15 @@ def check_schema(schema: pa.Schema, where: str) -> None:
 
 
 def schema_signature(schema: pa.Schema) -> str:
-    return ", ".join(sorted(f"{field.name}: {field.type}" for field in schema))
+    return "\n".join(sorted(f"{field.name}: {field.type}" for field in schema))
 
 
 def check_same_schema(signatures: list[str], wheres: list[str]) -> None:
     """Every part of one table has the first part's columns (a reward's extras included)."""
-    first = set(signatures[0].split(", ")) if signatures else set()
+    first = set(signatures[0].split("\n")) if signatures else set()
     for signature, where in zip(signatures[1:], wheres[1:]):
         if signature != signatures[0]:
-            mine = set(signature.split(", "))
+            mine = set(signature.split("\n"))
             diff = sorted(mine ^ first)
             raise FilterError(f"reward part {where} has another schema than {wheres[0]} (differs in {'; '.join(diff)}): "
                               "the table mixes parts of different rewards or versions; rerun `pgraft reward` into a "
@@ -110,7 +110,7 @@ def parse_part(data: bytes, shard_id: int, where: str, dedup: bool) -> tuple[str
     except (pa.ArrowInvalid, OSError) as exc:
         raise FilterError(f"reward part {where} cannot be read ({str(exc).splitlines()[0]}); "
                           "delete it and rerun `pgraft reward`") from None
-    for name in ("prompt_id", "sample_idx"):
+    for name in ("prompt_id", "sample_idx") + (("sample_hash",) if dedup else ()):
         if table[name].null_count:
             raise FilterError(f"reward part {where}: column {name} has {table[name].null_count} null(s); "
                               "delete the part and rerun `pgraft reward`")

@@ -7,7 +7,6 @@ accepted rows (few) are written as one part.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,7 +15,7 @@ import pyarrow as pa
 from pgraft.config import Config
 from pgraft.selection import ArrayRewardStats, resolve
 from pgraft.storage import Storage
-from pgraft.tables import fingerprint_line
+from pgraft.tables import table_fingerprint
 from stages.filter.errors import FilterError
 from stages.filter.inputs import PartRows, check_same_schema, load_part
 from stages.filter.output import AcceptedOutput
@@ -40,10 +39,8 @@ def read_rows(storage: Storage, parts: list[str], dedup: bool, threads: int) -> 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         loaded = list(pool.map(lambda key: load_part(storage, key, dedup), parts))
     check_same_schema([part.signature for part in loaded], [storage.url(key) for key in parts])
-    fingerprint = hashlib.sha256()
-    for key, part in zip(parts, loaded):
-        fingerprint.update(fingerprint_line(key, part.digest))
-    return PartRows.concat([part.rows for part in loaded]), fingerprint.hexdigest()
+    fingerprint = table_fingerprint(parts, [part.digest for part in loaded])
+    return PartRows.concat([part.rows for part in loaded]), fingerprint
 
 
 def select_local(storage: Storage, parts: list[str], cfg: Config, seed: int, output: AcceptedOutput) -> Selected:

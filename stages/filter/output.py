@@ -29,6 +29,12 @@ class AcceptedOutput:
         write_parquet(self.storage, key, table)
         return PurePosixPath(key).name
 
+    def discard(self) -> None:
+        """Remove what this make wrote (it failed): the selection is left as it was."""
+        for key in self.storage.list(contract.accepted_prefix(self.round, self.name) + "/"):
+            if PurePosixPath(key).name.startswith(f"part-{self.token}-"):
+                self.storage.delete(key)
+
     def remove_stale(self, kept: list[str]) -> None:
         """After the summary is written: drop parts of earlier makes and the older single file."""
         for key in self.storage.list(contract.accepted_prefix(self.round, self.name) + "/"):

@@ -23,11 +23,16 @@ from stages.filter.inputs import PartRows
 ACCEPTED_SCHEMA = arrow_schema(contract.ACCEPTED_COLUMNS)
 
 
+def check_key_range(rows: PartRows) -> None:
+    """Every row must have a sample key (checked before anything is written)."""
+    if len(rows) and (rows.prompt_id.min() < 0 or rows.prompt_id.max() >= 10**6 or rows.sample_idx.min() < 0
+                      or rows.sample_idx.max() >= 10**5):
+        raise FilterError("prompt_id or sample_idx out of the key format's range (0 ≤ prompt_id < 10^6, "
+                          "0 ≤ sample_idx < 10^5): these rows were not written by `pgraft reward`")
+
+
 def sample_keys(prompt_id: np.ndarray, sample_idx: np.ndarray) -> pa.Array:
-    """`contract.sample_key` of many rows at once."""
-    if len(prompt_id) and (prompt_id.min() < 0 or prompt_id.max() >= 10**6 or sample_idx.min() < 0
-                           or sample_idx.max() >= 10**5):
-        raise FilterError("prompt_id or sample_idx out of the key format's range (prompt_id < 10^6, sample_idx < 10^5)")
+    """`contract.sample_key` of many rows at once (rows checked by `check_key_range`)."""
     pad = lambda values, width: pc.utf8_lpad(pa.array(values).cast(pa.string()), width, "0")  # noqa: E731
     return pc.binary_join_element_wise("p", pad(prompt_id, 6), "_s", pad(sample_idx, 5), "")
 
@@ -55,7 +60,8 @@ def first_keys(rows: PartRows, mask: np.ndarray, limit: int = 5) -> list[str]:
 
 
 def in_canonical_order(rows: PartRows) -> PartRows:
-    """Rows sorted by (prompt_id, sample_idx); a sample listed twice is an error."""
+    """Rows sorted by (prompt_id, sample_idx), keys checked; a sample listed twice is an error."""
+    check_key_range(rows)
     try:
         order = canonical_order(rows.prompt_id, rows.sample_idx)
     except SelectionError as exc:

@@ -14,7 +14,7 @@ The driver holds object references, per-partition facts and per-prompt counts, n
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import math
 
 import numpy as np
@@ -24,7 +24,7 @@ import cluster
 from pgraft.config import Config
 from pgraft.selection import RewardStats, Segments, acceptance_terms, exact_partials, prompt_sums, resolve
 from pgraft.storage import Storage
-from pgraft.tables import fingerprint_line
+from pgraft.tables import table_fingerprint
 from stages.filter.errors import FilterError
 from stages.filter.inputs import PartRows, check_same_schema, load_part
 from stages.filter.output import AcceptedOutput
@@ -122,19 +122,25 @@ class RayRewardStats(RewardStats):
             self._sorted_refs = [_remote(_sorted_rewards).remote(ref) for ref in self.rows_refs]
         return np.sum(_get([_remote(_count_at_least).remote(ref, points) for ref in self._sorted_refs]), axis=0)
 
+    def drop_sorted(self) -> None:
+        """Free the sorted copies once the global parameters are fixed."""
+        self._sorted_refs = None
+
     def acceptance_sums(self, alpha: float) -> tuple[float, float]:
         got = _get([_remote(_acceptance_partials).remote(ref, self.high, alpha) for ref in self.rows_refs])
         return math.fsum(x for b, _ in got for x in b), math.fsum(x for _, bd in got for x in bd)
 
 
-def _remote(fn, **options):
-    return ray.remote(**options)(fn) if options else ray.remote(fn)
+@functools.lru_cache(maxsize=None)
+def _remote(fn, num_returns: int = 1):
+    """The Ray remote function of `fn` (made once: tasks are launched per partition and probe)."""
+    return ray.remote(num_returns=num_returns)(fn)
 
 
 def _get(refs):
     try:
         return ray.get(refs)
-    except ray.exceptions.RayTaskError as exc:
+    except ray.exceptions.RayError as exc:  # a task's own error, or a lost worker, node or object
         raise cluster.unwrap_remote_error(exc) from None
 
 
@@ -157,9 +163,7 @@ def select_ray(storage: Storage, parts: list[str], cfg: Config, seed: int, outpu
     dropped = sum(info["bad"] for info in infos)
     if dropped and cfg.filter.nan_policy == "error":
         raise nonfinite_error(dropped, [k for info in infos for k in info["bad_keys"]][:5])
-    fingerprint = hashlib.sha256()
-    for key, info in zip(parts, infos):
-        fingerprint.update(fingerprint_line(key, info["digest"]))
+    fingerprint = table_fingerprint(parts, [info["digest"] for info in infos])
 
     gather = _remote(_gather, num_returns=2)
     gathered = [gather.remote(bool(dropped), *(refs[1 + b] for refs in scattered)) for b in range(partitions)]
@@ -170,13 +174,14 @@ def select_ray(storage: Storage, parts: list[str], cfg: Config, seed: int, outpu
     if stats.count == 0:
         raise FilterError("the reward table has no usable rows")
     res = resolve(cfg.filter, stats, seed)
+    stats.drop_sorted()
 
     rate = None
     if res.method in ("threshold", "quantile"):  # their reshaped reward needs the global acceptance rate first
         counts = _get([_remote(_pick_count).remote(ref, res) for ref in rows_refs])
         considered, accepted = sum(c for c, _ in counts), sum(a for _, a in counts)
         if accepted == 0:
-            return Selected(res, stats, stats.count, dropped, considered, 0, {}, fingerprint.hexdigest(), [])
+            return Selected(res, stats, stats.count, dropped, considered, 0, {}, fingerprint, [])
         rate = accepted / considered
     results = _get([_remote(_pick_and_write).remote(ref, res, rate, output, i) for i, ref in enumerate(rows_refs)])
     per_prompt: dict[int, int] = {}
@@ -184,5 +189,5 @@ def select_ray(storage: Storage, parts: list[str], cfg: Config, seed: int, outpu
         merge_counts(per_prompt, r["per_prompt"])
     return Selected(res=res, stats=stats, rows_in=stats.count, dropped=dropped,
                     considered=sum(r["considered"] for r in results), accepted=sum(r["accepted"] for r in results),
-                    per_prompt=per_prompt, fingerprint=fingerprint.hexdigest(),
+                    per_prompt=per_prompt, fingerprint=fingerprint,
                     accepted_parts=[r["part"] for r in results if r["part"]], nodes=sorted({r["node"] for r in results}))

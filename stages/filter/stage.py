@@ -122,7 +122,11 @@ def run_filter(cfg: Config, progress: bool = True, force: bool = False, allow_pa
     try:
         got = _engine(cfg.filter.engine)(storage, parts, cfg, cfg.run.seed, output)
     except SelectionError as exc:
+        output.discard()
         raise FilterError(str(exc)) from None
+    except BaseException:
+        output.discard()  # parts some partitions wrote before another failed
+        raise
     res, stats = got.res, got.stats
     if got.accepted == 0:
         raise FilterError(

@@ -11,11 +11,9 @@ run's storage, the worker group restarted from the latest checkpoint after a los
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 
-import pyarrow.parquet as pq
 import torch
 
 from cluster.train_group import deepspeed_config, fit
@@ -23,7 +21,7 @@ from pgraft import contract
 from pgraft.config import Config
 from pgraft.models.adapters import check_model_folder
 from pgraft.storage import open_storage
-from pgraft.tables import accepted_bytes
+from pgraft.tables import accepted_content
 from stages.filter import read_summary
 from stages.train.data import check_selection
 from stages.train.errors import TrainError
@@ -70,10 +68,9 @@ def run_train(cfg: Config, progress: bool = True) -> contract.TrainSummary:
     check_selection(storage, cfg, selection)
     check_model_folder(cfg.model)
     check_settings(cfg)
-    pieces = accepted_bytes(storage, rnd, selection, read_summary(storage, rnd, selection))
-    accepted = b"".join(pieces)
+    accepted, accepted_rows = accepted_content(storage, rnd, selection, read_summary(storage, rnd, selection))
     if cfg.train.epochs is not None:
-        cfg.train.steps = steps_for_epochs(cfg.train.epochs, sum(pq.read_metadata(io.BytesIO(b)).num_rows for b in pieces),
+        cfg.train.steps = steps_for_epochs(cfg.train.epochs, accepted_rows,
                                            cfg.train.batch_size)
     fingerprint = train_fingerprint(cfg, accepted)
     summary_key = contract.train_summary_key(rnd, name)

@@ -176,3 +176,13 @@ def test_acceptance_sums_match_the_closed_form_kl_and_mean():
             grs.rejection_acceptance(rewards, alpha, stats.high + 0.5).mean(), rel=1e-12)
     alpha = grs.rejection_alpha_for_kl_sums(stats.acceptance_sums, len(rewards), 0.4, float(np.ptp(rewards)))
     assert alpha == pytest.approx(grs.rejection_alpha_for_kl(rewards, 0.4, stats.high), rel=1e-8)
+
+
+def test_hash_code_of_a_string_does_not_depend_on_its_part():
+    import pyarrow as pa
+
+    from pgraft.selection import hash_codes
+
+    uniform = hash_codes(pa.array(["abc", "xyz"]))
+    mixed = hash_codes(pa.array(["0123456789abcdef", "abc", "", "abcd"]))
+    assert uniform[0] == mixed[1] and len({*uniform, *mixed}) == 5

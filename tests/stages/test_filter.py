@@ -1,5 +1,5 @@
 """Filter stage: selections beside each other, nothing upstream touched, DuckDB/pyarrow
-readable, Ray Data identical to single-node, and every bad input caught."""
+readable, the Ray engine identical to the local one, and every bad input caught."""
 
 from __future__ import annotations
 
@@ -108,8 +108,12 @@ def test_existing_name_refused_unless_force_and_same_spec_reused(run_dir, tiny_d
     ("filter.method=top_k", "filter.k=2", "filter.m=6"),
     ("filter.method=rejection", "filter.alpha=0.2"),
     ("filter.method=quantile", "filter.quantile=0.3", "filter.dedup=true"),
+    ("filter.method=threshold", "filter.kl_budget=0.7", "filter.partitions=7"),  # more partitions than prompts
+    ("filter.method=rejection", "filter.kl_budget=0.3", "filter.dedup=true"),
+    ("reward.name=plugin_rewards:nan_for_odd_samples", "filter.method=threshold", "filter.threshold=2",
+     "filter.nan_policy=drop"),
 ])
-def test_ray_data_engine_gives_the_same_selection(run_dir, tiny_digits, classifier_dir, extra, ray_local):
+def test_ray_engine_gives_the_same_selection(run_dir, tiny_digits, classifier_dir, extra, ray_local):
     local = run_filter(cfg_for(run_dir, tiny_digits, classifier_dir, "filter.name=local", *extra), progress=False)
     dist = run_filter(cfg_for(run_dir, tiny_digits, classifier_dir, "filter.name=dist", "filter.engine=ray", *extra),
                       progress=False)
