@@ -14,12 +14,31 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pgraft.errors import PgraftError
+from pgraft.errors import ConfigError
 from pgraft.models.fetch import child
+from pgraft.tasks import DEFAULT_TASK, TaskSpec, get_task
+
+__all__ = ["ConfigError", "Config", "load_config", "config_from_dict", "config_to_yaml"]
+
+# Identity metadata: every config field says whether it changes what a stage produces. A stage's
+# "same work" check (run config, inversion settings, train and corrector fingerprints) takes the
+# fields marked WHAT (and PER_ROUND where it compares one round's work) from the sections it
+# reads; tests/pgraft/test_config.py fails on a field without a mark.
+WHAT = {"identity": "what"}  # changes the results (samples, rows, weights)
+HOW = {"identity": "how"}  # placement, speed, retries, bookkeeping or where results are kept: never the results
+PER_ROUND = {"identity": "per_round"}  # differs between the rounds of one run by design (run.round, model.finetuned)
 
 
-class ConfigError(PgraftError, ValueError):
-    """A config file or override is wrong; the message names the key."""
+def identity_of(field) -> str | None:
+    """The identity mark (`what`, `how`, `per_round`) of a pydantic field, or None when unmarked."""
+    extra = field.json_schema_extra
+    return extra.get("identity") if isinstance(extra, dict) else None
+
+
+def identity_fields(section: "BaseModel", *marks: str) -> dict:
+    """The section's values whose fields carry one of `marks` (JSON-ready), by field name."""
+    dumped = section.model_dump(mode="json")
+    return {name: dumped[name] for name, field in type(section).model_fields.items() if identity_of(field) in marks}
 
 
 class _Section(BaseModel):
@@ -28,67 +47,84 @@ class _Section(BaseModel):
 
 
 class RunSection(_Section):
-    uri: str = Field("runs/digits", description="Where the run lives: a local path, file:// URI or s3://bucket/prefix.")
-    seed: int = Field(0, ge=0, description="Run seed; every sample's seed derives from (seed, round, prompt_id, sample_idx).")
-    rounds: int = Field(1, ge=1, description="How many generate→reward→filter→train rounds the round pipeline runs.")
-    round: int = Field(0, ge=0, description="The round a single-stage command (e.g. `pgraft generate`) works on.")
+    uri: str | None = Field(None, description="Where the run lives: a local path, file:// URI or s3://bucket/prefix "
+                            "(default: runs/<task.name>).", json_schema_extra=HOW)
+    seed: int = Field(0, ge=0, description="Run seed; every sample's seed derives from (seed, round, prompt_id, sample_idx).", json_schema_extra=WHAT)
+    rounds: int = Field(1, ge=1, description="How many generate→reward→filter→train rounds the round pipeline runs.", json_schema_extra=HOW)
+    round: int = Field(0, ge=0, description="The round a single-stage command (e.g. `pgraft generate`) works on.", json_schema_extra=PER_ROUND)
 
 
 class TaskSection(_Section):
-    name: Literal["digits"] | None = Field(
-        "digits", description="Built-in task whose models the round pipeline pretrains into `task.dir` when missing; null for none."
+    name: str | None = Field(
+        default_factory=lambda: DEFAULT_TASK,
+        description="Registered task (pgraft.tasks; `pgraft pretrain --help` lists them) or a plug-in `module:attr` "
+        "TaskSpec: its models are pretrained into `task.dir` when missing, and it gives the defaults of model.path, "
+        "reward.name, reward.hash, generate.prompts and the evaluation's features; null for none.", json_schema_extra=WHAT,
     )
-    dir: str = Field("models/digits", description="Where the built-in task's models live (ddpm/, flow/, classifier/): "
-                     "a local folder or a storage location such as s3://bucket/models/digits (use storage on a "
-                     "multi-node cluster). The round pipeline pretrains them in a Ray task and publishes them there once.")
-    seed: int = Field(0, ge=0, description="Seed of the built-in task's pretraining.")
+    dir: str | None = Field(None, description="Where the task's models live: a local folder or a storage location such "
+                            "as s3://bucket/models/<task> (use storage on a multi-node cluster); default models/<task.name>. "
+                            "The round pipeline pretrains them in a Ray task and publishes them there once.", json_schema_extra=HOW)
+    seed: int = Field(0, ge=0, description="Seed of the task's pretraining and of its data splits.", json_schema_extra=WHAT)
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str | None) -> str | None:
+        if name is not None:
+            try:
+                get_task(name)
+            except ConfigError as exc:
+                raise ValueError(str(exc).removeprefix("config error: task.name: ")) from None
+        return name
+
+    def spec(self) -> "TaskSpec | None":
+        """The task's registered spec (None for no task)."""
+        return None if self.name is None else get_task(self.name)
 
 
 class ModelSection(_Section):
     kind: Literal["class_unet", "stable_diffusion", "sd3"] = Field(
         "class_unet",
-        description="Adapter: class-conditional UNet2DModel (digits, DDPM/DDIM or flow), "
-        "StableDiffusionPipeline 2.x, or StableDiffusion3Pipeline (flow matching).",
+        description="Adapter: class-conditional UNet2DModel (DDPM/DDIM or flow), "
+        "StableDiffusionPipeline 2.x, or StableDiffusion3Pipeline (flow matching).", json_schema_extra=WHAT,
     )
     path: str | None = Field(None, description="The base model's diffusers folder: a local path or a storage location "
-                             "(s3://…), fetched once per node into PGRAFT_CACHE_DIR. Default: the task's `ddpm` model under task.dir.")
+                             "(s3://…), fetched once per node into PGRAFT_CACHE_DIR. Default: the task's base model under task.dir.", json_schema_extra=WHAT)
     scheduler: Literal["folder", "ddim", "ddpm", "flow_euler"] = Field(
-        "folder", description="Sampler; `folder` uses the scheduler saved with the model."
+        "folder", description="Sampler; `folder` uses the scheduler saved with the model.", json_schema_extra=WHAT
     )
     timestep_spacing: Literal["folder", "leading", "trailing", "linspace"] = Field(
-        "folder", description="Which training timesteps the sampler visits (DDIM `leading` at 20 of 1000: 950, 900, …, 0)."
+        "folder", description="Which training timesteps the sampler visits (DDIM `leading` at 20 of 1000: 950, 900, …, 0).", json_schema_extra=WHAT
     )
-    num_inference_steps: int = Field(20, ge=1, le=1000, description="Sampler steps from x_T to x_0.")
-    guidance_scale: float = Field(0.7, ge=0.0, description="Classifier-free guidance scale; 1 disables guidance (conditional only).")
-    height: int | None = Field(None, ge=8, description="Image height for pipelines (None: the model's default).")
-    width: int | None = Field(None, ge=8, description="Image width for pipelines (None: the model's default).")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Compute dtype; latents are stored as float32.")
-    device: str = Field("auto", description="`auto` (cuda when visible, else cpu), `cpu`, or `cuda`.")
+    num_inference_steps: int = Field(20, ge=1, le=1000, description="Sampler steps from x_T to x_0.", json_schema_extra=WHAT)
+    guidance_scale: float = Field(0.7, ge=0.0, description="Classifier-free guidance scale; 1 disables guidance (conditional only).", json_schema_extra=WHAT)
+    height: int | None = Field(None, ge=8, description="Image height for pipelines (None: the model's default).", json_schema_extra=WHAT)
+    width: int | None = Field(None, ge=8, description="Image width for pipelines (None: the model's default).", json_schema_extra=WHAT)
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Compute dtype; latents are stored as float32.", json_schema_extra=WHAT)
+    device: str = Field("auto", description="`auto` (cuda when visible, else cpu), `cpu`, or `cuda`.", json_schema_extra=HOW)
     finetuned: str | None = Field(
         None, description="A train stage's `model/` location (path or storage URI): sample with the composite sampler (fine-tuned model "
-        "for steps T→t, base model for t→0). The round pipeline sets it for rounds after the first.",
+        "for steps T→t, base model for t→0). The round pipeline sets it for rounds after the first.", json_schema_extra=PER_ROUND,
     )
     noise_corrector: str | None = Field(
         None, description="A noise corrector's `model/` location (`pgraft train-corrector`; flow models only): every "
-        "sampler draws ε ~ N(0, I), maps it through the corrector to z and starts the base flow from z.",
+        "sampler draws ε ~ N(0, I), maps it through the corrector to z and starts the base flow from z.", json_schema_extra=WHAT,
     )
 
 
 class GenerateSection(_Section):
-    prompts: list[str] | str = Field(
-        default_factory=lambda: [f"a handwritten digit {d}" for d in range(10)],
-        description="Prompts as a list, or the path of a text file with one prompt per line.",
+    prompts: list[str] | str | None = Field(
+        None, description="Prompts as a list, or the path of a text file with one prompt per line (default: the task's).", json_schema_extra=WHAT,
     )
-    samples_per_prompt: int = Field(64, ge=1, description="M: samples drawn per prompt.")
+    samples_per_prompt: int = Field(64, ge=1, description="M: samples drawn per prompt.", json_schema_extra=WHAT)
     capture_steps: list[int] = Field(
         default_factory=lambda: [5, 10, 15],
-        description="Step indices k (1 ≤ k < num_inference_steps) whose latent x_k, after k sampler steps, is cached.",
+        description="Step indices k (1 ≤ k < num_inference_steps) whose latent x_k, after k sampler steps, is cached.", json_schema_extra=WHAT,
     )
-    samples_per_shard: int = Field(128, ge=1, description="Samples per work unit; one WebDataset shard per unit.")
-    num_workers: int = Field(2, ge=1, description="Ray generate actors (one GPU each where the cluster has GPUs).")
-    batch_size: int = Field(32, ge=1, description="Samples per model call inside an actor.")
+    samples_per_shard: int = Field(128, ge=1, description="Samples per work unit; one WebDataset shard per unit.", json_schema_extra=WHAT)
+    num_workers: int = Field(2, ge=1, description="Ray generate actors (one GPU each where the cluster has GPUs).", json_schema_extra=HOW)
+    batch_size: int = Field(32, ge=1, description="Samples per model call inside an actor.", json_schema_extra=HOW)
     resources: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources each generate actor "
-                                        "requests, e.g. {gpu_node: 1} to pin actors to a node type.")
+                                        "requests, e.g. {gpu_node: 1} to pin actors to a node type.", json_schema_extra=HOW)
 
     @field_validator("capture_steps")
     @classmethod
@@ -99,18 +135,20 @@ class GenerateSection(_Section):
 
 
 class RewardSection(_Section):
-    name: str = Field("digits_alignment", description="Registered reward (see docs/REWARDS.md) or a plug-in `module:function` factory.")
-    table: str | None = Field(None, description="Name of the reward table under rewards/ (default: the reward's name).")
+    name: str | None = Field(None, description="Registered reward (docs/SELECTION.md) or a plug-in `module:function` "
+                             "factory (default: the task's reward).", json_schema_extra=WHAT)
+    table: str | None = Field(None, description="Name of the reward table under rewards/ (default: the reward's name).", json_schema_extra=HOW)
     model_path: str | None = Field(
-        None, description="Weights the reward needs: digits classifier folder (default task.dir/classifier), "
-        "a CLIP folder or hub id for clip_score / aesthetic.",
+        None, description="Weights the reward needs (default: the task's weights for its own reward, e.g. the "
+        "classifier under task.dir), a CLIP folder or hub id for clip_score / aesthetic.", json_schema_extra=WHAT,
     )
-    options: dict[str, Any] = Field(default_factory=dict, description="Reward-specific keyword arguments (e.g. transform: log_prob).")
-    hash: str = Field("exact", description="sample_hash: `exact` (decoded pixels), `perceptual` (64-bit dHash) or a plug-in `module:function`.")
-    batch_size: int = Field(256, ge=1, description="Images per reward call.")
-    num_workers: int = Field(1, ge=1, description="Ray reward actors (one GPU each where the cluster has GPUs).")
-    device: str = Field("auto", description="`auto`, `cpu` or `cuda` for reward models.")
-    resources: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources each reward actor requests.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Reward-specific keyword arguments (e.g. transform: log_prob).", json_schema_extra=WHAT)
+    hash: str | None = Field(None, description="sample_hash: `exact` (decoded pixels), `perceptual` (64-bit dHash) or a "
+                             "plug-in `module:function` (default: the task's).", json_schema_extra=WHAT)
+    batch_size: int = Field(256, ge=1, description="Images per reward call.", json_schema_extra=HOW)
+    num_workers: int = Field(1, ge=1, description="Ray reward actors (one GPU each where the cluster has GPUs).", json_schema_extra=HOW)
+    device: str = Field("auto", description="`auto`, `cpu` or `cuda` for reward models.", json_schema_extra=HOW)
+    resources: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources each reward actor requests.", json_schema_extra=HOW)
 
     def table_name(self) -> str:
         if self.table:
@@ -122,20 +160,20 @@ FilterMethod = Literal["rejection", "threshold", "best_of_n", "top_k", "quantile
 
 
 class FilterSection(_Section):
-    name: str | None = Field(None, description="Selection name: output goes to filter/<name>/ (default derived from method and parameters).")
-    method: FilterMethod = Field("best_of_n", description="GRS rule: rejection, threshold, best_of_n, top_k or quantile.")
-    threshold: float | None = Field(None, description="threshold: accept r ≥ τ.")
-    n: int | None = Field(None, ge=1, description="best_of_n: group size N; the best of each N consecutive samples of a prompt.")
-    k: int | None = Field(None, ge=1, description="top_k: keep the K best of each group of M.")
-    m: int | None = Field(None, ge=1, description="top_k: group size M (default: all samples of the prompt).")
-    alpha: float | None = Field(None, gt=0, description="rejection: temperature α; accept with probability exp((r − r_max)/α).")
-    r_max: float | None = Field(None, description="rejection: r_max (default: the largest reward in the table).")
-    quantile: float | None = Field(None, gt=0, le=1, description="quantile: keep this top fraction of all rows.")
-    dedup: bool = Field(False, description="Keep one representative (highest reward) per sample_hash within a prompt first.")
-    kl_budget: float | None = Field(None, gt=0, description="Pick τ, K, N, the quantile or α so the implied KL (nats) meets this budget.")
-    nan_policy: Literal["error", "drop"] = Field("error", description="NaN/inf rewards: `error` names the keys; `drop` leaves them out.")
-    engine: Literal["local", "ray"] = Field("local", description="`local`: one process; `ray`: prompts hash-partitioned over the Ray cluster, for tables larger than a node's memory (same accepted rows).")
-    partitions: int | None = Field(None, ge=1, le=4096, description="ray engine: prompt partitions (default: 2 per CPU of the cluster, 2–256); changes speed, never the rows.")
+    name: str | None = Field(None, description="Selection name: output goes to filter/<name>/ (default derived from method and parameters).", json_schema_extra=HOW)
+    method: FilterMethod = Field("best_of_n", description="GRS rule: rejection, threshold, best_of_n, top_k or quantile.", json_schema_extra=WHAT)
+    threshold: float | None = Field(None, description="threshold: accept r ≥ τ.", json_schema_extra=WHAT)
+    n: int | None = Field(None, ge=1, description="best_of_n: group size N; the best of each N consecutive samples of a prompt.", json_schema_extra=WHAT)
+    k: int | None = Field(None, ge=1, description="top_k: keep the K best of each group of M.", json_schema_extra=WHAT)
+    m: int | None = Field(None, ge=1, description="top_k: group size M (default: all samples of the prompt).", json_schema_extra=WHAT)
+    alpha: float | None = Field(None, gt=0, description="rejection: temperature α; accept with probability exp((r − r_max)/α).", json_schema_extra=WHAT)
+    r_max: float | None = Field(None, description="rejection: r_max (default: the largest reward in the table).", json_schema_extra=WHAT)
+    quantile: float | None = Field(None, gt=0, le=1, description="quantile: keep this top fraction of all rows.", json_schema_extra=WHAT)
+    dedup: bool = Field(False, description="Keep one representative (highest reward) per sample_hash within a prompt first.", json_schema_extra=WHAT)
+    kl_budget: float | None = Field(None, gt=0, description="Pick τ, K, N, the quantile or α so the implied KL (nats) meets this budget.", json_schema_extra=WHAT)
+    nan_policy: Literal["error", "drop"] = Field("error", description="NaN/inf rewards: `error` names the keys; `drop` leaves them out.", json_schema_extra=WHAT)
+    engine: Literal["local", "ray"] = Field("local", description="`local`: one process; `ray`: prompts hash-partitioned over the Ray cluster, for tables larger than a node's memory (same accepted rows).", json_schema_extra=HOW)
+    partitions: int | None = Field(None, ge=1, le=4096, description="ray engine: prompt partitions (default: 2 per CPU of the cluster, 2–256); changes speed, never the rows.", json_schema_extra=HOW)
 
     @model_validator(mode="after")
     def _parameters_present(self) -> "FilterSection":
@@ -196,24 +234,25 @@ class TrainSection(_Section):
 
 
 class InvertSection(_Section):
-    name: str = Field("digits-train", description="Output name: the inversion goes to inversion/<name>/ in the run.")
+    name: str | None = Field(None, description="Output name: the inversion goes to inversion/<name>/ in the run "
+                             "(default <task.name>-<invert.split>).", json_schema_extra=HOW)
     data: str = Field("task", description="What to invert: `task` (the built-in task's real data, encoded as the "
                       "model sees it) or the location of a WebDataset folder of `.tar` shards whose records hold an "
-                      "`x_0` tensor in `.latents.safetensors` or a `.png` image, and optionally a `.json` with a `prompt`.")
+                      "`x_0` tensor in `.latents.safetensors` or a `.png` image, and optionally a `.json` with a `prompt`.", json_schema_extra=WHAT)
     split: Literal["train", "test", "all"] = Field("train", description="`data: task`: which part of the task's data "
-                                                    "(digits: a fixed 80/20 split of scikit-learn's set).")
+                                                    "(each task defines its splits).", json_schema_extra=WHAT)
     conditional: bool = Field(False, description="Invert with each record's prompt as the condition (guided by "
-                              "model.guidance_scale); false: the null condition, the unconditional flow.")
+                              "model.guidance_scale); false: the null condition, the unconditional flow.", json_schema_extra=WHAT)
     limit: int | None = Field(None, ge=1, description="Invert only the first this many data points of the task's "
-                              "data, or the first this many shards of a WebDataset (None: all).")
+                              "data, or the first this many shards of a WebDataset (None: all).", json_schema_extra=WHAT)
     tolerance: float = Field(1e-3, gt=0, description="A backward Euler step has converged when its fixed-point update "
-                             "falls to this RMS per element.")
+                             "falls to this RMS per element.", json_schema_extra=WHAT)
     max_iterations: int = Field(50, ge=1, description="Fixed-point iterations allowed per Euler step; a sample still "
-                                "moving then is recorded as not converged.")
-    samples_per_shard: int = Field(256, ge=1, description="Data points per work unit; one shard and one table part each.")
-    batch_size: int = Field(256, ge=1, description="Data points per model call inside an actor.")
-    num_workers: int = Field(2, ge=1, description="Ray invert actors (one GPU each where the cluster has GPUs).")
-    resources: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources each invert actor requests.")
+                                "moving then is recorded as not converged.", json_schema_extra=WHAT)
+    samples_per_shard: int = Field(256, ge=1, description="Data points per work unit; one shard and one table part each.", json_schema_extra=WHAT)
+    batch_size: int = Field(256, ge=1, description="Data points per model call inside an actor.", json_schema_extra=HOW)
+    num_workers: int = Field(2, ge=1, description="Ray invert actors (one GPU each where the cluster has GPUs).", json_schema_extra=HOW)
+    resources: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources each invert actor requests.", json_schema_extra=HOW)
 
 
 class CorrectorSection(_Section):
@@ -270,23 +309,23 @@ class CorrectorSection(_Section):
 class ClusterSection(_Section):
     placement_timeout_s: float = Field(300.0, gt=0, description="How long a stage waits for the cluster to offer "
                                        "the resources its actors ask for (an autoscaler may be adding nodes) before "
-                                       "it stops with an error naming the missing resource.")
+                                       "it stops with an error naming the missing resource.", json_schema_extra=HOW)
     max_restarts: int = Field(3, ge=0, description="Restarts of a lost generate/reward/eval actor; its unfinished "
-                              "unit is retried on the restarted actor.")
+                              "unit is retried on the restarted actor.", json_schema_extra=HOW)
 
 
 class Config(_Section):
-    run: RunSection = Field(default_factory=RunSection, description="Where and with which seed the run lives.")
-    task: TaskSection = Field(default_factory=TaskSection, description="The built-in task, if any.")
-    model: ModelSection = Field(default_factory=ModelSection, description="The base model and its sampler.")
-    generate: GenerateSection = Field(default_factory=GenerateSection, description="The generate stage.")
-    reward: RewardSection = Field(default_factory=RewardSection, description="The reward stage.")
-    filter: FilterSection = Field(default_factory=lambda: FilterSection(n=8), description="The filter stage.")
-    train: TrainSection = Field(default_factory=TrainSection, description="The train stage.")
-    invert: InvertSection = Field(default_factory=InvertSection, description="The invert stage (Inverse Noise Correction).")
+    run: RunSection = Field(default_factory=RunSection, description="Where and with which seed the run lives.", json_schema_extra=WHAT)
+    task: TaskSection = Field(default_factory=TaskSection, description="The built-in task, if any.", json_schema_extra=WHAT)
+    model: ModelSection = Field(default_factory=ModelSection, description="The base model and its sampler.", json_schema_extra=WHAT)
+    generate: GenerateSection = Field(default_factory=GenerateSection, description="The generate stage.", json_schema_extra=WHAT)
+    reward: RewardSection = Field(default_factory=RewardSection, description="The reward stage.", json_schema_extra=WHAT)
+    filter: FilterSection = Field(default_factory=lambda: FilterSection(n=8), description="The filter stage.", json_schema_extra=WHAT)
+    train: TrainSection = Field(default_factory=TrainSection, description="The train stage.", json_schema_extra=WHAT)
+    invert: InvertSection = Field(default_factory=InvertSection, description="The invert stage (Inverse Noise Correction).", json_schema_extra=WHAT)
     corrector: CorrectorSection = Field(default_factory=CorrectorSection, description="The noise corrector (`pgraft "
-                                        "train-corrector`).")
-    cluster: ClusterSection = Field(default_factory=ClusterSection, description="Placement and fault tolerance on Ray.")
+                                        "train-corrector`).", json_schema_extra=WHAT)
+    cluster: ClusterSection = Field(default_factory=ClusterSection, description="Placement and fault tolerance on Ray.", json_schema_extra=HOW)
 
     def train_output(self) -> tuple[str, str]:
         """(selection the train stage reads, its output name under train/)."""
@@ -332,11 +371,23 @@ class Config(_Section):
         return out
 
     @model_validator(mode="after")
-    def _model_from_task(self) -> "Config":
-        if self.model.path is None:
-            if self.task.name is None:
-                raise ValueError("model.path is required when task.name is null")
-            self.model.path = child(self.task.dir, "ddpm")
+    def _defaults_from_task(self) -> "Config":
+        """Fill the keys left unset from the task's spec (the dumped config.yaml shows the values used)."""
+        spec = self.task.spec()
+        if spec is not None and self.task.dir is None:
+            self.task.dir = f"models/{spec.name}"
+        if self.run.uri is None:
+            self.run.uri = f"runs/{spec.name if spec else 'run'}"
+        defaults = {"model.path": lambda: child(self.task.dir, spec.base_model),
+                    "reward.name": lambda: spec.reward, "reward.hash": lambda: spec.hash,
+                    "generate.prompts": lambda: list(spec.prompts),
+                    "invert.name": lambda: f"{spec.name}-{self.invert.split}"}
+        for key, default in defaults.items():
+            section, name = key.split(".")
+            if getattr(getattr(self, section), name) is None:
+                if spec is None and key != "reward.hash":
+                    raise ValueError(f"{key} is required when task.name is null")
+                setattr(getattr(self, section), name, default() if spec else "exact")
         return self
 
 

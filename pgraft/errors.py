@@ -12,5 +12,9 @@ class PgraftError(RuntimeError):
     """Bad config, missing input or unusable data; the message says what to do."""
 
 
+class ConfigError(PgraftError, ValueError):
+    """A config file, override or named plug-in is wrong; the message names the key."""
+
+
 class TrainError(PgraftError):
     """A trainer (the train stage, the noise corrector) cannot run as configured; the message says why."""

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from pgraft.config import ConfigError
+from pgraft.errors import ConfigError
 from pgraft.plugins import load_plugin
 
 SampleHash = Callable[[np.ndarray, dict], str]

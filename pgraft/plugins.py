@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from pgraft.config import ConfigError
+from pgraft.errors import ConfigError
 
 
 def load_plugin(spec: str, key: str):

@@ -11,7 +11,6 @@ User plug-ins are factories named `module:function` with the same signature.
 from __future__ import annotations
 
 import io
-import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pgraft.config import ConfigError
+from pgraft.errors import ConfigError
 from pgraft.plugins import load_plugin
 
 
@@ -30,36 +29,6 @@ class RewardOutput:
 
 
 RewardFn = Callable[[list, list, list], "RewardOutput | np.ndarray"]
-_DIGIT_RE = re.compile(r"(\d)\s*$")
-
-
-def digits_alignment(model_path: str | None, device: torch.device, transform: str = "prob") -> RewardFn:
-    """Probability the digits classifier gives the prompted digit (`transform: log_prob` for a
-    graded signal: best-of-N saturates the nearly binary probability)."""
-    from pgraft.tasks.digits import class_probabilities, load_classifier
-
-    if transform not in ("prob", "log_prob"):
-        raise ConfigError(f"config error: reward.options.transform: {transform!r} is not prob or log_prob")
-    if model_path is None:
-        raise ConfigError("config error: reward.model_path: digits_alignment needs the classifier folder")
-    classifier = load_classifier(model_path)
-
-    def reward_fn(images, prompts, metadata):
-        digits = []
-        for prompt in prompts:
-            m = _DIGIT_RE.search(prompt)
-            if not m:
-                raise ValueError(f"prompt {prompt!r} does not end in a digit")
-            digits.append(int(m.group(1)))
-        all_probs = class_probabilities(classifier, np.stack(images))
-        probs = all_probs[np.arange(len(digits)), digits]
-        predicted = all_probs.argmax(-1)
-        rewards = np.log(np.clip(probs, 1e-12, None)) if transform == "log_prob" else probs
-        return RewardOutput(rewards, {"alignment": probs, "predicted_digit": predicted.astype(np.int64)})
-
-    return reward_fn
-
-
 def _jpeg_kb(images) -> np.ndarray:
     sizes = []
     for image in images:
@@ -175,7 +144,6 @@ def vqascore(model_path, device, model: str = "clip-flant5-xxl") -> RewardFn:
 
 # Registry: reward.name -> factory.
 REWARDS: dict[str, Callable[..., RewardFn]] = {
-    "digits_alignment": digits_alignment,
     "jpeg_compressibility": jpeg_compressibility,
     "jpeg_incompressibility": jpeg_incompressibility,
     "clip_score": clip_score,
@@ -184,13 +152,23 @@ REWARDS: dict[str, Callable[..., RewardFn]] = {
 }
 
 
+def task_rewards() -> dict[str, Callable[..., RewardFn]]:
+    """The rewards the registered tasks bring (pgraft.tasks), by name."""
+    from pgraft.tasks import TASKS
+
+    return {name: factory for spec in TASKS.values() for name, factory in spec.rewards.items()}
+
+
 def reward_factory(name: str) -> Callable[..., RewardFn]:
-    """The factory registered as `name`, or a plug-in `module:function`."""
+    """The factory registered as `name` (here or by a task), or a plug-in `module:function`."""
     if name in REWARDS:
         return REWARDS[name]
+    if name in task_rewards():
+        return task_rewards()[name]
     if ":" in name:
         return load_plugin(name, "reward.name")
-    raise ConfigError(f"config error: reward.name: unknown reward {name!r}; built in: {sorted(REWARDS)}, or module:function")
+    raise ConfigError(f"config error: reward.name: unknown reward {name!r}; built in: "
+                      f"{sorted(REWARDS) + sorted(task_rewards())}, or module:function")
 
 
 def make_reward(name: str, model_path: str | None, device: torch.device, options: dict) -> RewardFn:

@@ -8,6 +8,7 @@ safetensors file + JSON config for the classifier.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -173,6 +174,55 @@ def prompt_alignment(classifier: DigitClassifier, images: np.ndarray, digits: li
     """Probability the classifier gives the prompted digit, per image (the digits reward)."""
     probs = class_probabilities(classifier, images)
     return probs[np.arange(len(probs)), np.asarray(digits)]
+
+
+# What the task registry (pgraft.tasks.builtin) refers to -----------------------------------
+
+_DIGIT_RE = re.compile(r"(\d)\s*$")
+
+
+def alignment_reward(model_path: str | None, device: torch.device, transform: str = "prob"):
+    """Probability the digits classifier gives the prompted digit (`transform: log_prob` for a
+    graded signal: best-of-N saturates the nearly binary probability)."""
+    from pgraft.errors import ConfigError
+    from pgraft.rewards import RewardOutput
+
+    if transform not in ("prob", "log_prob"):
+        raise ConfigError(f"config error: reward.options.transform: {transform!r} is not prob or log_prob")
+    if model_path is None:
+        raise ConfigError("config error: reward.model_path: digits_alignment needs the classifier folder")
+    classifier = load_classifier(model_path)
+
+    def reward_fn(images, prompts, metadata):
+        digits = []
+        for prompt in prompts:
+            m = _DIGIT_RE.search(prompt)
+            if not m:
+                raise ValueError(f"prompt {prompt!r} does not end in a digit")
+            digits.append(int(m.group(1)))
+        all_probs = class_probabilities(classifier, np.stack(images))
+        probs = all_probs[np.arange(len(digits)), digits]
+        predicted = all_probs.argmax(-1)
+        rewards = np.log(np.clip(probs, 1e-12, None)) if transform == "log_prob" else probs
+        return RewardOutput(rewards, {"alignment": probs, "predicted_digit": predicted.astype(np.int64)})
+
+    return reward_fn
+
+
+def real_samples(split: str = "all", seed: int = 0) -> np.ndarray:
+    """The real digits as decoded samples (N, 8, 8) uint8: the Fréchet distance's reference set."""
+    return real_images(split, seed)[0]
+
+
+def feature_extractor(weights: str | None):
+    """The reward classifier's penultimate activations as features of decoded images (its folder
+    `weights`, a local path or storage URI fetched once per node)."""
+    from pgraft.models.fetch import fetch_model, is_remote
+
+    if weights is None:
+        raise FileNotFoundError("digits features need the classifier folder (task.dir/classifier)")
+    classifier = load_classifier(fetch_model(weights) if is_remote(weights) else weights)
+    return lambda images: classifier_features(classifier, images)
 
 
 # Base diffusion / flow models -------------------------------------------------------------
