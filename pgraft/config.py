@@ -65,6 +65,9 @@ class TaskSection(_Section):
                             "as s3://bucket/models/<task> (use storage on a multi-node cluster); default models/<task.name>. "
                             "The round pipeline pretrains them in a Ray task and publishes them there once.", json_schema_extra=HOW)
     seed: int = Field(0, ge=0, description="Seed of the task's pretraining and of its data splits.", json_schema_extra=WHAT)
+    pretrain: bool = Field(True, description="The round pipeline pretrains the task's models into task.dir (in a Ray "
+                           "task) when they are missing; false: the models named by model.path and reward.model_path "
+                           "must exist.", json_schema_extra=HOW)
 
     @field_validator("name")
     @classmethod

@@ -30,22 +30,21 @@ STAGES = ("generate", "reward", "filter", "train", "evaluate")
 
 
 def publish_task_models(cfg: Config, progress: bool = True) -> None:
-    """Pretrain the built-in task's models in a Ray task and publish them to `task.dir`, once:
-    every node then fetches them from there (the driver never trains anything)."""
+    """Pretrain the task's models in a Ray task (TaskSpec.pretrain) and publish them to
+    `task.dir`, once: every node then fetches them from there (the driver trains nothing)."""
     import cluster
     from pgraft.models.fetch import model_file_exists
 
+    spec = cfg.task.spec()
     # summary.json is written last, locally and in storage: its presence means a whole set of models.
-    if cfg.task.name != "digits" or model_file_exists(cfg.task.dir, "summary.json"):
+    if spec is None or not cfg.task.pretrain or model_file_exists(cfg.task.dir, "summary.json"):
         return
-    from pgraft.tasks.digits import pretrain_and_publish
-
-    print(f"pretraining the digits task in a Ray task, published to {cfg.task.dir} (once; fetched afterwards)")
+    print(f"pretraining the {spec.name} task in a Ray task, published to {cfg.task.dir} (once; fetched afterwards)")
     placement = cluster.plan_placement(1, "cpu", "task", cfg.generate.resources)
-    summary = cluster.run_task(pretrain_and_publish, (cfg.task.dir, cfg.task.seed, placement.threads), placement,
+    summary = cluster.run_task(spec.pretrain, (cfg.task.dir, cfg.task.seed, placement.threads), placement,
                                "task pretraining", cfg.cluster.placement_timeout_s)
-    print(f"  done in {summary['total_seconds']:.0f} s; base alignment "
-          f"{summary.get('ddpm_alignment_at_guidance_0.7', float('nan')):.3f}")
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if "alignment" in k or "accuracy" in k)
+    print(f"  done in {summary['total_seconds']:.0f} s" + (f"; {shown}" if shown else ""))
 
 
 def previous_model(cfg: Config, round_idx: int) -> str | None:
@@ -69,7 +68,7 @@ def _warn_local_locations_on_many_nodes(cfg: Config) -> None:
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    local = {key: value for key, value in (("run.uri", cfg.run.uri), ("task.dir", cfg.task.dir if cfg.task.name else None),
+    local = {key: value for key, value in (("run.uri", cfg.run.uri), ("task.dir", cfg.task.dir if cfg.task.pretrain else None),
                                            ("model.path", cfg.model.path), ("model.finetuned", cfg.model.finetuned),
                                            ("reward.model_path", cfg.reward.model_path))
              if value and "://" not in value and value.startswith("/")}

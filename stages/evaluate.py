@@ -84,8 +84,8 @@ def check_variant(storage, cfg: Config, variant: str, model: str | None) -> None
 
 def summarize_variant(cfg_tree: dict) -> dict:
     """Reward mean ± s.e., per-prompt means, the Fréchet distance to the task's real data in
-    the reward classifier's feature space (digits) and the within-prompt diversity, from a
-    variant's shards and reward table. Runs in a Ray task: it loads the classifier."""
+    the task's feature space (TaskSpec.features) and the within-prompt diversity, from a
+    variant's shards and reward table. Runs in a Ray task: it loads the feature extractor."""
     cfg = Config.model_validate(cfg_tree)
     storage = open_storage(cfg.run.uri)
     parts = list_reward_parts(storage, 0, cfg.reward.table_name())
@@ -100,15 +100,12 @@ def summarize_variant(cfg_tree: dict) -> dict:
     images = np.stack(images)
     mean, stderr = metrics.mean_and_stderr(rewards)
     frechet = None
-    if cfg.reward.name == "digits_alignment":
-        from pgraft.tasks import digits
-
-        weights = reward_model_path(cfg)
-        classifier = digits.load_classifier(fetch_model(weights) if is_remote(weights) else weights)
-        features = digits.classifier_features(classifier, images)
-        real, _ = digits.real_images("all")
-        frechet = metrics.frechet_distance_of(features, digits.classifier_features(classifier, real))
-    else:  # no feature extractor known for this reward: diversity in pixel space
+    spec = cfg.task.spec()
+    if spec is not None:  # the task's feature extractor: Fréchet distance to its real data
+        extract = spec.features(child(cfg.task.dir, spec.feature_weights) if spec.feature_weights else None)
+        features = extract(images)
+        frechet = metrics.frechet_distance_of(features, extract(spec.real_samples("all", cfg.task.seed)))
+    else:  # no task, so no feature extractor: diversity in pixel space
         features = images.reshape(len(images), -1).astype(np.float64) / 255.0
     return {
         "samples": int(len(rewards)), "reward_mean": mean, "reward_stderr": stderr,

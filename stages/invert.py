@@ -57,10 +57,11 @@ class InvertUnit:
 
 def _task_points(cfg: Config):
     """(x (N, ...) in model space, prompts) of the built-in task's real data."""
-    if cfg.task.name == "digits":
-        from pgraft.tasks.digits import real_data
-
-        return real_data(cfg.invert.split, cfg.task.seed)
+    spec = cfg.task.spec()
+    if spec is not None:
+        if cfg.invert.split not in spec.splits:
+            raise InvertError(f"invert.split={cfg.invert.split}: task {spec.name} has the splits {list(spec.splits)}")
+        return spec.real_data(cfg.invert.split, cfg.task.seed)
     raise InvertError("invert.data=task needs a built-in task (task.name); set invert.data to a WebDataset location")
 
 

@@ -63,12 +63,13 @@ class RewardSummary:
 
 
 def reward_model_path(cfg: Config) -> str | None:
-    """The reward's weights as configured (a path, storage URI or hub id); digits_alignment
-    defaults to the task's classifier."""
+    """The reward's weights as configured (a path, storage URI or hub id); a reward that the
+    task brings defaults to the task's weights for it (its RewardWeights folder under task.dir)."""
     if cfg.reward.model_path:
         return cfg.reward.model_path
-    if cfg.reward.name == "digits_alignment":
-        return child(cfg.task.dir, "classifier")
+    spec = cfg.task.spec()
+    if spec is not None and cfg.reward.name in spec.reward_weights:
+        return child(cfg.task.dir, spec.reward_weights[cfg.reward.name].folder)
     return None
 
 
@@ -149,9 +150,11 @@ def check_reward_config(cfg: Config) -> None:
     reward_factory(name)
     get_hash(cfg.reward.hash)
     path = reward_model_path(cfg)
-    if name == "digits_alignment" and not model_file_exists(path, "model.safetensors"):
-        raise ConfigError(f"config error: reward.model_path: no digits classifier at {path!r} "
-                          "(run `pgraft pretrain digits --out DIR` or set reward.model_path)")
+    spec = cfg.task.spec()
+    weights = spec.reward_weights.get(name) if spec is not None else None
+    if weights is not None and not model_file_exists(path, weights.marker):
+        raise ConfigError(f"config error: reward.model_path: no {name} weights ({weights.marker}) at {path!r} "
+                          f"(run `pgraft pretrain {spec.name} --out DIR` or set reward.model_path)")
 
 
 def run_reward(cfg: Config, progress: bool = True, label: str | None = None) -> RewardSummary:

@@ -30,7 +30,7 @@ def two_round_config(uri, tiny_digits, classifier_dir, *extra):
     """Two P-GRAFT rounds of 2 prompts × 8 samples on the tiny digits model (best-of-4: 4 accepted,
     2 epochs of batch 4 = 2 steps), evaluated on 4 fresh seeds per prompt."""
     return load_config(None, [
-        f"run.uri={uri}", "run.rounds=2", "task.name=null", f"model.path={tiny_digits}",
+        f"run.uri={uri}", "run.rounds=2", "task.pretrain=false", f"model.path={tiny_digits}",
         "model.num_inference_steps=6", "model.device=cpu", "generate.prompts=[a handwritten digit 1, a handwritten digit 2]",
         "generate.samples_per_prompt=8", "generate.samples_per_shard=8", "generate.capture_steps=[3]",
         f"reward.model_path={classifier_dir}", "filter.n=4", "train.t_step=3", "train.epochs=2", "train.batch_size=4",

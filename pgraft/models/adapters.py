@@ -240,7 +240,7 @@ class ModelAdapter:
 
 
 class ClassUNetAdapter(ModelAdapter):
-    """Class-conditional UNet2DModel (digits): prompts map to class ids via the model card."""
+    """Class-conditional UNet2DModel (e.g. the digits task): prompts map to class ids via the model card."""
 
     kind = "class_unet"
 
@@ -375,7 +375,7 @@ def check_model_folder(model: ModelSection) -> None:
     marker = MODEL_CARD if model.kind == "class_unet" else "model_index.json"
     if not model_file_exists(model.path, marker):
         if not _has_any(model.path):
-            raise ModelError(f"model.path {model.path!r} does not exist (for digits run `pgraft pretrain digits "
+            raise ModelError(f"model.path {model.path!r} does not exist (for a built-in task run `pgraft pretrain TASK "
                              "--out DIR`, or let the round pipeline publish the task's models)")
         raise ModelError(f"model.path {model.path!r} is not a {model.kind} model folder (no {marker})")
     if model.finetuned and not model_file_exists(model.finetuned, COMPOSITE_CARD):

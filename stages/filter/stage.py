@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from pgraft import contract
-from pgraft.config import Config
+from pgraft.config import Config, FilterSection, identity_of
 from pgraft.selection import Resolved, SelectionError, implied_kl
 from pgraft.storage import Storage, open_storage
 from pgraft.tables import fingerprint_parts, read_accepted_table
@@ -23,8 +23,6 @@ from stages.filter.errors import FilterError
 from stages.filter.inputs import reward_parts
 from stages.filter.output import AcceptedOutput
 
-# Filter fields that only say how a selection is computed, not which rows it accepts.
-_HOW_NOT_WHAT = {"engine", "partitions"}
 
 
 @dataclass
@@ -73,7 +71,10 @@ class FilterSummary:
 
 
 def _identity(spec: dict) -> dict:
-    return {k: v for k, v in (spec or {}).items() if k not in _HOW_NOT_WHAT}
+    """A stored filter spec less the fields marked as not changing which rows are accepted
+    (engine, partitions, the selection's own name); unknown keys of older specs are kept."""
+    fields = FilterSection.model_fields
+    return {k: v for k, v in (spec or {}).items() if k not in fields or identity_of(fields[k]) != "how"}
 
 
 def _check_existing(storage: Storage, cfg: Config, name: str, force: bool) -> dict | None:

@@ -61,7 +61,7 @@ def test_docs_config_reference_is_current():
 
 def test_relative_locations_are_absolute_and_refused_inside_a_ray_job_copy(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(None, ["run.uri=runs/x", "task.name=null", "model.path=/abs/model", "reward.model_path=openai/clip"])
+    cfg = load_config(None, ["run.uri=runs/x", "task.name=null", "model.path=/abs/model", "reward.name=clip_score", "reward.model_path=openai/clip"])
     out = cfg.with_absolute_paths()
     assert out.run.uri == str(tmp_path / "runs/x") and out.model.path == "/abs/model"
     assert out.reward.model_path == "openai/clip"  # not a local folder: a hub id stays as it is
@@ -71,4 +71,4 @@ def test_relative_locations_are_absolute_and_refused_inside_a_ray_job_copy(tmp_p
     with pytest.raises(ConfigError, match=r"config error: run.uri: 'runs/x' is relative, and this job runs in Ray's "
                                           r"temporary copy of the working dir"):
         cfg.with_absolute_paths()
-    assert load_config(None, ["run.uri=s3://b/run", "task.name=null", "model.path=s3://b/m"]).with_absolute_paths()
+    assert load_config(None, ["run.uri=s3://b/run", "task.name=null", "model.path=s3://b/m", "reward.name=jpeg_compressibility"]).with_absolute_paths()

@@ -49,7 +49,7 @@ def test_ray_job_submit_runs_a_round_with_all_model_work_on_the_worker_node(tiny
     open_storage(f"s3://{bucket}/models/ddpm").upload_folder(tiny_digits, "")
     open_storage(f"s3://{bucket}/models/classifier").upload_folder(classifier_dir, "")
     sets = [
-        f"run.uri=s3://{bucket}/run", "task.name=null", f"model.path=s3://{bucket}/models/ddpm",
+        f"run.uri=s3://{bucket}/run", "task.pretrain=false", f"model.path=s3://{bucket}/models/ddpm",
         f"reward.model_path=s3://{bucket}/models/classifier", "model.num_inference_steps=6", "model.device=auto",
         "generate.prompts=[a handwritten digit 1, a handwritten digit 2]", "generate.samples_per_prompt=24",
         "generate.samples_per_shard=2", "generate.capture_steps=[3]", f"generate.resources={PIN}",

@@ -16,7 +16,7 @@ from stages.evaluate import EvaluateError, check_variant, eval_seed, variant_con
 
 
 def config(uri, model, *extra):
-    return load_config(None, [f"run.uri={uri}", f"model.path={model}", "task.name=null", *extra])
+    return load_config(None, [f"run.uri={uri}", f"model.path={model}", "task.pretrain=false", *extra])
 
 
 def test_variant_runs_share_seeds_and_take_no_latents(tiny_digits, tmp_path):
