@@ -46,7 +46,9 @@ chromium:
 	@command -v chromium > /dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium > /dev/null; } \
 	  || { echo "make test needs Debian's chromium (apt-get install chromium, as root)"; exit 1; }
 
+# lint-imports: the layers (pipelines -> stages -> cluster -> pgraft) and independent stages, pyproject.toml.
 test: $(VENV)/.installed chromium
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q tests
 
 bench: $(VENV)/.installed

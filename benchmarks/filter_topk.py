@@ -120,7 +120,7 @@ def best(cmd: list[str], repeats: int, env: dict | None = None) -> tuple[float, 
 
 
 def filter_cmd(run: Path, k: int, engine: str = "local") -> list[str]:
-    return [sys.executable, "-m", "pgraft.cli", "filter", "--quiet", "--force", "--set", f"run.uri={run}",
+    return [sys.executable, "-m", "pipelines.cli", "filter", "--quiet", "--force", "--set", f"run.uri={run}",
             "--set", "reward.name=synthetic", "--set", "filter.name=topk", "--set", "filter.method=top_k",
             "--set", f"filter.k={k}", "--set", "filter.dedup=true", "--set", f"filter.engine={engine}"]
 

@@ -1,11 +1,13 @@
 """Ray Train worker groups running a DeepSpeed step loop, shared by every trainer of the
 project (the train stage's T→t fine-tune, the noise corrector).
 
-The driver calls `fit`: it checks that the cluster can ever hold the group (one line naming
-the missing resource, not a hang), then runs the worker function under a `TorchTrainer`
-(gloo on CPU, NCCL on GPUs) whose checkpoints go to `<prefix>/checkpoints/` in the run's
-storage; a lost worker restarts the group from the last checkpoint. Each worker calls
+The driver calls `fit(TrainerSpec(...))`: it checks that the cluster can ever hold the group
+(one line naming the missing resource, not a hang), then runs the worker function under a
+`TorchTrainer` (gloo on CPU, NCCL on GPUs) whose checkpoints go to `<prefix>/checkpoints/` in
+the run's storage; a lost worker restarts the group from the last checkpoint. Each worker calls
 `join_group`, builds its engine from `deepspeed_config`, `resume`s, and `save_and_report`s.
+The trainer's settings are one config section (a `pgraft.config.TrainerSection`: `train` or
+`corrector`).
 """
 
 from __future__ import annotations
@@ -14,12 +16,18 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
 from pgraft.contract import CHECKPOINTS_DIR
 from pgraft.errors import PgraftError, TrainError
+
+if TYPE_CHECKING:
+    from pgraft.config import TrainerSection
+    from pgraft.storage import Storage
 
 CHECKPOINT_TAG = "step{:07d}"  # the folder name of the checkpoint taken after that many steps
 
@@ -168,32 +176,46 @@ def first_user_error(exc: Exception) -> Exception:
     return TrainError(f"training failed: {text[-1] if text else exc.__class__.__name__}")
 
 
-def fit(worker, loop_config: dict, num_workers: int, device: str, device_key: str, storage, prefix: str,
-        resources_per_worker: dict, cpus_per_worker: int | None, max_failures: int, keep_checkpoints: int,
-        placement_timeout_s: float, what: str) -> None:
-    """Run `worker(loop_config)` on `num_workers` Ray Train workers, checkpoints under
-    `<prefix>/checkpoints/` in `storage`. `loop_config` gains `threads` (torch threads per
-    worker on CPU)."""
+@dataclass(frozen=True)
+class TrainerSpec:
+    """One trainer's worker group, as `fit` runs it."""
+
+    worker: Callable[[dict], None]  # run on every rank as worker(loop_config + {"threads": torch threads on CPU})
+    loop_config: dict  # the worker's parameters (JSON-ready)
+    section: TrainerSection  # cfg.train or cfg.corrector: workers, their resources, restarts, checkpoints kept
+    device: str  # `auto`, `cpu` or `cuda` (model.device)
+    device_key: str  # the config key of `device`, named in placement errors
+    storage: Storage  # the run's storage
+    prefix: str  # checkpoints go to <prefix>/checkpoints/ in `storage`
+    placement_timeout_s: float  # how long the cluster may take to offer the workers' resources
+    label: str  # the group in messages, e.g. "train workers"
+
+
+def fit(spec: TrainerSpec) -> None:
+    """Run `spec.worker(spec.loop_config)` on `spec.section.num_workers` Ray Train workers,
+    checkpoints under `<spec.prefix>/checkpoints/` in `spec.storage`."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.placement_group import remove_placement_group
 
     from cluster.ray_cluster import connect, plan_placement, reserve
 
+    section = spec.section
     connect()
-    placement = plan_placement(num_workers, device, device_key, resources_per_worker, cpus_per_worker, exact=True)
+    placement = plan_placement(section.num_workers, spec.device, spec.device_key, section.resources_per_worker,
+                               section.cpus_per_worker, exact=True)
     # Can the cluster ever hold the group? Reserve it once (an autoscaler sees the demand), then free it for Ray Train.
-    remove_placement_group(reserve(placement, what, placement_timeout_s))
+    remove_placement_group(reserve(placement, spec.label, spec.placement_timeout_s))
     use_gpu = placement.num_gpus > 0
-    filesystem, path = storage.arrow_location(prefix)
+    filesystem, path = spec.storage.arrow_location(spec.prefix)
     trainer = TorchTrainer(
-        worker,
-        train_loop_config={**loop_config, "threads": placement.threads},
+        spec.worker,
+        train_loop_config={**spec.loop_config, "threads": placement.threads},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=placement.count, use_gpu=use_gpu, resources_per_worker=placement.bundle),
         run_config=RunConfig(name=CHECKPOINTS_DIR, storage_path=path, storage_filesystem=filesystem,
-                             failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints)),
+                             failure_config=FailureConfig(max_failures=section.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=section.keep_checkpoints)),
     )
     try:
         trainer.fit()

@@ -7,12 +7,14 @@ Every field carries a description; `docs/CONFIG.md` is generated from them
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticUndefined
 
 from pgraft.errors import ConfigError
 from pgraft.models.fetch import child
@@ -196,41 +198,82 @@ class FilterSection(_Section):
         return f"{self.method}-{label}" + ("-dedup" if self.dedup else "")
 
 
-class TrainSection(_Section):
-    selection: str | None = Field(None, description="Selection (filter/<name>) to train on; default: the filter section's name.")
-    t_step: int = Field(15, ge=1, description="Step index k of the accepted latents x_k to learn from (a captured step); "
-                        "k = model.num_inference_steps means x_0 (GRAFT).")
-    name: str | None = Field(None, description="Output name under train/ (default: <selection>-t<t_step>).")
-    mode: Literal["full", "lora"] = Field("full", description="Fine-tune every weight, or a LoRA adapter (peft).")
-    lora_rank: int = Field(8, ge=1, description="LoRA rank.")
-    lora_targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
-                                    description="Module names that get LoRA adapters.")
-    steps: int = Field(400, ge=1, description="Optimizer steps (unless train.epochs is set).")
-    epochs: float | None = Field(None, gt=0, description="Passes over the accepted set: when set, the steps are "
-                                 "ceil(epochs × accepted / batch_size), so training scales with what the filter kept.")
-    batch_size: int = Field(64, ge=1, description="Global batch size (micro batch × accumulation × processes).")
-    micro_batch_size: int | None = Field(None, ge=1, description="Per-process micro batch (default: batch_size / processes).")
-    lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    grad_clip: float = Field(1.0, ge=0, description="Gradient norm clipping (0: off).")
-    prompt_dropout: float = Field(0.1, ge=0, le=1, description="Probability of replacing the condition by the null "
-                                  "condition, as the base was trained for classifier-free guidance.")
-    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="`auto`: bf16 on CUDA, fp32 on CPU.")
-    checkpoint_every: int = Field(100, ge=1, description="Save a DeepSpeed checkpoint every this many steps (and at the end).")
-    seed: int = Field(0, ge=0, description="Seed of the data order, noise draws and dropout (per step, so resume is exact).")
+def _inherit(base: type[BaseModel], name: str, default: Any = PydanticUndefined, note: str = "", **constraints) -> Any:
+    """`base`'s field `name` for a subclass to re-declare: the same constraints, description and identity
+    mark, with another default, tighter `constraints` (e.g. le=2) or a `note` appended to the description
+    where given. Pydantic does not inherit a field's definition into a re-declared one, so a subclass
+    that only changes a default writes `lr: float = _inherit(TrainerSection, "lr", 1e-3)` instead of
+    copying the whole Field (its annotation must be repeated: pydantic requires it on every override)."""
+    info = base.model_fields[name]
+    kept = {key: value for meta in info.metadata for key, value in dataclasses.asdict(meta).items()}  # Ge(ge=1) → ge=1
+    factory = None
+    if default is PydanticUndefined:  # the base's default, or its factory
+        default, factory = info.default, info.default_factory
+    return Field(default, default_factory=factory, description=" ".join(filter(None, [info.description, note])),
+                 json_schema_extra=info.json_schema_extra, **{**kept, **constraints})
+
+
+class TrainerSection(_Section):
+    """The settings of a DeepSpeed trainer on Ray Train (cluster/train_group.py), shared by the train
+    stage (`train.*`) and the noise corrector (`corrector.*`), which inherit them: the YAML keys stay in
+    each section. Defaults are the train stage's; CorrectorSection re-defaults what differs (`_inherit`)."""
+
+    steps: int = Field(400, ge=1, description="Optimizer steps.", json_schema_extra=WHAT)
+    batch_size: int = Field(64, ge=1, description="Global batch size (micro batch × accumulation × processes).",
+                            json_schema_extra=WHAT)
+    micro_batch_size: int | None = Field(None, ge=1, description="Per-process micro batch (default: batch_size / "
+                                         "processes).", json_schema_extra=WHAT)
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate.", json_schema_extra=WHAT)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.", json_schema_extra=WHAT)
+    grad_clip: float = Field(1.0, ge=0, description="Gradient norm clipping (0: off).", json_schema_extra=WHAT)
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage.", json_schema_extra=WHAT)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="`auto`: bf16 on CUDA, fp32 on CPU.",
+                                                               json_schema_extra=WHAT)
+    seed: int = Field(0, ge=0, description="Seed of the initialisation (LoRA, a corrector's network), the data order "
+                      "and the noise and dropout draws (per step, so resume is exact).", json_schema_extra=WHAT)
+    checkpoint_every: int = Field(100, ge=1, description="Save a DeepSpeed checkpoint every this many steps (and at "
+                                  "the end).", json_schema_extra=HOW)
+    # The worker count changes the weights: each rank draws its own noise.
     num_workers: int = Field(1, ge=1, description="Ray Train workers (processes of the DeepSpeed group); one GPU "
-                             "each when model.device is cuda (or auto on a cluster with GPUs), else CPUs.")
-    cpus_per_worker: int | None = Field(None, ge=1, description="CPUs per train worker on CPU (default: a node's CPUs "
-                                        "split evenly between the workers that fit on it, at least 1).")
-    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources per train "
-                                                   "worker, e.g. {gpu_node: 1} to pin training to a node type.")
-    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in storage (the newest); older ones are deleted.")
+                             "each when model.device is cuda (or auto on a cluster with GPUs), else CPUs.",
+                             json_schema_extra=WHAT)
+    cpus_per_worker: int | None = Field(None, ge=1, description="CPUs per worker on CPU (default: a node's CPUs "
+                                        "split evenly between the workers that fit on it, at least 1).",
+                                        json_schema_extra=HOW)
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources per "
+                                                   "worker, e.g. {gpu_node: 1} to pin training to a node type.",
+                                                   json_schema_extra=HOW)
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in storage (the newest); older ones are "
+                                  "deleted.", json_schema_extra=HOW)
     max_failures: int = Field(2, ge=-1, description="Ray Train restarts of the worker group after a lost worker; each "
-                              "restart resumes from the last checkpoint (-1: unlimited).")
+                              "restart resumes from the last checkpoint (-1: unlimited).", json_schema_extra=HOW)
+
+
+class TrainSection(TrainerSection):
+    # The trainer settings (steps … max_failures) come from TrainerSection with its defaults.
+    selection: str | None = Field(None, description="Selection (filter/<name>) to train on; default: the filter "
+                                  "section's name.", json_schema_extra=WHAT)
+    t_step: int = Field(15, ge=1, description="Step index k of the accepted latents x_k to learn from (a captured step); "
+                        "k = model.num_inference_steps means x_0 (GRAFT).", json_schema_extra=WHAT)
+    name: str | None = Field(None, description="Output name under train/ (default: <selection>-t<t_step>).",
+                             json_schema_extra=HOW)
+    mode: Literal["full", "lora"] = Field("full", description="Fine-tune every weight, or a LoRA adapter (peft).",
+                                          json_schema_extra=WHAT)
+    lora_rank: int = Field(8, ge=1, description="LoRA rank.", json_schema_extra=WHAT)
+    lora_targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+                                    description="Module names that get LoRA adapters.", json_schema_extra=WHAT)
+    steps: int = _inherit(TrainerSection, "steps", note="train.epochs, when set, replaces them.")
+    # HOW: epochs acts only through the steps it resolves to, and those are fingerprinted.
+    epochs: float | None = Field(None, gt=0, description="Passes over the accepted set: when set, the steps are "
+                                 "ceil(epochs × accepted / batch_size), so training scales with what the filter kept.",
+                                 json_schema_extra=HOW)
+    prompt_dropout: float = Field(0.1, ge=0, le=1, description="Probability of replacing the condition by the null "
+                                  "condition, as the base was trained for classifier-free guidance.",
+                                  json_schema_extra=WHAT)
     eval_samples_per_prompt: int = Field(50, ge=0, description="Fresh samples per prompt that the evaluate stage "
                                          "(`pgraft evaluate`, and the round pipeline after training) draws and scores "
-                                         "for the base and the fine-tuned composite (0: the pipeline skips evaluation).")
+                                         "for the base and the fine-tuned composite (0: the pipeline skips evaluation).",
+                                         json_schema_extra=HOW)
 
     def output_name(self, selection: str) -> str:
         return self.name or f"{selection}-t{self.t_step}"
@@ -258,42 +301,50 @@ class InvertSection(_Section):
     resources: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources each invert actor requests.", json_schema_extra=HOW)
 
 
-class CorrectorSection(_Section):
+# corrector.kind=gaussian is fitted in closed form: it reads only the WHAT fields also marked GAUSSIAN_FIT.
+# The flow kind reads every WHAT field (the Gaussian's, its network's and the trainer's); see fit_identity.
+GAUSSIAN_FIT = {**WHAT, "gaussian_fit": True}
+
+
+class CorrectorSection(TrainerSection):
     kind: Literal["gaussian", "flow"] = Field("flow", description="`gaussian`: mean and covariance of the inverse "
                                               "noises, fitted in closed form (the baseline); `flow`: that Gaussian "
-                                              "plus a small rectified flow trained on the whitened inverse noises.")
-    inversion: str | None = Field(None, description="The inversion (inversion/<name>) to fit; default invert.name.")
-    name: str | None = Field(None, description="Output name under corrector/ (default <kind>-<inversion>).")
-    include_unconverged: bool = Field(False, description="Fit non-converged inversions too (default: left out, counted).")
+                                              "plus a small rectified flow trained on the whitened inverse noises "
+                                              "with the trainer settings (steps … max_failures), which `gaussian` "
+                                              "ignores but for cpus_per_worker and resources_per_worker.",
+                                              json_schema_extra=GAUSSIAN_FIT)
+    # HOW: the inversion enters the fingerprint through its shards' hashes, not its name.
+    inversion: str | None = Field(None, description="The inversion (inversion/<name>) to fit; default invert.name.",
+                                  json_schema_extra=HOW)
+    name: str | None = Field(None, description="Output name under corrector/ (default <kind>-<inversion>).",
+                             json_schema_extra=HOW)
+    include_unconverged: bool = Field(False, description="Fit non-converged inversions too (default: left out, "
+                                      "counted).", json_schema_extra=GAUSSIAN_FIT)
     covariance: Literal["full", "diagonal"] = Field("full", description="The Gaussian's covariance; full is a D×D "
-                                                    "matrix (up to 8192 latent elements).")
-    ridge: float = Field(1e-4, gt=0, description="Added to the covariance's diagonal so its Cholesky factor exists.")
+                                                    "matrix (up to 8192 latent elements).",
+                                                    json_schema_extra=GAUSSIAN_FIT)
+    ridge: float = Field(1e-4, gt=0, description="Added to the covariance's diagonal so its Cholesky factor exists.",
+                         json_schema_extra=GAUSSIAN_FIT)
     channels: list[int] = Field(default_factory=lambda: [16, 32], description="flow: the corrector UNet's "
-                                "block_out_channels: its size (16,32 with one layer per block: 0.16 M parameters, 16 % of the 1.0 M digits base).")
-    layers_per_block: int = Field(1, ge=1, description="flow: ResNet layers per UNet block.")
-    sampling_steps: int = Field(4, ge=1, description="flow: the corrector's Euler steps per sample (its FLOPs count).")
+                                "block_out_channels: its size (16,32 with one layer per block: 0.16 M parameters, 16 % of the 1.0 M digits base).",
+                                json_schema_extra=WHAT)
+    layers_per_block: int = Field(1, ge=1, description="flow: ResNet layers per UNet block.", json_schema_extra=WHAT)
+    sampling_steps: int = Field(4, ge=1, description="flow: the corrector's Euler steps per sample (its FLOPs count).",
+                                json_schema_extra=WHAT)
     coupling: Literal["independent", "ot"] = Field("independent", description="flow: how training pairs noise with "
                                                    "data: `independent` (rectified flow; its Gaussian part is exact, "
                                                    "docs/DESIGN.md §5) or `ot`, matched by optimal transport within "
-                                                   "each micro batch (minibatch OT coupling).")
-    steps: int = Field(2000, ge=1, description="flow: optimizer steps.")
-    batch_size: int = Field(256, ge=1, description="flow: global batch size.")
-    micro_batch_size: int | None = Field(None, ge=1, description="flow: per-process micro batch (default batch/processes).")
-    lr: float = Field(1e-3, gt=0, description="flow: AdamW learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="flow: AdamW weight decay.")
-    grad_clip: float = Field(1.0, ge=0, description="flow: gradient norm clipping (0: off).")
-    zero_stage: int = Field(0, ge=0, le=2, description="flow: DeepSpeed ZeRO stage (up to 2: a corrector is small, "
-                            "and ZeRO 3 would partition the weights it exports).")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="flow: `auto` is bf16 on CUDA, fp32 on CPU.")
-    seed: int = Field(0, ge=0, description="flow: seed of the initialisation, data order and noise draws.")
-    checkpoint_every: int = Field(500, ge=1, description="flow: checkpoint every this many steps (and at the end).")
-    num_workers: int = Field(1, ge=1, description="flow: Ray Train workers of the DeepSpeed group.")
-    cpus_per_worker: int | None = Field(None, ge=1, description="CPUs per worker on CPU, for the Gaussian fit's task "
-                                        "too (default: a node's share).")
-    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources per worker "
-                                                   "(and for the Gaussian fit's task).")
-    keep_checkpoints: int = Field(2, ge=1, description="flow: checkpoints kept in storage (the newest).")
-    max_failures: int = Field(2, ge=-1, description="flow: restarts of the worker group after a lost worker (-1: unlimited).")
+                                                   "each micro batch (minibatch OT coupling).", json_schema_extra=WHAT)
+    # The trainer settings (TrainerSection) where the corrector's differ from the train stage's.
+    steps: int = _inherit(TrainerSection, "steps", 2000)
+    batch_size: int = _inherit(TrainerSection, "batch_size", 256)
+    lr: float = _inherit(TrainerSection, "lr", 1e-3)
+    zero_stage: int = _inherit(TrainerSection, "zero_stage", le=2, note="Up to 2 for a corrector: it is small, and "
+                               "ZeRO 3 would partition the weights it exports.")
+    checkpoint_every: int = _inherit(TrainerSection, "checkpoint_every", 500)
+    cpus_per_worker: int | None = _inherit(TrainerSection, "cpus_per_worker", note="For the Gaussian fit's task too.")
+    resources_per_worker: dict[str, float] = _inherit(TrainerSection, "resources_per_worker",
+                                                      note="For the Gaussian fit's task too.")
 
     @field_validator("channels")
     @classmethod
@@ -301,6 +352,13 @@ class CorrectorSection(_Section):
         if not channels or any(c < 1 for c in channels):
             raise ValueError(f"needs one or more positive channel counts, got {channels}")
         return channels
+
+    def fit_identity(self) -> dict:
+        """The settings this kind's fit reads, by name (what its fingerprint takes): every WHAT field for
+        `flow`, the GAUSSIAN_FIT ones for `gaussian`."""
+        fields = type(self).model_fields
+        return {name: value for name, value in identity_fields(self, "what").items()
+                if self.kind == "flow" or fields[name].json_schema_extra.get("gaussian_fit")}
 
     def inversion_name(self, invert: "InvertSection") -> str:
         return self.inversion or invert.name
@@ -334,6 +392,14 @@ class Config(_Section):
         """(selection the train stage reads, its output name under train/)."""
         selection = self.train.selection or self.filter.selection_name()
         return selection, self.train.output_name(selection)
+
+    def trained_model(self) -> str:
+        """Where this round's train stage exports its model (train/<name>/model/ in the run):
+        what the evaluate stage scores and the next round samples from."""
+        from pgraft import contract
+        from pgraft.storage import open_storage
+
+        return open_storage(self.run.uri).url(contract.model_prefix(self.run.round, self.train_output()[1]))
 
     def with_absolute_paths(self) -> "Config":
         """A copy whose local locations are absolute, resolved where this process runs.

@@ -19,7 +19,12 @@ import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 
 from pgraft import contract
+from pgraft.errors import PgraftError
 from pgraft.storage import Storage
+
+
+class MissingSelection(PgraftError):
+    """A selection that a later stage needs does not exist; says which and what to run."""
 
 
 def arrow_schema(columns: dict[str, str]) -> pa.Schema:
@@ -120,3 +125,19 @@ def accepted_content(storage: Storage, round_idx: int, name: str, summary: dict)
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
     return sink.getvalue().to_pybytes(), table.num_rows
+
+
+def read_selection_summary(storage: Storage, round_idx: int, name: str) -> dict:
+    """A selection's summary.json (written by the filter stage), checked to exist."""
+    key = contract.selection_summary_key(round_idx, name)
+    if not storage.exists(key):
+        raise MissingSelection(f"selection {name!r} does not exist in round {round_idx} of {storage.uri}; "
+                               "run `pgraft filter`")
+    import json
+
+    return json.loads(storage.get_bytes(key))
+
+
+def read_accepted(storage: Storage, round_idx: int, name: str) -> pa.Table:
+    """The accepted table of a selection, checked to exist (what the train stage reads)."""
+    return read_accepted_table(storage, round_idx, name, read_selection_summary(storage, round_idx, name))

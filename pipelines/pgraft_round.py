@@ -25,7 +25,8 @@ from pgraft import contract  # noqa: E402
 from pgraft.config import Config, ConfigError, load_config  # noqa: E402
 from pgraft.errors import PgraftError  # noqa: E402
 
-# Stages this pipeline runs, in order, every round (evaluate when train.eval_samples_per_prompt > 0).
+# Stages this pipeline runs, in order, every round (each where its StageSpec.applies to the config:
+# evaluate when train.eval_samples_per_prompt > 0). Each reads only what a stage before it writes.
 STAGES = ("generate", "reward", "filter", "train", "evaluate")
 
 
@@ -51,13 +52,12 @@ def previous_model(cfg: Config, round_idx: int) -> str | None:
     """The model round `round_idx` samples from: round r−1's fine-tuned model (r > 0)."""
     from pgraft.models.fetch import model_file_exists
     from pgraft.storage import open_storage
-    from stages.evaluate import trained_model
 
     if round_idx == 0 or cfg.model.finetuned is not None and round_idx == cfg.run.round:
         return cfg.model.finetuned
     before = cfg.model_copy(deep=True)
     before.run.round = round_idx - 1
-    location = trained_model(before)
+    location = before.trained_model()
     if not model_file_exists(location, contract.COMPOSITE_CARD):
         raise PgraftError(f"round {round_idx - 1} of {open_storage(cfg.run.uri).uri} has no fine-tuned model at "
                           f"{location}; run round {round_idx - 1} first (run.round={round_idx - 1}) or set model.finetuned")
@@ -82,11 +82,7 @@ def run_round_pipeline(cfg: Config, progress: bool = True) -> list[dict]:
     """Run `run.rounds` rounds from `run.round`; round r > first samples from round r−1's model."""
     import cluster
     from pgraft.storage import open_storage
-    from stages.evaluate import run_evaluate
-    from stages.filter import run_filter
-    from stages.generate import run_generate
-    from stages.reward import run_reward
-    from stages.train import run_train
+    from stages import get_stage
 
     if cfg.run.rounds > 1 and cfg.train.mode == "lora":
         raise ConfigError("config error: train.mode: lora supports one round so far (run.rounds=1); "
@@ -104,12 +100,12 @@ def run_round_pipeline(cfg: Config, progress: bool = True) -> list[dict]:
         round_cfg.model.finetuned = previous_model(cfg, rnd)
         print(f"== round {rnd}" + (f" (sampling from {round_cfg.model.finetuned})" if round_cfg.model.finetuned else ""))
         record = {"round": rnd, "driver_node": driver_node, "stages": {}}
-        runs = [("generate", run_generate), ("reward", run_reward), ("filter", run_filter), ("train", run_train)]
-        if cfg.train.eval_samples_per_prompt:
-            runs.append(("evaluate", run_evaluate))
-        for name, run_stage in runs:
+        for name in STAGES:
+            stage = get_stage(name)
+            if not stage.applies(round_cfg):
+                continue
             start = time.perf_counter()
-            summary = run_stage(round_cfg, progress=progress)
+            summary = stage.run(round_cfg, progress=progress)
             seconds = time.perf_counter() - start
             print(summary.headline(), flush=True)  # one line per finished stage: job logs stay readable
             record["stages"][name] = {"seconds": round(seconds, 2),
@@ -127,12 +123,12 @@ def run_round_pipeline(cfg: Config, progress: bool = True) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pgraft.cli import _guarded, add_config_args
+    from pgraft.stagespec import add_config_args, guarded
 
     parser = argparse.ArgumentParser(prog="pgraft_round")
     add_config_args(parser)
     args = parser.parse_args(argv)
-    return _guarded("round", lambda: run_round_pipeline(load_config(args.config, args.overrides), not args.quiet))
+    return guarded("round", lambda: run_round_pipeline(load_config(args.config, args.overrides), not args.quiet))
 
 
 if __name__ == "__main__":

@@ -24,10 +24,11 @@ from pgraft import contract, metrics
 from pgraft.config import Config
 from pgraft.contract import EvalSummary
 from pgraft.errors import PgraftError
-from pgraft.models.fetch import fetch_model, is_remote, model_digest, model_file_exists
+from pgraft.models.fetch import child, model_digest, model_file_exists
 from pgraft.shards import IMAGE_EXT, META_EXT, list_committed, read_shard
 from pgraft.storage import open_storage
 from pgraft.tables import list_reward_parts, read_reward_table
+from pgraft.stagespec import StageSpec, stage_main
 from stages.generate import run_generate
 from stages.reward import reward_model_path, run_reward
 
@@ -42,11 +43,6 @@ class EvaluateError(PgraftError):
 def eval_seed(run_seed: int) -> int:
     """The run seed of every evaluation variant: derived from run.seed, the same each round."""
     return contract.sample_seed(run_seed, EVAL_SEED_ROUND, 0, 0) % (1 << 31)
-
-
-def trained_model(cfg: Config) -> str:
-    """The location of this round's fine-tuned model (train/<name>/model/)."""
-    return open_storage(cfg.run.uri).url(contract.model_prefix(cfg.run.round, cfg.train_output()[1]))
 
 
 def variant_config(cfg: Config, variant: str, finetuned: str | None) -> Config:
@@ -82,6 +78,18 @@ def check_variant(storage, cfg: Config, variant: str, model: str | None) -> None
     storage.put_bytes(marker, json.dumps({"model": model, "digest": digest}).encode())
 
 
+def feature_weights(cfg: Config) -> str | None:
+    """Where the task's feature extractor finds its weights: the reward's own weights when the
+    reward is the task's and shares the folder (so reward.model_path moves both), else task.dir."""
+    spec = cfg.task.spec()
+    if spec.feature_weights is None:
+        return None
+    own = spec.reward_weights.get(cfg.reward.name)
+    if own is not None and own.folder == spec.feature_weights:
+        return reward_model_path(cfg)
+    return child(cfg.task.dir, spec.feature_weights)
+
+
 def summarize_variant(cfg_tree: dict) -> dict:
     """Reward mean ± s.e., per-prompt means, the Fréchet distance to the task's real data in
     the task's feature space (TaskSpec.features) and the within-prompt diversity, from a
@@ -102,7 +110,7 @@ def summarize_variant(cfg_tree: dict) -> dict:
     frechet = None
     spec = cfg.task.spec()
     if spec is not None:  # the task's feature extractor: Fréchet distance to its real data
-        extract = spec.features(child(cfg.task.dir, spec.feature_weights) if spec.feature_weights else None)
+        extract = spec.features(feature_weights(cfg))
         features = extract(images)
         frechet = metrics.frechet_distance_of(features, extract(spec.real_samples("all", cfg.task.seed)))
     else:  # no task, so no feature extractor: diversity in pixel space
@@ -141,7 +149,7 @@ def run_evaluate(cfg: Config, progress: bool = True, finetuned: str | None = Non
     cfg = cfg.with_absolute_paths()
     if cfg.train.eval_samples_per_prompt < 1:
         raise EvaluateError("train.eval_samples_per_prompt is 0: nothing to evaluate")
-    finetuned = finetuned or trained_model(cfg)
+    finetuned = finetuned or cfg.trained_model()
     storage = open_storage(cfg.run.uri)
     if not model_file_exists(finetuned, contract.COMPOSITE_CARD):
         raise EvaluateError(f"round {cfg.run.round} has no fine-tuned model at {finetuned}; run `pgraft train` first")
@@ -154,10 +162,15 @@ def run_evaluate(cfg: Config, progress: bool = True, finetuned: str | None = Non
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pgraft.cli import run_stage
+STAGE = StageSpec(
+    name="evaluate", run=run_evaluate, description="fresh-seed samples of the base and the fine-tuned composite, scored and summarised",
+    reads=("task", "training"), writes=("evaluation",),
+    applies=lambda cfg: cfg.train.eval_samples_per_prompt > 0,
+)
 
-    return run_stage("evaluate", argv)
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(STAGE, argv)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from pgraft.models.adapters import (
 )
 from pgraft.shards import Sample, commit_shard, list_committed, write_shard
 from pgraft.storage import Storage, open_storage
+from pgraft.stagespec import StageSpec, stage_main
 
 # Calls in flight per generate actor: one unit's rollouts, the other's shard being written.
 # More would only hold more units in memory: the actor's device thread runs one unit at a time.
@@ -307,10 +308,14 @@ def run_generate(cfg: Config, progress: bool = True, label: str | None = None) -
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pgraft.cli import run_stage
+STAGE = StageSpec(
+    name="generate", run=run_generate, description="roll out prompts × M samples on Ray actors and cache X_t in WebDataset shards",
+    reads=("task",), writes=("shards",),
+)
 
-    return run_stage("generate", argv)
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(STAGE, argv)
 
 
 if __name__ == "__main__":

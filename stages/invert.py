@@ -34,6 +34,7 @@ from pgraft.models.adapters import check_flow_model, check_model_folder
 from pgraft.shards import LATENTS_EXT, Sample, commit_shard_at, list_committed_at, write_shard
 from pgraft.storage import Storage, open_storage
 from pgraft.tables import arrow_schema, read_parquet, write_parquet
+from pgraft.stagespec import StageSpec, stage_main
 
 # Settings an inversion's records depend on: a rerun with other values would mix two inversions.
 _SETTINGS = {"task": ("name", "seed"),  # the task's data and its split
@@ -283,10 +284,14 @@ def run_invert(cfg: Config, progress: bool = True) -> contract.InversionSummary:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pgraft.cli import run_stage
+STAGE = StageSpec(
+    name="invert", run=run_invert, description="push a data set back through a flow sampler (Inverse Noise Correction)",
+    reads=("task",), writes=("inversion",),
+)
 
-    return run_stage("invert", argv)
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(STAGE, argv)
 
 
 if __name__ == "__main__":

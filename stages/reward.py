@@ -27,6 +27,7 @@ from pgraft.models.fetch import child, fetch_model, is_remote, model_file_exists
 from pgraft.shards import IMAGE_EXT, META_EXT, list_committed, read_shard
 from pgraft.storage import open_storage
 from pgraft.tables import arrow_schema, list_reward_parts, write_parquet
+from pgraft.stagespec import StageSpec, stage_main
 
 
 class RewardError(PgraftError):
@@ -192,10 +193,14 @@ def run_reward(cfg: Config, progress: bool = True, label: str | None = None) -> 
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pgraft.cli import run_stage
+STAGE = StageSpec(
+    name="reward", run=run_reward, description="score a round's shards into a Parquet reward table",
+    reads=("shards",), writes=("rewards",),
+)
 
-    return run_stage("reward", argv)
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(STAGE, argv)
 
 
 if __name__ == "__main__":

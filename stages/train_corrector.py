@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import cluster
-from cluster.train_group import deepspeed_config, fit, join_group, resume, run_steps
+from cluster.train_group import TrainerSpec, deepspeed_config, fit, join_group, resume, run_steps
 from pgraft import contract
 from pgraft.config import Config
 from pgraft.errors import PgraftError
@@ -42,12 +42,7 @@ from pgraft.models.corrector import (
 from pgraft.models.fetch import fetch_model, model_digest
 from pgraft.shards import list_committed_at, read_shard_bytes_at
 from pgraft.storage import Storage, open_storage, staged_folder
-
-# The corrector settings a result depends on (the inversion enters through its shards' hashes).
-_GAUSSIAN_SETTINGS = ("kind", "include_unconverged", "covariance", "ridge")
-_FLOW_SETTINGS = _GAUSSIAN_SETTINGS + ("channels", "layers_per_block", "sampling_steps", "coupling", "steps",
-                                       "batch_size", "micro_batch_size", "lr", "weight_decay", "grad_clip",
-                                       "zero_stage", "precision", "seed", "num_workers")
+from pgraft.stagespec import StageSpec, stage_main
 
 
 class CorrectorError(PgraftError):
@@ -202,12 +197,12 @@ def _inversion_checks(storage: Storage, cfg: Config, inversion: str) -> dict:
 
 def corrector_fingerprint(cfg: Config, storage: Storage, inversion: str, base_digest: str) -> str:
     """What the corrector is a function of: the inversion's committed shards, the settings its
-    kind uses (worker count included: each rank draws its own noise) and the base model."""
+    kind reads (`CorrectorSection.fit_identity`: the WHAT fields, worker count included since each
+    rank draws its own noise; for `gaussian` only those its closed-form fit reads) and the base model."""
     digest = hashlib.sha256()
     for shard_id, record in sorted(list_committed_at(storage, contract.inversion_shards_prefix(inversion)).items()):
         digest.update(f"{shard_id}:{record.sha256}".encode())
-    keys = _FLOW_SETTINGS if cfg.corrector.kind == "flow" else _GAUSSIAN_SETTINGS
-    settings = {k: v for k, v in cfg.corrector.model_dump(mode="json").items() if k in keys}
+    settings = cfg.corrector.fit_identity()
     digest.update(json.dumps({"corrector": settings, "base": base_digest}, sort_keys=True).encode())
     return digest.hexdigest()
 
@@ -243,17 +238,22 @@ def run_train_corrector(cfg: Config, progress: bool = True) -> contract.Correcto
                                            cfg.corrector.cpus_per_worker)
         return contract.CorrectorSummary(**cluster.run_task(fit_gaussian_task, (params,), placement,
                                                             "corrector fit", cfg.cluster.placement_timeout_s))
-    fit(corrector_worker, params, cfg.corrector.num_workers, cfg.model.device, "model.device", storage,
-        contract.corrector_prefix(name), cfg.corrector.resources_per_worker, cfg.corrector.cpus_per_worker,
-        cfg.corrector.max_failures, cfg.corrector.keep_checkpoints, cfg.cluster.placement_timeout_s,
-        "corrector workers")
+    fit(TrainerSpec(
+        worker=corrector_worker, loop_config=params, section=cfg.corrector, device=cfg.model.device,
+        device_key="model.device", storage=storage, prefix=contract.corrector_prefix(name),
+        placement_timeout_s=cfg.cluster.placement_timeout_s, label="corrector workers",
+    ))
     return contract.CorrectorSummary.from_json(storage.get_bytes(summary_key), storage.url(summary_key))
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pgraft.cli import run_stage
+STAGE = StageSpec(
+    name="train-corrector", run=run_train_corrector, description="fit a noise corrector to an inversion's inverse noises",
+    reads=("inversion",), writes=("corrector",),
+)
 
-    return run_stage("train-corrector", argv)
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(STAGE, argv)
 
 
 if __name__ == "__main__":

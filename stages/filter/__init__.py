@@ -3,6 +3,6 @@ reward parts; `partition` selects over whole prompts; `local` and `ray_engine` a
 engines; `output` writes the accepted parts."""
 
 from stages.filter.errors import FilterError
-from stages.filter.stage import FilterSummary, main, read_accepted, read_summary, run_filter
+from stages.filter.stage import STAGE, FilterSummary, main, read_accepted, read_summary, run_filter
 
-__all__ = ["FilterError", "FilterSummary", "main", "read_accepted", "read_summary", "run_filter"]
+__all__ = ["STAGE", "FilterError", "FilterSummary", "main", "read_accepted", "read_summary", "run_filter"]

@@ -18,7 +18,9 @@ from pgraft import contract
 from pgraft.config import Config, FilterSection, identity_of
 from pgraft.selection import Resolved, SelectionError, implied_kl
 from pgraft.storage import Storage, open_storage
-from pgraft.tables import fingerprint_parts, read_accepted_table
+from pgraft.tables import fingerprint_parts, read_accepted, read_accepted_table
+from pgraft.tables import read_selection_summary as read_summary
+from pgraft.stagespec import Flag, StageSpec, stage_main
 from stages.filter.errors import FilterError
 from stages.filter.inputs import reward_parts
 from stages.filter.output import AcceptedOutput
@@ -163,19 +165,13 @@ def _knob(res: Resolved) -> str:
             "top_k": "filter.k"}[res.method]
 
 
-def read_summary(storage: Storage, round_idx: int, name: str) -> dict:
-    key = contract.selection_summary_key(round_idx, name)
-    if not storage.exists(key):
-        raise FilterError(f"selection {name!r} does not exist in round {round_idx} of {storage.uri}; run `pgraft filter`")
-    return json.loads(storage.get_bytes(key))
-
-
-def read_accepted(storage: Storage, round_idx: int, name: str):
-    """The accepted table of a selection, checked to exist (for the train stage)."""
-    return read_accepted_table(storage, round_idx, name, read_summary(storage, round_idx, name))
+STAGE = StageSpec(
+    name="filter", run=run_filter, description="select rows of a reward table (GRS: threshold, best-of-N, top-K, rejection, quantile, dedup)",
+    reads=("rewards",), writes=("selection",),
+    flags=(Flag("--force", "force", "replace an existing selection of the same name made with other parameters"),
+           Flag("--allow-partial", "allow_partial", "select from the reward parts that exist even if some shards lack one")),
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pgraft.cli import run_stage
-
-    return run_stage("filter", argv)
+    return stage_main(STAGE, argv)

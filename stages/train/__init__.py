@@ -15,6 +15,17 @@ from cluster.train_group import global_batch, step_generator
 from pgraft.contract import TrainSummary
 from stages.train.data import load_accepted
 from stages.train.errors import TrainError
+from pgraft.stagespec import StageSpec, stage_main
 from stages.train.launch import run_train
 
-__all__ = ["TrainError", "TrainSummary", "global_batch", "load_accepted", "run_train", "step_generator"]
+STAGE = StageSpec(
+    name="train", run=run_train, description="fine-tune the T→t segment on accepted X_t with DeepSpeed on Ray Train",
+    reads=("task", "selection"), writes=("training",),
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(STAGE, argv)
+
+
+__all__ = ["STAGE", "TrainError", "TrainSummary", "global_batch", "load_accepted", "main", "run_train", "step_generator"]

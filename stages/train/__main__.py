@@ -2,7 +2,7 @@
 
 import sys
 
-from pgraft.cli import run_stage
+from stages.train import main
 
 if __name__ == "__main__":
-    sys.exit(run_stage("train"))
+    sys.exit(main())

@@ -14,7 +14,7 @@ from pgraft.contract import SampleMeta
 from pgraft.models.fetch import is_remote
 from pgraft.shards import LATENTS_EXT, META_EXT, list_committed, read_shard
 from pgraft.storage import Storage
-from stages.filter import FilterError, read_accepted
+from pgraft.tables import MissingSelection, read_accepted
 from stages.train.errors import TrainError
 
 
@@ -33,7 +33,7 @@ def _selection(storage: Storage, cfg: Config, selection: str):
     """(accepted keys by shard, committed records by shard name) of a selection."""
     try:
         accepted = read_accepted(storage, cfg.run.round, selection)
-    except FilterError as exc:
+    except MissingSelection as exc:
         raise TrainError(str(exc)) from None
     if accepted.num_rows == 0:
         raise TrainError(f"selection {selection!r} is empty; rerun the filter with a looser rule")

@@ -16,27 +16,25 @@ import math
 
 import torch
 
-from cluster.train_group import deepspeed_config, fit
+from cluster.train_group import TrainerSpec, deepspeed_config, fit
 from pgraft import contract
-from pgraft.config import Config
+from pgraft.config import Config, identity_fields
 from pgraft.models.adapters import check_model_folder
 from pgraft.storage import open_storage
-from pgraft.tables import accepted_content
-from stages.filter import read_summary
+from pgraft.tables import accepted_content, read_selection_summary
 from stages.train.data import check_selection
 from stages.train.errors import TrainError
 from stages.train.loop import train_worker
 
-# Train settings that change nothing in the weights: where and how the work is placed and kept,
-# and `epochs`, which acts only through the steps it resolves to (those are fingerprinted).
-_PLACEMENT_ONLY = {"name", "cpus_per_worker", "resources_per_worker", "max_failures", "keep_checkpoints",
-                   "checkpoint_every", "eval_samples_per_prompt", "epochs"}
-
-
 def train_fingerprint(cfg: Config, accepted: bytes) -> str:
-    """What the weights are a function of: the accepted table's bytes, the train settings
-    (worker count included: each rank draws its own noise) and the model being tuned."""
-    settings = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in _PLACEMENT_ONLY}
+    """What the weights are a function of: the accepted table's bytes, the train settings marked
+    WHAT in pgraft/config.py (worker count included: each rank draws its own noise; not `epochs`,
+    which acts through the resolved `steps`) and the model being tuned."""
+    settings = identity_fields(cfg.train, "what")
+    # The model fields the training reads: the base weights (path, kind), the previous round's
+    # network it continues from (finetuned), and the sampler whose timesteps above x_k it trains on
+    # (scheduler, timestep_spacing, num_inference_steps). Sampling-only fields (guidance, size,
+    # dtype, device) are left out; the set is kept as it was so fingerprints stay the same.
     model = cfg.model.model_dump(mode="json", include={"path", "kind", "finetuned", "scheduler", "timestep_spacing",
                                                        "num_inference_steps"})
     digest = hashlib.sha256(accepted)
@@ -68,7 +66,7 @@ def run_train(cfg: Config, progress: bool = True) -> contract.TrainSummary:
     check_selection(storage, cfg, selection)
     check_model_folder(cfg.model)
     check_settings(cfg)
-    accepted, accepted_rows = accepted_content(storage, rnd, selection, read_summary(storage, rnd, selection))
+    accepted, accepted_rows = accepted_content(storage, rnd, selection, read_selection_summary(storage, rnd, selection))
     if cfg.train.epochs is not None:
         cfg.train.steps = steps_for_epochs(cfg.train.epochs, accepted_rows,
                                            cfg.train.batch_size)
@@ -82,9 +80,12 @@ def run_train(cfg: Config, progress: bool = True) -> contract.TrainSummary:
         if storage.exists(f"{contract.model_prefix(rnd, name)}/{contract.COMPOSITE_CARD}"):
             return done  # trained and exported already: a rerun of the round goes on from here
 
-    fit(train_worker, {"cfg": cfg.model_dump(mode="json"), "selection": selection, "name": name,
-                       "progress": progress, "fingerprint": fingerprint},
-        cfg.train.num_workers, cfg.model.device, "model.device", storage, contract.train_prefix(rnd, name),
-        cfg.train.resources_per_worker, cfg.train.cpus_per_worker, cfg.train.max_failures,
-        cfg.train.keep_checkpoints, cfg.cluster.placement_timeout_s, "train workers")
+    fit(TrainerSpec(
+        worker=train_worker,
+        loop_config={"cfg": cfg.model_dump(mode="json"), "selection": selection, "name": name, "progress": progress,
+                     "fingerprint": fingerprint},
+        section=cfg.train, device=cfg.model.device, device_key="model.device", storage=storage,
+        prefix=contract.train_prefix(rnd, name), placement_timeout_s=cfg.cluster.placement_timeout_s,
+        label="train workers",
+    ))
     return contract.TrainSummary.from_json(storage.get_bytes(summary_key), storage.url(summary_key))

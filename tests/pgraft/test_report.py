@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pgraft.cli import main
+from pipelines.cli import main
 from pgraft.report import ReportError, render_report, threshold_sweep, write_report
 from pgraft.storage import open_storage
 

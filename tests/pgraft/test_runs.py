@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pgraft.cli import main
+from pipelines.cli import main
 from pgraft.runs import COMPLETE, MISSING, PARTIAL, NotARunError, read_run, render_rounds_table
 
 

@@ -107,9 +107,9 @@ def test_ray_job_submit_runs_a_round_with_all_model_work_on_the_worker_node(tiny
     assert re.search(r"^generate round 0: 24/24 unit \(100%\)", log, re.M)
     assert re.search(r"^round\s+samples\s+accepted\s+implied KL", log, re.M)
     # What a user checks afterwards, straight from S3: status (exit 0: complete) and the report.
-    status = subprocess.run([sys.executable, "-m", "pgraft.cli", "status", f"s3://{bucket}/run"], cwd=REPO,
+    status = subprocess.run([sys.executable, "-m", "pipelines.cli", "status", f"s3://{bucket}/run"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert status.returncode == 0 and "last round 0: complete" in status.stdout, status.stdout + status.stderr
-    report = subprocess.run([sys.executable, "-m", "pgraft.cli", "report", f"s3://{bucket}/run", "--out",
+    report = subprocess.run([sys.executable, "-m", "pipelines.cli", "report", f"s3://{bucket}/run", "--out",
                              str(tmp_path / "report.html")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert report.returncode == 0 and "data-figure" in (tmp_path / "report.html").read_text(), report.stderr

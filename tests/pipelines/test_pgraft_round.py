@@ -19,7 +19,6 @@ from pgraft.shards import list_committed, read_shard
 from pgraft.storage import open_storage
 from pgraft.tasks.digits import pretrain_digits
 from pipelines.pgraft_round import run_round_pipeline
-from stages.evaluate import trained_model
 
 
 def test_two_rounds_second_samples_from_the_first_model(two_round_run):
@@ -31,7 +30,7 @@ def test_two_rounds_second_samples_from_the_first_model(two_round_run):
     meta = read_shard(store, 1, 0, round1[0], wanted=("json",))[0].meta
     first = cfg.model_copy(deep=True)
     first.run.round = 0
-    assert meta.finetuned == trained_model(first) and meta.round == 1
+    assert meta.finetuned == first.trained_model() and meta.round == 1
     card = json.loads((tmp_path / "run/round-001/train/best_of_n-4-t3/model/composite.json").read_text())
     assert card["switch_step"] == 3
     trained = json.loads((tmp_path / "run/round-001/train/best_of_n-4-t3/summary.json").read_text())

@@ -13,7 +13,7 @@ import pytest
 
 from helpers import snapshot, stage_config
 from pgraft import contract
-from pgraft.cli import main as cli_main
+from pipelines.cli import main as cli_main
 from pgraft.config import load_config
 from pgraft.storage import open_storage
 from stages.filter import FilterError, read_accepted, run_filter

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pgraft import contract
-from pgraft.cli import main as cli_main
+from pipelines.cli import main as cli_main
 from pgraft.config import ConfigError, load_config
 from pgraft.models.adapters import ModelError
 from pgraft.shards import list_committed, read_shard

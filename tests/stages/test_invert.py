@@ -132,7 +132,7 @@ def test_invert_bad_input_is_one_line(ray_local, tiny_digits, tiny_digits_flow, 
 
 
 def test_cli_one_line_errors_before_any_worker(tiny_digits, tmp_path, capsys):
-    from pgraft.cli import main as cli_main
+    from pipelines.cli import main as cli_main
 
     args = ["--set", f"run.uri={tmp_path / 'run'}", "--set", f"model.path={tiny_digits}", "--quiet"]
     assert cli_main(["invert", *args]) == 2
