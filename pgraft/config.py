@@ -326,7 +326,7 @@ class CorrectorSection(TrainerSection):
     ridge: float = Field(1e-4, gt=0, description="Added to the covariance's diagonal so its Cholesky factor exists.",
                          json_schema_extra=GAUSSIAN_FIT)
     channels: list[int] = Field(default_factory=lambda: [16, 32], description="flow: the corrector UNet's "
-                                "block_out_channels: its size (16,32 with one layer per block: 0.16 M parameters, 16 % of the 1.0 M digits base).",
+                                "block_out_channels: its size (16,32 with one layer per block: 0.16 M parameters, 16 % of the built-in task's 1.0 M base).",
                                 json_schema_extra=WHAT)
     layers_per_block: int = Field(1, ge=1, description="flow: ResNet layers per UNet block.", json_schema_extra=WHAT)
     sampling_steps: int = Field(4, ge=1, description="flow: the corrector's Euler steps per sample (its FLOPs count).",

@@ -213,15 +213,15 @@ def eval_images(storage: Storage, round_idx: int, variant: str, per_prompt: int)
 
 # HTML --------------------------------------------------------------------------------------
 
-def _fmt(value, digits: int = 4) -> str:
+def _fmt(value, places: int = 4) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+    return f"{value:.{places}f}" if isinstance(value, float) else str(value)
 
 
-def _cell(value, figure: str | None = None, digits: int = 4) -> str:
+def _cell(value, figure: str | None = None, places: int = 4) -> str:
     attr = f' data-figure="{html.escape(figure)}"' if figure else ""
-    return f"<td{attr}>{html.escape(_fmt(value, digits))}</td>"
+    return f"<td{attr}>{html.escape(_fmt(value, places))}</td>"
 
 
 def _table(header: list[str], rows: list[str]) -> str:

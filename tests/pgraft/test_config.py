@@ -72,3 +72,50 @@ def test_relative_locations_are_absolute_and_refused_inside_a_ray_job_copy(tmp_p
                                           r"temporary copy of the working dir"):
         cfg.with_absolute_paths()
     assert load_config(None, ["run.uri=s3://b/run", "task.name=null", "model.path=s3://b/m", "reward.name=jpeg_compressibility"]).with_absolute_paths()
+
+
+def test_every_config_field_has_an_identity_mark():
+    from pgraft.config import identity_of
+
+    unmarked = [f"{section}.{name}" for section, field in Config.model_fields.items()
+                for name, inner in field.annotation.model_fields.items() if identity_of(inner) is None]
+    assert not unmarked, f"fields without an identity mark (WHAT, HOW or PER_ROUND): {unmarked}"
+
+
+def test_train_and_corrector_share_the_trainer_settings_with_their_own_defaults():
+    from pgraft.config import CorrectorSection, TrainerSection, TrainSection, identity_of
+
+    for section in (TrainSection, CorrectorSection):
+        assert issubclass(section, TrainerSection)
+        for name, base in TrainerSection.model_fields.items():
+            field = section.model_fields[name]
+            assert identity_of(field) == identity_of(base) and field.description.startswith(base.description)
+            assert field.metadata[:1] == base.metadata[:1]  # the lower bound is the trainer's
+    train, corrector = TrainSection(), CorrectorSection()
+    assert (train.steps, train.batch_size, train.lr, train.checkpoint_every) == (400, 64, 1e-4, 100)
+    assert (corrector.steps, corrector.batch_size, corrector.lr, corrector.checkpoint_every) == (2000, 256, 1e-3, 500)
+    shared = {"micro_batch_size": None, "weight_decay": 0.0, "grad_clip": 1.0, "zero_stage": 0, "precision": "auto",
+              "seed": 0, "num_workers": 1, "cpus_per_worker": None, "resources_per_worker": {}, "keep_checkpoints": 2,
+              "max_failures": 2}
+    assert {k: getattr(train, k) for k in shared} == shared == {k: getattr(corrector, k) for k in shared}
+    TrainSection(zero_stage=3)
+    with pytest.raises(ValueError, match="less than or equal to 2"):
+        CorrectorSection(zero_stage=3)
+    # The YAML keys stay in their sections.
+    cfg = load_config(None, ["train.lr=0.5", "corrector.lr=0.25", "corrector.zero_stage=2"])
+    assert (cfg.train.lr, cfg.corrector.lr, cfg.corrector.zero_stage) == (0.5, 0.25, 2)
+    with pytest.raises(ConfigError, match="config error: corrector.zero_stage: Input should be less than or equal to 2"):
+        load_config(None, ["corrector.zero_stage=3"])
+
+
+def test_fingerprinted_trainer_settings_come_from_the_marks():
+    from pgraft.config import CorrectorSection, TrainSection, identity_fields
+
+    assert set(TrainSection.model_fields) - set(identity_fields(TrainSection(), "what")) == {
+        "name", "cpus_per_worker", "resources_per_worker", "max_failures", "keep_checkpoints", "checkpoint_every",
+        "eval_samples_per_prompt", "epochs"}
+    assert set(CorrectorSection(kind="gaussian").fit_identity()) == {"kind", "include_unconverged", "covariance", "ridge"}
+    assert set(CorrectorSection(kind="flow").fit_identity()) == {
+        "kind", "include_unconverged", "covariance", "ridge", "channels", "layers_per_block", "sampling_steps",
+        "coupling", "steps", "batch_size", "micro_batch_size", "lr", "weight_decay", "grad_clip", "zero_stage",
+        "precision", "seed", "num_workers"}
