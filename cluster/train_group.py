@@ -50,8 +50,9 @@ def global_batch(n: int, batch: int, step: int, seed: int) -> torch.Tensor:
 
 
 def deepspeed_config(section, section_name: str, world: int, device: torch.device) -> dict:
-    """The DeepSpeed config of a trainer's config section (batch_size, micro_batch_size, lr,
-    weight_decay, zero_stage, grad_clip, precision); `section_name` names it in errors."""
+    """The DeepSpeed config of a trainer's config section (a TrainerSection: batch_size,
+    micro_batch_size, lr, weight_decay, zero_stage, grad_clip, precision); `section_name` names it
+    in errors."""
     t = section
     micro = t.micro_batch_size or max(1, t.batch_size // world)
     if t.batch_size % (micro * world):
