@@ -61,11 +61,11 @@ def main() -> None:
     worker = GenerateWorker(tree, resolve_prompts(cfg.generate.prompts))
     t0 = time.perf_counter()
     for unit in plan_units(10, 64, cfg.generate.samples_per_shard):
-        worker.run_unit(unit)
+        worker(unit)
     print(f"generate 640 samples on cuda: {640 / (time.perf_counter() - t0):.0f} samples/s")
     scorer = RewardWorker(tree)
     for sid, rec in list_committed(storage, 0).items():
-        scorer.score_shard((sid, vars(rec)))
+        scorer((sid, vars(rec)))
     print(run_filter(cfg, progress=False).render())
     for zero in (0, 2):
         run_cfg = cfg.model_copy(deep=True)

@@ -1,12 +1,20 @@
-"""How pgraft reaches Ray: a running cluster (RAY_ADDRESS, `ray job submit`) or a local one."""
+"""How pgraft reaches Ray: a running cluster (RAY_ADDRESS, `ray job submit`) or a local one.
 
+Stages run their units through `execute` (cluster/executor.py); `start_workers`, `iter_pool`
+and `run_pool` are its building blocks. Every Ray call outside the filter's Ray engine goes
+through this package.
+"""
+
+from cluster.executor import Execution, WorkerActor, execute
 from cluster.ray_cluster import (
     Placement,
     WorkerError,
     WorkerPool,
+    alive_node_count,
     connect,
     current_actor_id,
     current_node_id,
+    iter_pool,
     plan_placement,
     reserve,
     run_pool,
@@ -14,6 +22,8 @@ from cluster.ray_cluster import (
     start_workers,
     unwrap_remote_error,
 )
+from pgraft.work.spec import Finished, WorkerSpec
 
-__all__ = ["Placement", "WorkerError", "WorkerPool", "connect", "current_actor_id", "current_node_id", "plan_placement",
-           "reserve", "run_pool", "run_task", "start_workers", "unwrap_remote_error"]
+__all__ = ["Execution", "Finished", "Placement", "WorkerActor", "WorkerError", "WorkerPool", "WorkerSpec",
+           "alive_node_count", "connect", "current_actor_id", "current_node_id", "execute", "iter_pool",
+           "plan_placement", "reserve", "run_pool", "run_task", "start_workers", "unwrap_remote_error"]

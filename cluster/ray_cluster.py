@@ -81,6 +81,11 @@ def _alive_nodes() -> list[dict]:
     return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
 
 
+def alive_node_count() -> int:
+    """How many nodes the cluster has now."""
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
 @dataclass
 class Placement:
     """How many actors a stage starts and what each one asks Ray for."""
@@ -184,10 +189,15 @@ class WorkerPool:
     actors: list
     group: object
     placement: Placement
+    closed: bool = False
 
     def close(self) -> None:
+        """Kill the actors and release their placement group (once; later calls do nothing)."""
         from ray.util.placement_group import remove_placement_group
 
+        if self.closed:
+            return
+        self.closed = True
         for actor in self.actors:
             ray.kill(actor)
         remove_placement_group(self.group)
@@ -253,14 +263,15 @@ def unwrap_remote_error(exc: Exception) -> Exception:
     return WorkerError(f"worker failed to start: {match.group(2)}" if match else f"worker failed: {last}")
 
 
-def run_pool(pool: WorkerPool, method: str, items: list, on_result, desc: str, progress: bool = True,
-             calls_per_actor: int = 1) -> None:
+def iter_pool(pool: WorkerPool, method: str, items: list, desc: str, progress: bool = True,
+              calls_per_actor: int = 1):
     """Feed `items` to `actor.<method>` over the pool, keeping up to `calls_per_actor` calls in
     flight per actor (more than one only pays on actors started with that `max_concurrency`)
-    and refilling whichever actor finishes first; `on_result(result)` runs here once per item.
-    A lost actor's items are retried by Ray on the restarted actor; a failure that survives
-    the retries stops the pool and is re-raised as the worker's own error. The actors and
-    their placement group are released at the end."""
+    and refilling whichever actor finishes first; yields `(item, result)` as each one finishes
+    (the next item goes to that actor once the consumer asks for the next result). A lost
+    actor's items are retried by Ray on the restarted actor; a failure that survives the
+    retries stops the pool and is re-raised as the worker's own error. The actors and their
+    placement group are released at the end, also when the consumer stops early."""
     from pgraft.progress import progress_bar
 
     queue = deque(items)
@@ -268,7 +279,8 @@ def run_pool(pool: WorkerPool, method: str, items: list, on_result, desc: str, p
     bar = progress_bar(len(items), desc, "unit", enabled=progress)
 
     def submit(actor) -> None:
-        in_flight[getattr(actor, method).remote(queue.popleft())] = actor
+        item = queue.popleft()
+        in_flight[getattr(actor, method).remote(item)] = (actor, item)
 
     try:
         for _ in range(calls_per_actor):  # round by round, so a short queue still reaches every actor
@@ -277,15 +289,22 @@ def run_pool(pool: WorkerPool, method: str, items: list, on_result, desc: str, p
                     submit(actor)
         while in_flight:
             done, _ = ray.wait(list(in_flight), num_returns=1)
-            actor = in_flight.pop(done[0])
+            actor, item = in_flight.pop(done[0])
             try:
                 result = ray.get(done[0])
             except Exception as exc:  # noqa: BLE001 - re-raised as the worker's own error
                 raise unwrap_remote_error(exc) from None
-            on_result(result)
+            yield item, result
             bar.update(1)
             if queue:
                 submit(actor)  # the actor that finished: never more than calls_per_actor on one actor
     finally:
         bar.close()
         pool.close()
+
+
+def run_pool(pool: WorkerPool, method: str, items: list, on_result, desc: str, progress: bool = True,
+             calls_per_actor: int = 1) -> None:
+    """`iter_pool` with `on_result(result)` run here once per item, in the order they finish."""
+    for _, result in iter_pool(pool, method, items, desc, progress, calls_per_actor):
+        on_result(result)

@@ -131,6 +131,14 @@ def train_summary_key(round_idx: int, name: str) -> str:
 
 # Ray Train's run name under train/<name>/: its checkpoints and state live in this folder.
 CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_TAG = "step{:07d}"  # the folder name of the checkpoint taken after that many steps
+_CHECKPOINT_RE = re.compile(r"/checkpoints/step(\d+)/")
+
+
+def checkpoint_step(key: str) -> int | None:
+    """The step of the checkpoint a key lies in (…/checkpoints/stepNNNNNNN/…), else None."""
+    m = _CHECKPOINT_RE.search(key)
+    return int(m.group(1)) if m else None
 
 
 def eval_prefix(round_idx: int, variant: str) -> str:

@@ -19,25 +19,20 @@ from pathlib import Path
 import yaml
 
 from pgraft import contract
+from pgraft.artifacts import COMPLETE, MISSING, PARTIAL, Evaluation, RewardTable, Selection, Shards, State, Training
 from pgraft.errors import PgraftError
 from pgraft.storage import Storage, open_storage
 
-COMPLETE, PARTIAL, MISSING = "complete", "partial", "missing"
+__all__ = ["COMPLETE", "MISSING", "PARTIAL", "RoundState", "RunState", "StageState", "read_run", "render_status"]
 _ROUND_RE = re.compile(r"^round-(\d{3})/")
-_CHECKPOINT_RE = re.compile(r"/checkpoints/step(\d+)/")  # train_group.save_and_report names them stepNNNNNNN
 
 
 class NotARunError(PgraftError):
     """The location holds no pgraft run (no config.yaml, no round folder)."""
 
 
-@dataclass
-class StageState:
-    stage: str  # generate, reward, filter, train, evaluate
-    name: str  # the table, selection or training name ("" for generate and evaluate)
-    state: str  # COMPLETE, PARTIAL or MISSING
-    detail: str  # what exists, in words: "5/5 shards", "best_of_n n=8: 80 of 640 accepted"
-    summary: dict | None = None  # the stage's summary.json, when complete
+# A stage's state in a round is its artifact's (pgraft.artifacts): kind (and so stage), name, state, detail, summary.
+StageState = State
 
 
 @dataclass
@@ -77,16 +72,6 @@ class RunState:
         return bool(self.rounds) and self.rounds[-1].complete
 
 
-def _json(storage: Storage, key: str) -> dict | None:
-    return json.loads(storage.get_bytes(key)) if storage.exists(key) else None
-
-
-def _names_under(keys: list[str], prefix: str) -> list[str]:
-    """Immediate child folder names under `prefix/` among `keys`."""
-    start = len(prefix) + 1
-    return sorted({k[start:].split("/", 1)[0] for k in keys if k.startswith(prefix + "/") and "/" in k[start:]})
-
-
 def planned_units(config: dict) -> dict | None:
     """The generate plan implied by a run's config.yaml (inline prompts only), for runs whose
     rounds predate plan.json: shards of `samples_per_shard` over prompts × samples_per_prompt."""
@@ -100,93 +85,31 @@ def planned_units(config: dict) -> dict | None:
     return {"units": -(-samples // int(generate["samples_per_shard"])), "samples": samples}
 
 
-def _generate_state(storage: Storage, keys: set[str], rnd: int, config: dict) -> tuple[StageState, int]:
-    prefix = contract.generate_prefix(rnd)
-    committed = sum(1 for k in keys if k.startswith(prefix + "/") and k.endswith(".json")
-                    and contract.shard_id_of(k) is not None and contract.shard_key_at(prefix, contract.shard_id_of(k)) in keys)
-    plan_key = contract.generate_plan_key(rnd)
-    plan = _json(storage, plan_key) if plan_key in keys else (planned_units(config) if committed else None)
-    if plan is None:
-        state = PARTIAL if committed else MISSING
-        return StageState("generate", "", state, f"{committed} shards committed, plan unknown"), committed
-    state = COMPLETE if committed >= plan["units"] else PARTIAL
-    return StageState("generate", "", state, f"{committed}/{plan['units']} shards, {plan['samples']} samples planned",
-                      summary=plan), committed
-
-
-def _named_states(keys: list[str], base: str, stage: str, missing: str, state_of) -> list[StageState]:
-    """`state_of(name)` for every output folder under `base` (tables, selections, trainings),
-    or one MISSING state when there is none."""
-    return [state_of(name) for name in _names_under(keys, base)] or [StageState(stage, "", MISSING, missing)]
-
-
-def _reward_states(keys: list[str], rnd: int, shards: int, generated: bool) -> list[StageState]:
-    base = f"{contract.round_prefix(rnd)}/rewards"
-
-    def state_of(table: str) -> StageState:
-        parts = sum(1 for k in keys if k.startswith(f"{base}/{table}/") and contract.part_shard_id(k) is not None)
-        return StageState("reward", table, COMPLETE if generated and parts >= shards else PARTIAL, f"{parts}/{shards} parts")
-
-    return _named_states(keys, base, "reward", "no reward table", state_of)
-
-
-def _filter_states(storage: Storage, keys: list[str], rnd: int) -> list[StageState]:
-    def state_of(name: str) -> StageState:
-        summary = _json(storage, contract.selection_summary_key(rnd, name))
-        if summary is None:
-            return StageState("filter", name, PARTIAL, "no summary.json (interrupted): rerun the filter")
-        params = " ".join(f"{k}={v}" for k, v in summary["parameters"].items() if k != "seed")
-        return StageState("filter", name, COMPLETE, f"{summary['method']} {params}: {summary['rows_accepted']} of "
-                          f"{summary['rows_considered']} accepted, implied KL {summary['kl']:.3f}", summary)
-
-    return _named_states(keys, f"{contract.round_prefix(rnd)}/filter", "filter", "no selection", state_of)
-
-
-def _train_states(storage: Storage, keys: list[str], rnd: int) -> list[StageState]:
-    base = f"{contract.round_prefix(rnd)}/train"
-
-    def state_of(name: str) -> StageState:
-        summary = _json(storage, contract.train_summary_key(rnd, name))
-        card = f"{contract.model_prefix(rnd, name)}/{contract.COMPOSITE_CARD}" in keys
-        steps = {int(m.group(1)) for k in keys if k.startswith(f"{base}/{name}/") for m in [_CHECKPOINT_RE.search(k)] if m}
-        checkpoints = f"{len(steps)} checkpoint(s)" if steps else "no checkpoint"
-        if summary is not None and card:
-            return StageState("train", name, COMPLETE, f"{summary['steps']} steps on {summary['samples']} latents "
-                              f"from x_{summary['t_step']}; model exported; {checkpoints}", summary)
-        what = "model folder without summary" if card else "not exported"
-        return StageState("train", name, PARTIAL, f"{checkpoints}, {what}: rerun train to resume")
-
-    return _named_states(keys, base, "train", "not trained", state_of)
-
-
-def _eval_state(storage: Storage, keys: list[str], rnd: int) -> StageState:
-    summary = _json(storage, contract.eval_summary_key(rnd))
-    if summary is not None:
-        ft = summary["variants"].get("finetuned", {})
-        base = summary["variants"].get("base", {})
-        detail = (f"reward {base.get('reward_mean', float('nan')):.3f} → {ft.get('reward_mean', float('nan')):.3f} "
-                  f"on {summary['samples_per_prompt']} fresh samples per prompt")
-        return StageState("evaluate", "", COMPLETE, detail, summary)
-    prefix = f"{contract.round_prefix(rnd)}/eval/"
-    variants = sorted({k[len(prefix):].split("/", 1)[0] for k in keys if k.startswith(prefix)})
-    if variants:
-        return StageState("evaluate", "", PARTIAL, f"variants started: {', '.join(variants)}; rerun evaluate")
-    return StageState("evaluate", "", MISSING, "not evaluated")
+def _named_states(names: list[str], kind: str, missing: str, state_of) -> list[StageState]:
+    """`state_of(name)` for every output of a kind (tables, selections, trainings), or one MISSING
+    state when there is none."""
+    return [state_of(name) for name in names] or [State(kind, "", MISSING, missing)]
 
 
 def round_state(storage: Storage, keys: list[str], rnd: int, config: dict) -> RoundState:
     key_set = set(keys)
-    pipeline = _json(storage, contract.pipeline_record_key(rnd)) if contract.pipeline_record_key(rnd) in key_set else None
+    record_key = contract.pipeline_record_key(rnd)
+    pipeline = json.loads(storage.get_bytes(record_key)) if record_key in key_set else None
     # Whether this round evaluates: what the round pipeline ran, else the config the run started with.
     evaluates = ("evaluate" in pipeline["stages"] if pipeline is not None
                  else bool(config.get("train", {}).get("eval_samples_per_prompt", 0)))
-    generate, shards = _generate_state(storage, key_set, rnd, config)
+    generate = Shards(rnd).state(storage, key_set, planned_units(config))
+    shards = Shards(rnd).committed_count(key_set)
     state = RoundState(rnd, [generate], evaluates=evaluates)
-    state.stages += _reward_states(keys, rnd, shards, generate.state == COMPLETE)
-    state.stages += _filter_states(storage, keys, rnd)
-    state.stages += _train_states(storage, keys, rnd)
-    if evaluates or any(k.startswith(f"{contract.round_prefix(rnd)}/eval/") for k in keys):
-        state.stages.append(_eval_state(storage, keys, rnd))
+    state.stages += _named_states(RewardTable.names(keys, rnd), "rewards", "no reward table",
+                                  lambda table: RewardTable(rnd, table).state(key_set, shards, generate.state == COMPLETE))
+    state.stages += _named_states(Selection.names(keys, rnd), "selection", "no selection",
+                                  lambda name: Selection(rnd, name).state(storage, key_set))
+    state.stages += _named_states(Training.names(keys, rnd), "training", "not trained",
+                                  lambda name: Training(rnd, name).state(storage, key_set))
+    evaluation = Evaluation(rnd)
+    if evaluates or any(k.startswith(evaluation.prefix + "/") for k in keys):
+        state.stages.append(evaluation.state(storage, key_set))
     state.pipeline = pipeline
     return state
 

@@ -65,16 +65,16 @@ def previous_model(cfg: Config, round_idx: int) -> str | None:
 
 
 def _warn_local_locations_on_many_nodes(cfg: Config) -> None:
-    import ray
+    import cluster
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    nodes = cluster.alive_node_count()
     local = {key: value for key, value in (("run.uri", cfg.run.uri), ("task.dir", cfg.task.dir if cfg.task.pretrain else None),
                                            ("model.path", cfg.model.path), ("model.finetuned", cfg.model.finetuned),
                                            ("reward.model_path", cfg.reward.model_path))
              if value and "://" not in value and value.startswith("/")}
-    if len(nodes) > 1 and local:
+    if nodes > 1 and local:
         shown = ", ".join(f"{k}={v}" for k, v in local.items())
-        print(f"warning: {shown}: local path(s) on a {len(nodes)}-node cluster; they work only if every node mounts "
+        print(f"warning: {shown}: local path(s) on a {nodes}-node cluster; they work only if every node mounts "
               "them (a shared file system). Use s3://… otherwise.", file=sys.stderr)
 
 

@@ -12,185 +12,31 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
-
-import numpy as np
-import pyarrow as pa
 
 import cluster
-from pgraft import contract
-from pgraft.config import Config, ConfigError
-from pgraft.contract import CommitRecord
-from pgraft.errors import PgraftError
-from pgraft.hashing import get_hash
-from pgraft.models.fetch import child, fetch_model, is_remote, model_file_exists
-from pgraft.shards import IMAGE_EXT, META_EXT, list_committed, read_shard
-from pgraft.storage import open_storage
-from pgraft.tables import arrow_schema, list_reward_parts, write_parquet
+from pgraft.config import Config
 from pgraft.stagespec import StageSpec, stage_main
-
-
-class RewardError(PgraftError):
-    """A reward function failed or returned something unusable; names the shard and key."""
-
-
-@dataclass
-class RewardSummary:
-    run_uri: str
-    round: int
-    table: str
-    shards: int
-    skipped: int
-    written: int
-    rows_written: int
-    seconds: float
-    reward_mean: float | None
-    table_prefix: str
-    nodes: list[str] = field(default_factory=list)  # Ray node ids the parts were scored on
-
-    def headline(self) -> str:
-        mean = "n/a" if self.reward_mean is None else f"{self.reward_mean:.4f}"
-        return (f"reward round {self.round}: table {self.table}, {self.shards} parts ({self.written} written now), "
-                f"{self.rows_written} rows scored in {self.seconds:.1f} s, mean reward of new rows {mean}")
-
-    def render(self) -> str:
-        mean = "n/a" if self.reward_mean is None else f"{self.reward_mean:.4f}"
-        return "\n".join([
-            f"reward: {self.table} for round {self.round} of {self.run_uri}",
-            f"  parts    {self.shards} shards, {self.skipped} already scored, {self.written} written now",
-            f"  rows     {self.rows_written} scored in {self.seconds:.1f} s; mean reward of new rows {mean}",
-            f"  table at {self.table_prefix}/ (read it with DuckDB: SELECT * FROM '{self.table_prefix}/*.parquet')",
-        ])
-
-
-def reward_model_path(cfg: Config) -> str | None:
-    """The reward's weights as configured (a path, storage URI or hub id); a reward that the
-    task brings defaults to the task's weights for it (its RewardWeights folder under task.dir)."""
-    if cfg.reward.model_path:
-        return cfg.reward.model_path
-    spec = cfg.task.spec()
-    if spec is not None and cfg.reward.name in spec.reward_weights:
-        return child(cfg.task.dir, spec.reward_weights[cfg.reward.name].folder)
-    return None
-
-
-class RewardWorker:
-    """One per actor: builds the reward once, then scores shards into Parquet parts."""
-
-    def __init__(self, cfg_tree: dict, threads: int | None = None):
-        import torch
-
-        from pgraft.models.adapters import resolve_device
-        from pgraft.rewards import make_reward
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.cfg = Config.model_validate(cfg_tree)
-        self.storage = open_storage(self.cfg.run.uri)
-        self.table = self.cfg.reward.table_name()
-        weights = reward_model_path(self.cfg)
-        weights = fetch_model(weights) if weights and is_remote(weights) else weights  # this node's copy
-        self.reward_fn = make_reward(self.cfg.reward.name, weights,
-                                     resolve_device(self.cfg.reward.device), dict(self.cfg.reward.options))
-        self.sample_hash = get_hash(self.cfg.reward.hash)
-
-    def _score(self, images, prompts, metadata, keys, shard):
-        from pgraft.rewards import as_output
-
-        try:
-            return as_output(self.reward_fn(images, prompts, metadata), len(images))
-        except Exception as batch_exc:  # noqa: BLE001 - find the sample, then report it
-            for i in range(len(images)):
-                try:
-                    as_output(self.reward_fn(images[i:i + 1], prompts[i:i + 1], metadata[i:i + 1]), 1)
-                except Exception as exc:  # noqa: BLE001
-                    raise RewardError(f"reward {self.cfg.reward.name} failed on {shard}, sample {keys[i]}: "
-                                      f"{exc.__class__.__name__}: {exc}; nothing was written for this shard") from None
-            raise RewardError(f"reward {self.cfg.reward.name} failed on {shard} (batch of {len(images)} from "
-                              f"{keys[0]}): {batch_exc.__class__.__name__}: {batch_exc}") from None
-
-    def score_shard(self, job: tuple[int, dict]) -> dict:
-        shard_id, record_fields = job
-        cfg, rnd = self.cfg, self.cfg.run.round
-        record = CommitRecord(**record_fields)
-        samples = read_shard(self.storage, rnd, shard_id, record, wanted=(IMAGE_EXT, META_EXT))
-        shard = record.shard
-        rewards, extra = [], {}
-        for lo in range(0, len(samples), cfg.reward.batch_size):
-            batch = samples[lo:lo + cfg.reward.batch_size]
-            out = self._score([s.image for s in batch], [s.meta.prompt for s in batch],
-                              [vars(s.meta) for s in batch], [s.key for s in batch], shard)
-            rewards.append(out.rewards)
-            for name, column in out.columns.items():
-                if name in contract.REWARD_COLUMNS:
-                    raise RewardError(f"reward {cfg.reward.name} returns column {name!r}, a reserved reward-table column")
-                extra.setdefault(name, []).append(np.asarray(column))
-        metas = [s.meta for s in samples]
-        columns = {
-            "key": [m.key for m in metas], "shard": [shard] * len(metas), "round": [rnd] * len(metas),
-            "prompt_id": [m.prompt_id for m in metas], "prompt": [m.prompt for m in metas],
-            "sample_idx": [m.sample_idx for m in metas], "seed": [m.seed for m in metas],
-            "reward": np.concatenate(rewards) if rewards else np.zeros(0), "reward_name": [cfg.reward.name] * len(metas),
-            "sample_hash": [self.sample_hash(s.image, vars(s.meta)) for s in samples],
-        }
-        table = pa.table(columns, schema=arrow_schema(contract.REWARD_COLUMNS))
-        for name, parts in extra.items():
-            table = table.append_column(name, pa.array(np.concatenate(parts)))
-        write_parquet(self.storage, contract.reward_part_key(rnd, self.table, shard_id), table)
-        finite = table["reward"].to_numpy()
-        finite = finite[np.isfinite(finite)]
-        return {"rows": table.num_rows, "reward_sum": float(finite.sum()), "finite": int(len(finite)),
-                "node_id": cluster.current_node_id()}
-
-
-def check_reward_config(cfg: Config) -> None:
-    """Cheap checks before any actor starts: the reward exists, its weights are where named."""
-    from pgraft.rewards import reward_factory
-
-    name = cfg.reward.name
-    reward_factory(name)
-    get_hash(cfg.reward.hash)
-    path = reward_model_path(cfg)
-    spec = cfg.task.spec()
-    weights = spec.reward_weights.get(name) if spec is not None else None
-    if weights is not None and not model_file_exists(path, weights.marker):
-        raise ConfigError(f"config error: reward.model_path: no {name} weights ({weights.marker}) at {path!r} "
-                          f"(run `pgraft pretrain {spec.name} --out DIR` or set reward.model_path)")
+# The worker, its checks and the tally live in the library (the evaluate stage drives them too);
+# their names stay importable from here.
+from pgraft.work.reward import (
+    RewardError,
+    RewardJob,
+    RewardSummary,
+    RewardWorker,
+    check_reward_config,
+    reward_model_path,
+)
 
 
 def run_reward(cfg: Config, progress: bool = True, label: str | None = None) -> RewardSummary:
     """Score the round's unscored shards; `label` names the work in progress lines (see run_generate)."""
     start = time.perf_counter()
-    cfg = cfg.with_absolute_paths()
-    check_reward_config(cfg)
-    storage = open_storage(cfg.run.uri)
-    rnd, table = cfg.run.round, cfg.reward.table_name()
-    committed = list_committed(storage, rnd)
-    if not committed:
-        raise RewardError(f"no committed shards in round {rnd} of {storage.uri}; run `pgraft generate` first")
-    done = list_reward_parts(storage, rnd, table)
-    pending = [(sid, vars(rec)) for sid, rec in sorted(committed.items()) if sid not in done]
-    summary = RewardSummary(run_uri=storage.uri, round=rnd, table=table, shards=len(committed),
-                            skipped=len(committed) - len(pending), written=0, rows_written=0, seconds=0.0,
-                            reward_mean=None, table_prefix=storage.url(contract.rewards_prefix(rnd, table)))
-    if pending:
-        pool = cluster.start_workers(RewardWorker, cfg.reward.num_workers, cfg.reward.device, "reward.device",
-                                     len(pending), cfg.model_dump(mode="json"), extra_resources=cfg.reward.resources,
-                                     timeout_s=cfg.cluster.placement_timeout_s, max_restarts=cfg.cluster.max_restarts)
-        totals = {"sum": 0.0, "finite": 0}
-
-        def on_result(result: dict) -> None:
-            summary.written += 1
-            summary.rows_written += result["rows"]
-            totals["sum"] += result["reward_sum"]
-            totals["finite"] += result["finite"]
-            if result["node_id"] not in summary.nodes:
-                summary.nodes.append(result["node_id"])
-
-        cluster.run_pool(pool, "score_shard", pending, on_result, label or f"reward {table} round {rnd}", progress)
-        summary.reward_mean = totals["sum"] / totals["finite"] if totals["finite"] else None
-    summary.seconds = time.perf_counter() - start
-    return summary
+    job = RewardJob(cfg)
+    run = cluster.execute(job.spec(), job.units, job.is_committed,
+                          label or f"reward {job.table} round {job.cfg.run.round}", progress)
+    for done in run:
+        job.add(done)
+    return job.finish(time.perf_counter() - start, run.skipped, run.workers, run.nodes)
 
 
 STAGE = StageSpec(

@@ -107,8 +107,6 @@ def _card(params: dict, noises: torch.Tensor) -> dict:
 
 def fit_gaussian_task(params: dict) -> dict:
     """A Ray task: fit and export the Gaussian corrector; its summary as a dict."""
-    import ray
-
     start = time.perf_counter()
     cfg = Config.model_validate(params["cfg"])
     storage = open_storage(cfg.run.uri)
@@ -119,7 +117,7 @@ def fit_gaussian_task(params: dict) -> dict:
         name=params["name"], kind="gaussian", inversion=params["inversion_url"], samples=len(noises), left_out=left_out,
         parameters=fit_result.parameters, base_parameters=_base_parameters(cfg.model.path), steps=0, resumed_from=0,
         final_loss=None, seconds=time.perf_counter() - start, model_dir=model_dir, fingerprint=params["fingerprint"],
-        nodes=[ray.get_runtime_context().get_node_id()],
+        nodes=[cluster.current_node_id()],
     )
     storage.put_bytes(contract.corrector_summary_key(params["name"]), json.dumps(asdict(summary), indent=1).encode())
     return asdict(summary)
@@ -133,7 +131,6 @@ def corrector_worker(params: dict) -> None:
         torch.set_num_threads(params["threads"])
     rank, world, device = join_group()
     import deepspeed
-    import ray
 
     cfg = Config.model_validate(params["cfg"])
     c, name = cfg.corrector, params["name"]
@@ -162,7 +159,7 @@ def corrector_worker(params: dict) -> None:
                           params["fingerprint"], bool(params.get("progress")))
 
     nodes = [None] * world
-    torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    torch.distributed.all_gather_object(nodes, cluster.current_node_id())
     if rank != 0:
         return
     net = engine.module.float().cpu().eval()

@@ -34,9 +34,8 @@ def train_worker(params: dict) -> None:
         torch.set_num_threads(params["threads"])
     rank, world, device = join_group()
     import deepspeed
-    import ray
-    import ray.train
 
+    from cluster import current_node_id
     from pgraft.models.adapters import load_adapter
 
     cfg = Config.model_validate(params["cfg"])
@@ -94,7 +93,7 @@ def train_worker(params: dict) -> None:
                                    data.num_inference_steps, cfg.model.guidance_scale, [float(t) for t in visited])
     model_dir = export_model(engine.module.net, cfg, storage, contract.model_prefix(cfg.run.round, name), card, rank)
     nodes = [None] * world
-    torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    torch.distributed.all_gather_object(nodes, current_node_id())
     if rank != 0:
         return
     steps_run = cfg.train.steps - first_step

@@ -1,0 +1,112 @@
+"""A whole round ÷ the bare work it contains, at the default config and at 4× the samples, one run.
+
+    python benchmarks/round_overhead.py [--models models/digits] [--scales 1 4] [--rounds 1]
+
+Per scale s it times, as a whole process, `python pipelines/pgraft_round.py --config
+configs/digits.yaml` with generate.samples_per_prompt = 128·s (train.epochs scales the steps with
+what the filter keeps) against the bare work the round contains, timed in this process on the
+same models, batch sizes, samplers and CPUs:
+  * bare sampling of every generated sample: the diffusers pipeline called directly
+    (benchmarks/generate_overhead.py's `bare_pipeline`), no captures, shards or Ray;
+  * bare training of the same steps: plain torch AdamW on the same UNet, batch and P-GRAFT
+    targets (benchmarks/train_throughput.py's `bare_loop`, on the round's own accepted latents);
+  * bare sampling of the evaluation: the base and the fine-tuned variant's samples, both with
+    the base pipeline (same architecture, same cost per sample).
+It prints the ratio and where the rest goes: each stage's wall time from the round's
+pipeline.json beside the bare seconds it contains. With --rounds 2 the second round's figures
+show what the run reuses (the base variant's evaluation, warm pools).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from generate_overhead import bare_pipeline  # noqa: E402
+from train_throughput import bare_loop  # noqa: E402
+
+from pgraft.config import load_config  # noqa: E402
+
+
+def run_round(models: str, run: Path, scale: int, rounds: int) -> tuple[float, list[dict]]:
+    """Whole-process seconds of the round pipeline, and each round's pipeline.json."""
+    command = [sys.executable, "pipelines/pgraft_round.py", "--config", "configs/digits.yaml", "--quiet",
+               "--set", f"run.uri={run}", "--set", f"task.dir={models}", "--set", f"run.rounds={rounds}",
+               "--set", f"generate.samples_per_prompt={128 * scale}"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray, started by the process
+    start = time.perf_counter()
+    subprocess.run(command, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - start
+    return seconds, [json.loads((run / f"round-{r:03d}" / "pipeline.json").read_text()) for r in range(rounds)]
+
+
+def bare_seconds(models: str, run: Path, scale: int) -> dict[str, float]:
+    """Seconds of the bare work in round 0 of `run`: sampling, training, evaluation sampling."""
+    from pgraft.models.adapters import load_adapter
+    from pgraft.storage import open_storage
+    from stages.train import load_accepted
+
+    cfg = load_config("configs/digits.yaml", [f"run.uri={run}", f"task.dir={models}",
+                                              f"generate.samples_per_prompt={128 * scale}", "model.device=cpu"])
+    model, steps, guidance = cfg.model.path, cfg.model.num_inference_steps, cfg.model.guidance_scale
+    batch = cfg.generate.batch_size
+    generated = len(cfg.generate.prompts) * cfg.generate.samples_per_prompt
+    evaluated = 2 * len(cfg.generate.prompts) * cfg.train.eval_samples_per_prompt
+    bare_pipeline(model, batch, batch, steps, guidance, "cpu")  # warm-up
+    sampling_rate = bare_pipeline(model, generated, batch, steps, guidance, "cpu")
+    selection, name = cfg.train_output()
+    summary = json.loads((run / "round-000" / "train" / name / "summary.json").read_text())
+    data = load_accepted(open_storage(cfg.run.uri), cfg, selection)
+    labels = load_adapter(cfg.model).class_ids(data.prompts)
+    visited = torch.tensor(data.model_timesteps).long()
+    warmup = min(10, summary["steps"] - 1)
+    train_rate = bare_loop(model, data.latents, labels, visited, data.t_level, summary["steps"], cfg.train.batch_size,
+                           cfg.train.lr, warmup=warmup)
+    return {"generate": generated / sampling_rate, "train": summary["steps"] * cfg.train.batch_size / train_rate,
+            "evaluate": evaluated / sampling_rate, "generated": generated, "steps": summary["steps"],
+            "evaluated": evaluated}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="models/digits", help="the digits task's models (pgraft pretrain digits)")
+    parser.add_argument("--scales", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--rounds", type=int, default=1)
+    args = parser.parse_args()
+    models = str(Path(args.models).absolute())
+    if not (Path(models) / "summary.json").exists():
+        sys.exit(f"no digits models at {models}: run `pgraft pretrain digits --out {args.models}` first")
+    print(f"{torch.get_num_threads()} CPU threads; whole process of pipelines/pgraft_round.py vs bare work in this process")
+    for scale in args.scales:
+        with tempfile.TemporaryDirectory() as tmp:
+            run = Path(tmp) / "run"
+            whole, records = run_round(models, run, scale, args.rounds)
+            bare = bare_seconds(models, run, scale)
+        work = bare["generate"] + bare["train"] + bare["evaluate"]
+        rounds_bare = work * args.rounds  # every round holds the same bare work (evaluation included)
+        print(f"\n{scale}× samples: {bare['generated']} generated, {bare['steps']} train steps, {bare['evaluated']} "
+              f"evaluation samples per round, {args.rounds} round(s)")
+        print(f"  whole process {whole:7.1f} s   bare work {rounds_bare:6.1f} s   ratio {whole / rounds_bare:.2f}")
+        staged = 0.0
+        for record in records:
+            for stage, figures in record["stages"].items():
+                contained = bare.get(stage, 0.0)
+                staged += figures["seconds"]
+                print(f"  round {record['round']} {stage:<9} {figures['seconds']:7.1f} s  (bare {contained:6.1f} s)")
+        print(f"  outside the stages (start-up, pretraining check, Ray, tables): {whole - staged:6.1f} s")
+
+
+if __name__ == "__main__":
+    main()

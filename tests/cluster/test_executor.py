@@ -1,0 +1,84 @@
+"""The unit-of-work executor on a real local Ray: committed units skipped, each pending unit's
+result yielded once, the pool released at the end, on an early stop and on a failed unit."""
+
+from __future__ import annotations
+
+import pytest
+
+import cluster
+
+
+def tenfold_worker():
+    """A plain worker class (defined here, so Ray ships it by value)."""
+
+    class Tenfold:
+        def __init__(self, offset: int):
+            import torch
+
+            self.offset, self.threads = offset, torch.get_num_threads()
+
+        def __call__(self, unit: int):
+            import time
+
+            time.sleep(0.05)
+            if unit < 0:
+                raise ValueError(f"cannot take unit {unit}")
+            return unit * 10 + self.offset, self.threads
+
+    return Tenfold
+
+
+def spec(num_workers: int = 2) -> cluster.WorkerSpec:
+    return cluster.WorkerSpec(tenfold_worker(), (1,), "cpu", "model.device", num_workers, placement_timeout_s=30,
+                              max_restarts=0)
+
+
+def placement_removed(pool) -> bool:
+    import ray.util
+
+    return ray.util.placement_group_table(pool.group)["state"] == "REMOVED"
+
+
+def test_committed_units_are_skipped_and_each_pending_result_comes_once(ray_local):
+    run = cluster.execute(spec(), range(8), committed={1, 3}, desc="test", progress=False)
+    assert (run.skipped, run.pending, run.workers, run.pool) == (2, [0, 2, 4, 5, 6, 7], 0, None)  # nothing started yet
+    done = list(run)
+    assert sorted(d.unit for d in done) == [0, 2, 4, 5, 6, 7]
+    assert all(d.value[0] == d.unit * 10 + 1 for d in done)
+    assert {d.value[1] for d in done} == {1}  # 2 CPUs over 2 actors: one torch thread each, set before the worker
+    assert run.workers == 2 and len({d.actor_id for d in done}) == 2
+    assert run.nodes == [cluster.current_node_id()]  # the local Ray's one node, reported by the executor
+    assert run.pool.closed and placement_removed(run.pool)
+    with pytest.raises(RuntimeError, match="runs once"):
+        list(run)
+
+
+def test_nothing_pending_places_no_pool(ray_local):
+    run = cluster.execute(spec(), [0, 1], committed=lambda unit: True, progress=False)
+    assert list(run) == [] and run.pool is None and (run.skipped, run.workers, run.nodes) == (2, 0, [])
+
+
+def test_an_early_stop_closes_the_pool(ray_local):
+    import ray
+
+    run = cluster.execute(spec(num_workers=1), range(20), progress=False)
+    for first in run:
+        break
+    assert first.value == (first.unit * 10 + 1, 2)  # one actor: both CPUs, two torch threads
+    assert run.pool.closed and placement_removed(run.pool)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(run.pool.actors[0].run.remote(0))  # the actor is gone
+
+    with cluster.execute(spec(), range(20), progress=False) as again:  # close() at the end of a `with` block,
+        running = iter(again)  # while the consumer still holds the iterator
+        next(running)
+    assert again.pool.closed and placement_removed(again.pool)
+    assert next(running, None) is None  # and the iterator is finished
+
+
+def test_a_failed_unit_is_its_own_error_and_closes_the_pool(ray_local):
+    run = cluster.execute(spec(), [0, 1, -1, 2, 3], progress=False)
+    with pytest.raises(ValueError, match="cannot take unit -1"):
+        for _ in run:
+            pass
+    assert run.pool.closed and placement_removed(run.pool)
