@@ -451,12 +451,15 @@ class Config(_Section):
                     "reward.name": lambda: spec.reward, "reward.hash": lambda: spec.hash,
                     "generate.prompts": lambda: list(spec.prompts),
                     "invert.name": lambda: f"{spec.name}-{self.invert.split}"}
+        # Without a task: the model and the reward must be named; prompts are checked where they are
+        # needed (the generate stage), and the rest have defaults of their own.
+        no_task = {"reward.hash": lambda: "exact", "generate.prompts": lambda: None, "invert.name": lambda: "inversion"}
         for key, default in defaults.items():
             section, name = key.split(".")
             if getattr(getattr(self, section), name) is None:
-                if spec is None and key != "reward.hash":
+                if spec is None and key not in no_task:
                     raise ValueError(f"{key} is required when task.name is null")
-                setattr(getattr(self, section), name, default() if spec else "exact")
+                setattr(getattr(self, section), name, default() if spec else no_task[key]())
         return self
 
 

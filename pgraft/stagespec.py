@@ -1,4 +1,4 @@
-"""What a stage declares about itself (docs/DESIGN.md §9), and the one command line every stage runs.
+"""What a stage declares about itself (docs/DESIGN.md §8), and the one command line every stage runs.
 
 Each stage module defines `STAGE = StageSpec(...)`: its name, its run function, its own
 command-line flags and the kinds of artifact (pgraft.artifacts) it reads and writes. The

@@ -1,4 +1,4 @@
-"""Task registry (docs/DESIGN.md §9): what a task brings, declared once, looked up by name.
+"""Task registry (docs/DESIGN.md §8): what a task brings, declared once, looked up by name.
 
 A task is a `TaskSpec` (the `TrainSpec` habit of torchtitan): its real data, its pretraining,
 its default base model, reward, hash and prompts, its feature extractor, and how a sample is
