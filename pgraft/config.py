@@ -43,6 +43,29 @@ def identity_fields(section: "BaseModel", *marks: str) -> dict:
     return {name: dumped[name] for name, field in type(section).model_fields.items() if identity_of(field) in marks}
 
 
+def identity(config: "Config | dict", sections: tuple[str, ...], marks: tuple[str, ...] = ("what",)) -> dict:
+    """{"section.key": value} of the fields marked with one of `marks` in `sections`, from a
+    Config or from a dumped one (an earlier run's config.yaml: keys it lacks are left out)."""
+    tree = config.model_dump(mode="json") if isinstance(config, BaseModel) else config
+    out = {}
+    for section in sections:
+        values = tree.get(section) or {}
+        for name, field in Config.model_fields[section].annotation.model_fields.items():
+            if identity_of(field) in marks and name in values:
+                out[f"{section}.{name}"] = values[name]
+    return out
+
+
+def first_difference(theirs: dict, mine: dict, common_only: bool = False) -> tuple[str, Any, Any] | None:
+    """The first key (sorted) whose value differs between two identities, as (key, theirs, mine);
+    `common_only` compares only the keys both have (identities recorded by older versions)."""
+    keys = set(theirs) & set(mine) if common_only else set(theirs) | set(mine)
+    for key in sorted(keys):
+        if theirs.get(key) != mine.get(key):
+            return key, theirs.get(key), mine.get(key)
+    return None
+
+
 class _Section(BaseModel):
     # Unknown keys are errors: a typo must not silently fall back to a default.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)

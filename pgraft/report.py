@@ -307,7 +307,10 @@ def _grid_section(storage: Storage, run: RunState, eval_rows: list[dict], prompt
     rounds = sorted({r["round"] for r in eval_rows})
     if not rounds:
         return ""
-    columns = [("base", rounds[0], "base")] + [(f"round {r} fine-tuned", r, "finetuned") for r in rounds]
+    # The base's samples lie where it was evaluated: later rounds reuse that evaluation (stages/evaluate.py).
+    first_base = next((r for r in eval_rows if r["round"] == rounds[0] and r["variant"] == "base"), {})
+    columns = ([("base", first_base.get("reused_from_round", rounds[0]), "base")]
+               + [(f"round {r} fine-tuned", r, "finetuned") for r in rounds])
     images = {label: eval_images(storage, rnd, variant, GRID_SAMPLES) for label, rnd, variant in columns}
     prompt_ids = sorted({p for imgs in images.values() for p in imgs})
     rows = []

@@ -18,15 +18,17 @@ import time
 from dataclasses import asdict
 
 import numpy as np
+import yaml
 
 import cluster
 from pgraft import contract, metrics
-from pgraft.config import Config
+from pgraft.artifacts import EvalVariant
+from pgraft.config import Config, first_difference, identity
 from pgraft.contract import EvalSummary
 from pgraft.errors import PgraftError
 from pgraft.models.fetch import child, model_digest, model_file_exists
 from pgraft.shards import IMAGE_EXT, META_EXT, list_committed, read_shard
-from pgraft.storage import open_storage
+from pgraft.storage import join_key, open_storage
 from pgraft.tables import list_reward_parts, read_reward_table
 from pgraft.stagespec import StageSpec, stage_main
 from pgraft.work.generate import GenerateJob
@@ -56,26 +58,50 @@ def variant_config(cfg: Config, variant: str, finetuned: str | None) -> Config:
     return out
 
 
+# What a variant's figures are a function of: the fields marked WHAT in these sections of its
+# one-round run config (the seeds, the sampler, the samples per prompt, the task, the reward).
+VARIANT_SECTIONS = ("run", "task", "model", "generate", "reward")
+
+
+def _earlier_variant_config(storage, variant: EvalVariant) -> dict | None:
+    key = join_key(variant.prefix, contract.CONFIG_KEY)
+    return (yaml.safe_load(storage.get_bytes(key)) or {}) if storage.exists(key) else None
+
+
 def check_variant(storage, cfg: Config, variant: str, model: str | None) -> None:
     """Samples already under eval/<variant>/ must come from the same model and settings;
     otherwise say which key changed instead of mixing them (or reusing stale ones)."""
-    import yaml
-
-    from pgraft.storage import join_key
-
-    prefix = contract.eval_prefix(cfg.run.round, variant)
-    where = storage.url(prefix)
-    config_key, marker = join_key(prefix, contract.CONFIG_KEY), join_key(prefix, "model.json")
-    if storage.exists(config_key):
-        earlier = yaml.safe_load(storage.get_bytes(config_key)) or {}
-        if earlier.get("generate", {}).get("samples_per_prompt") != cfg.train.eval_samples_per_prompt:
-            raise EvaluateError(f"{where} holds samples for another train.eval_samples_per_prompt; "
+    artifact = EvalVariant(cfg.run.round, variant)
+    where = artifact.location(storage)
+    earlier = _earlier_variant_config(storage, artifact)
+    if earlier is not None:
+        differs = first_difference(identity(earlier, VARIANT_SECTIONS),
+                                   identity(variant_config(cfg, variant, model), VARIANT_SECTIONS), common_only=True)
+        if differs is not None:
+            key, old, new = differs
+            shown = "train.eval_samples_per_prompt" if key == "generate.samples_per_prompt" else key
+            raise EvaluateError(f"{where} holds samples made with another {shown} ({old!r}, now {new!r}); "
                                 "delete it to evaluate again")
     digest = model_digest(model) if model else None
-    if storage.exists(marker) and json.loads(storage.get_bytes(marker)).get("digest") != digest:
+    if storage.exists(artifact.model_key) and json.loads(storage.get_bytes(artifact.model_key)).get("digest") != digest:
         raise EvaluateError(f"{where} holds samples of an earlier {variant} model (retrained since?); "
                             "delete it to evaluate again")
-    storage.put_bytes(marker, json.dumps({"model": model, "digest": digest}).encode())
+    storage.put_bytes(artifact.model_key, json.dumps({"model": model, "digest": digest}).encode())
+
+
+def earlier_base_evaluation(storage, cfg: Config) -> tuple[int, dict] | None:
+    """(round, summary) of an earlier round's evaluation of the base with the same seeds, sampler,
+    samples per prompt, task and reward: the base is the same in every round of a run, so its
+    figures are too, and later rounds reuse them instead of sampling them again."""
+    mine = identity(variant_config(cfg, "base", None), VARIANT_SECTIONS)
+    for rnd in range(cfg.run.round):
+        artifact = EvalVariant(rnd, "base")
+        earlier = _earlier_variant_config(storage, artifact)
+        if earlier is None or not storage.exists(artifact.summary_key):
+            continue
+        if first_difference(identity(earlier, VARIANT_SECTIONS), mine) is None:
+            return rnd, json.loads(storage.get_bytes(artifact.summary_key))
+    return None
 
 
 def feature_weights(cfg: Config) -> str | None:
@@ -149,7 +175,7 @@ def evaluate_variant(cfg: Config, variant: str, model: str | None, progress: boo
     result = cluster.run_task(summarize_variant, (variant_cfg.model_dump(mode="json"),), placement,
                               f"evaluate {variant} summary", cfg.cluster.placement_timeout_s)
     result["nodes"] = sorted({result["node_id"], *sampled.nodes, *scored.nodes})
-    storage.put_bytes(f"{contract.eval_prefix(cfg.run.round, variant)}/summary.json", json.dumps(result, indent=1).encode())
+    storage.put_bytes(EvalVariant(cfg.run.round, variant).summary_key, json.dumps(result, indent=1).encode())
     return result
 
 
@@ -166,8 +192,14 @@ def run_evaluate(cfg: Config, progress: bool = True, finetuned: str | None = Non
         raise EvaluateError(f"round {cfg.run.round} has no fine-tuned model at {finetuned}; run `pgraft train` first")
     summary = EvalSummary(round=cfg.run.round, reward=cfg.reward.name, seed=eval_seed(cfg.run.seed),
                           samples_per_prompt=cfg.train.eval_samples_per_prompt)
-    for variant, model in (("base", None), ("finetuned", finetuned)):
-        summary.variants[variant] = evaluate_variant(cfg, variant, model, progress)
+    reused = earlier_base_evaluation(storage, cfg)
+    if reused is not None:
+        rnd, base = reused
+        summary.variants["base"] = {**base, "reused_from_round": rnd}
+        print(f"evaluate round {cfg.run.round}: base as evaluated in round {rnd} (same base, seeds and reward)", flush=True)
+    else:
+        summary.variants["base"] = evaluate_variant(cfg, "base", None, progress)
+    summary.variants["finetuned"] = evaluate_variant(cfg, "finetuned", finetuned, progress)
     summary.seconds = time.perf_counter() - start
     storage.put_bytes(contract.eval_summary_key(cfg.run.round), json.dumps(asdict(summary), indent=1).encode())
     return summary

@@ -24,7 +24,7 @@ import numpy as np
 
 import cluster
 from pgraft import contract
-from pgraft.config import Config
+from pgraft.config import Config, first_difference, identity
 from pgraft.models.adapters import check_flow_model, check_model_folder
 from pgraft.shards import list_committed_at
 from pgraft.storage import Storage, open_storage
@@ -35,9 +35,9 @@ from pgraft.stagespec import StageSpec, stage_main
 from pgraft.work.invert import InvertError, InvertUnit, InvertWorker, _task_points
 
 # Settings an inversion's records depend on: a rerun with other values would mix two inversions.
-_SETTINGS = {"task": ("name", "seed"),  # the task's data and its split
-             "model": ("path", "kind", "scheduler", "timestep_spacing", "num_inference_steps", "guidance_scale", "dtype"),
-             "invert": ("data", "split", "conditional", "limit", "tolerance", "max_iterations", "samples_per_shard")}
+# What an inversion's records are a function of: the fields marked WHAT in these sections (the
+# task's data and split, the flow sampler, the inversion's own settings).
+SETTINGS_SECTIONS = ("task", "model", "invert")
 
 
 # Planning ---------------------------------------------------------------------------------
@@ -58,7 +58,10 @@ def plan_units(cfg: Config) -> list[InvertUnit]:
 
 
 def inversion_settings(cfg: Config) -> dict:
-    return {f"{section}.{key}": getattr(getattr(cfg, section), key) for section, keys in _SETTINGS.items() for key in keys}
+    """The settings of the sampler that is inverted: the base alone (a noise corrector or a
+    fine-tuned composite plays no part in Φ)."""
+    base = cfg.model_copy(update={"model": cfg.model.model_copy(update={"noise_corrector": None, "finetuned": None})})
+    return identity(base, SETTINGS_SECTIONS)
 
 
 def record_settings(storage: Storage, cfg: Config, name: str) -> None:
@@ -66,12 +69,12 @@ def record_settings(storage: Storage, cfg: Config, name: str) -> None:
     mine = inversion_settings(cfg)
     key = contract.inversion_settings_key(name)
     if storage.exists(key):
-        theirs = json.loads(storage.get_bytes(key))
-        for field_name in sorted(set(mine) | set(theirs)):
-            if theirs.get(field_name) != mine.get(field_name):
-                raise InvertError(f"{storage.url(contract.inversion_prefix(name))} was made with {field_name}="
-                                  f"{theirs.get(field_name)!r}, this config has {mine.get(field_name)!r}; use another "
-                                  "invert.name, or delete that folder to invert again")
+        # Keys both have: a settings.json of an older version lacks fields marked since.
+        differs = first_difference(json.loads(storage.get_bytes(key)), mine, common_only=True)
+        if differs is not None:
+            field_name, old, new = differs
+            raise InvertError(f"{storage.url(contract.inversion_prefix(name))} was made with {field_name}={old!r}, "
+                              f"this config has {new!r}; use another invert.name, or delete that folder to invert again")
         return
     storage.put_bytes(key, json.dumps(mine, indent=1).encode())
 

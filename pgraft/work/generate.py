@@ -22,7 +22,7 @@ from typing import NamedTuple
 import yaml
 
 from pgraft import contract
-from pgraft.config import Config, ConfigError, config_to_yaml
+from pgraft.config import Config, ConfigError, config_to_yaml, first_difference, identity
 from pgraft.contract import CommitRecord, SampleMeta
 from pgraft.errors import PgraftError
 from pgraft.models.adapters import Rollout, check_capture_steps, check_model_folder, load_adapter, synchronize
@@ -33,11 +33,6 @@ from pgraft.work.spec import Finished, WorkerSpec
 # Calls in flight per generate actor: one unit's rollouts, the other's shard being written.
 # More would only hold more units in memory: the actor's device thread runs one unit at a time.
 CALLS_PER_ACTOR = 2
-
-# Config fields that change what a sample is; a run refuses to continue if they change.
-# (num_workers and batch_size only change how the work is spread.)
-_NOT_IDENTITY = {("generate", "num_workers"), ("generate", "batch_size"), ("generate", "resources"), ("model", "device"),
-                 ("run", "rounds"), ("run", "round"), ("run", "uri"), ("model", "finetuned")}  # uri: runs may move; finetuned: per round
 
 
 class GenerateError(PgraftError):
@@ -112,25 +107,23 @@ def plan_units(num_prompts: int, samples_per_prompt: int, samples_per_shard: int
             for i, lo in enumerate(range(0, len(items), samples_per_shard))]
 
 
-def _identity(cfg_tree: dict) -> dict:
-    return {section: {k: v for k, v in values.items() if (section, k) not in _NOT_IDENTITY}
-            for section, values in cfg_tree.items() if section in ("run", "model", "generate")}
+# What a sample is a function of: the fields marked WHAT in these sections (pgraft/config.py).
+# Placement (generate.num_workers, batch_size, resources, model.device), where the run lives
+# (run.uri, run.rounds) and what differs per round (run.round, model.finetuned) are not.
+SAMPLE_SECTIONS = ("run", "model", "generate")
 
 
 def record_run_config(storage: Storage, cfg: Config) -> None:
     """Write RUN/config.yaml once; refuse to add samples to a run started with other settings."""
-    mine = cfg.model_dump(mode="json")
     if storage.exists(contract.CONFIG_KEY):
         theirs = yaml.safe_load(storage.get_bytes(contract.CONFIG_KEY)) or {}
-        a, b = _identity(theirs), _identity(mine)
-        for section in sorted(set(a) | set(b)):
-            for key in sorted(set(a.get(section, {})) | set(b.get(section, {}))):
-                old, new = a.get(section, {}).get(key), b.get(section, {}).get(key)
-                if old != new:
-                    raise GenerateError(
-                        f"{storage.url(contract.CONFIG_KEY)} was started with {section}.{key}={old!r}, "
-                        f"this config has {new!r}; use a new run.uri (samples of one run must share one config)"
-                    )
+        differs = first_difference(identity(theirs, SAMPLE_SECTIONS), identity(cfg, SAMPLE_SECTIONS))
+        if differs is not None:
+            key, old, new = differs
+            raise GenerateError(
+                f"{storage.url(contract.CONFIG_KEY)} was started with {key}={old!r}, "
+                f"this config has {new!r}; use a new run.uri (samples of one run must share one config)"
+            )
         return
     storage.put_bytes(contract.CONFIG_KEY, config_to_yaml(cfg).encode())
 
@@ -157,6 +150,7 @@ class GenerateWorker:
         # The model is loaded and run on one thread only, one unit after another: torch's
         # OpenMP gives each thread that runs ops a pool of its own, and with more pools than
         # cores (Ray's threads taking turns behind a lock) CPU rollouts ran a quarter slower.
+        # torch's thread count, set in the actor before this worker is built, holds there too.
         self.device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgraft-device")
         self.adapter = self.device_thread.submit(load_adapter, self.cfg.model).result()
 

@@ -40,16 +40,19 @@ def test_two_rounds_second_samples_from_the_first_model(two_round_run):
         summary = json.loads((tmp_path / f"run/round-{rnd:03d}/eval/summary.json").read_text())
         assert set(summary["variants"]) == {"base", "finetuned"}
         for name, variant in summary["variants"].items():
-            table = tmp_path / f"run/round-{rnd:03d}/eval/{name}/round-000/rewards/digits_alignment/*.parquet"
+            held = variant.get("reused_from_round", rnd)  # the round whose eval/<name>/ holds the samples
+            table = tmp_path / f"run/round-{held:03d}/eval/{name}/round-000/rewards/digits_alignment/*.parquet"
             mean, n = duckdb.sql(f"SELECT avg(reward), count(*) FROM '{table}'").fetchall()[0]
             assert n == 8 and variant["samples"] == 8 and variant["reward_mean"] == pytest.approx(mean)
             assert variant["frechet_distance"] > 0 and variant["diversity"] > 0
             assert set(variant["per_prompt_mean"]) == {"0", "1"}
         record = json.loads((tmp_path / f"run/round-{rnd:03d}/pipeline.json").read_text())
         assert set(record["stages"]) == {"generate", "reward", "filter", "train", "evaluate"}
-    # Fresh seeds are the same for both variants and every round, and never a training seed.
-    base0 = store.list("round-000/eval/base/round-000/generate")
-    assert base0 == [k.replace("round-001/", "round-000/", 1) for k in store.list("round-001/eval/base/round-000/generate")]
+    # Fresh seeds are the same for both variants and every round, so the base, the same in every round,
+    # is evaluated once per run: round 1 reuses round 0's figures and samples nothing for it.
+    evals = [json.loads((tmp_path / f"run/round-{r:03d}/eval/summary.json").read_text())["variants"] for r in (0, 1)]
+    assert evals[1]["base"] == {**evals[0]["base"], "reused_from_round": 0}
+    assert store.list("round-000/eval/base/round-000/generate") and not store.list("round-001/eval/base")
 
 
 def test_rerun_after_completion_redoes_nothing_and_keeps_earlier_rounds(ray_local, tiny_digits, classifier_dir, tmp_path):

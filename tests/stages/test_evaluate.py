@@ -39,7 +39,7 @@ def test_other_sample_count_or_model_is_refused(tiny_digits, tmp_path):
                     yaml.safe_dump({"generate": {"samples_per_prompt": 4}}).encode())
     check_variant(store, cfg, "finetuned", str(model))  # same model, same count: fine
     more = config(tmp_path / "run", tiny_digits, "train.eval_samples_per_prompt=8")
-    with pytest.raises(EvaluateError, match="holds samples for another train.eval_samples_per_prompt"):
+    with pytest.raises(EvaluateError, match=r"holds samples made with another train.eval_samples_per_prompt \(4, now 8\)"):
         check_variant(store, more, "finetuned", str(model))
     (model / "unet" / "config.json").write_text("{}")  # retrained
     with pytest.raises(EvaluateError, match="holds samples of an earlier finetuned model"):

@@ -65,7 +65,7 @@ def test_failing_plugin_names_shard_and_key_and_writes_nothing_for_it(ray_local,
 
 
 def test_reward_bad_config_and_no_shards(tiny_digits, classifier_dir, tmp_path):
-    with pytest.raises(ConfigError, match="reward.model_path: no digits classifier"):
+    with pytest.raises(ConfigError, match=r"reward.model_path: no digits_alignment weights \(model.safetensors\) at"):
         run_reward(stage_config(tiny_digits, tmp_path / "run", tmp_path / "nowhere"), progress=False)
     with pytest.raises(RewardError, match="no committed shards in round 0"):
         run_reward(stage_config(tiny_digits, tmp_path / "run", classifier_dir), progress=False)
