@@ -552,12 +552,12 @@ def config_to_yaml(cfg: Config) -> str:
 
 def markdown_reference() -> str:
     """Every config key with its type, default and description, as a Markdown table."""
-    lines = ["| key | default | description |", "|---|---|---|"]
+    lines = ["| key | default | identity | description |", "|---|---|---|---|"]
     for section_name, section_field in Config.model_fields.items():
         section_cls = section_field.annotation
         for name, field in section_cls.model_fields.items():
             default = field.default_factory() if field.default_factory else field.default
-            lines.append(f"| `{section_name}.{name}` | `{default!r}` | {field.description} |")
+            lines.append(f"| `{section_name}.{name}` | `{default!r}` | {identity_of(field)} | {field.description} |")
     return "\n".join(lines)
 
 
