@@ -84,13 +84,15 @@ def pick(summary: dict, *keys: str) -> dict:
 
 def figures(out: Path) -> dict:
     round0, inc = out / "run" / "round-000", out / "inc"
+    variants = read_json(round0 / "eval" / "summary.json").get("variants", {})
     found = {f"eval/{variant}": pick(s, "samples", "reward_mean", "reward_stderr", "frechet_distance", "diversity")
-             for variant, s in read_json(round0 / "eval" / "summary.json").items() if isinstance(s, dict)}
+             for variant, s in variants.items()}
     for kind, folder, keys in (
-            ("filter", round0 / "filter", ("considered", "accepted", "acceptance_rate", "kl", "kl_empirical")),
-            ("train", round0 / "train", ("steps", "samples", "final_loss")),
-            ("inversion", inc / "inversion", ("samples", "converged", "reconstruction_error", "iterations")),
-            ("corrector", inc / "corrector", ("samples", "left_out", "steps", "final_loss"))):
+            ("filter", round0 / "filter", ("rows_considered", "rows_accepted", "acceptance_rate", "kl", "kl_empirical")),
+            ("train", round0 / "train", ("steps", "samples", "final_loss", "fingerprint")),
+            ("inversion", inc / "inversion", ("samples", "converged", "reconstruction_error_mean",
+                                              "reconstruction_error_max", "iterations_mean", "noise_rms")),
+            ("corrector", inc / "corrector", ("samples", "left_out", "steps", "final_loss", "fingerprint"))):
         for summary in sorted(folder.glob("*/summary.json")):
             found[f"{kind}/{summary.parent.name}"] = pick(read_json(summary), *keys)
     return found

@@ -5,7 +5,7 @@ and `run_pool` are its building blocks. Every Ray call outside the filter's Ray 
 through this package.
 """
 
-from cluster.executor import Execution, WorkerActor, execute
+from cluster.executor import Execution, WorkerActor, execute, run_job
 from cluster.ray_cluster import (
     Placement,
     WorkerError,
@@ -26,4 +26,4 @@ from pgraft.work.spec import Finished, WorkerSpec
 
 __all__ = ["Execution", "Finished", "Placement", "WorkerActor", "WorkerError", "WorkerPool", "WorkerSpec",
            "alive_node_count", "connect", "current_actor_id", "current_node_id", "execute", "iter_pool",
-           "plan_placement", "reserve", "run_pool", "run_task", "start_workers", "unwrap_remote_error"]
+           "plan_placement", "reserve", "run_job", "run_pool", "run_task", "start_workers", "unwrap_remote_error"]

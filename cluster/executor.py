@@ -127,3 +127,17 @@ def execute(spec: WorkerSpec, units: Iterable, committed: Callable[[Any], bool] 
     `Finished` as it finishes. `desc` names the work in progress lines. Nothing starts
     before the iteration does, and no pool is placed when nothing is pending."""
     return Execution(spec, units, committed, desc, progress)
+
+
+def run_job(job, desc: str, progress: bool = True, spec: WorkerSpec | None = None):
+    """Drive a stage's job through `execute`, the one driver shape of generate, reward and the
+    evaluation's variants: `job` has `units`, `is_committed(unit)`, `spec()` (or `spec` given),
+    `add(finished)` per unit done now and `finish(seconds, skipped, workers, nodes)`, which
+    returns the stage summary."""
+    import time
+
+    start = time.perf_counter()
+    run = execute(spec or job.spec(), job.units, job.is_committed, desc, progress)
+    for done in run:
+        job.add(done)
+    return job.finish(time.perf_counter() - start, run.skipped, run.workers, run.nodes)

@@ -150,16 +150,6 @@ def summarize_variant(cfg_tree: dict) -> dict:
     }
 
 
-def _run_job(job: GenerateJob | RewardJob, desc: str, progress: bool):
-    """A variant's generate or reward work, as the generate and reward stages run theirs: its
-    pending units on their actors, each result into the job's tally; the job's summary."""
-    start = time.perf_counter()
-    run = cluster.execute(job.spec(), job.units, job.is_committed, desc, progress)
-    for done in run:
-        job.add(done)
-    return job.finish(time.perf_counter() - start, run.skipped, run.workers, run.nodes)
-
-
 def evaluate_variant(cfg: Config, variant: str, model: str | None, progress: bool = True) -> dict:
     """Fresh-seed samples of `model` (None: the base) under round-NNN/eval/<variant>/, drawn by
     the generate actors, scored by the reward actors, summarised in a placed Ray task; the
@@ -169,8 +159,8 @@ def evaluate_variant(cfg: Config, variant: str, model: str | None, progress: boo
     variant_cfg = variant_config(cfg, variant, model)
     check_variant(storage, cfg, variant, model)
     label = f"evaluate round {cfg.run.round} {variant}"
-    sampled = _run_job(GenerateJob(variant_cfg), f"{label}: generate", progress)
-    scored = _run_job(RewardJob(variant_cfg), f"{label}: reward", progress)  # after generate: it lists the shards
+    sampled = cluster.run_job(GenerateJob(variant_cfg), f"{label}: generate", progress)
+    scored = cluster.run_job(RewardJob(variant_cfg), f"{label}: reward", progress)  # after generate: it lists the shards
     placement = cluster.Placement(1, 1, 0, dict(cfg.reward.resources))
     result = cluster.run_task(summarize_variant, (variant_cfg.model_dump(mode="json"),), placement,
                               f"evaluate {variant} summary", cfg.cluster.placement_timeout_s)

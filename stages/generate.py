@@ -12,7 +12,6 @@ sample_idx), so the same config gives byte-identical shards.
 from __future__ import annotations
 
 import sys
-import time
 
 import cluster
 from pgraft.config import Config
@@ -34,17 +33,15 @@ from pgraft.work.generate import (
     resolve_prompts,
 )
 
+__all__ = ["CALLS_PER_ACTOR", "STAGE", "ActorClock", "GenerateError", "GenerateJob", "GenerateSummary", "GenerateWorker",
+           "WorkUnit", "device_idle_fraction", "main", "plan_units", "record_run_config", "resolve_prompts", "run_generate"]
+
 
 def run_generate(cfg: Config, progress: bool = True, label: str | None = None) -> GenerateSummary:
     """Generate the round's missing shards; `label` names the work in progress lines (the
     evaluate stage's variants are one-round runs of their own: "evaluate round 3 base: generate")."""
-    start = time.perf_counter()
     job = GenerateJob(cfg)
-    run = cluster.execute(job.spec(CALLS_PER_ACTOR), job.units, job.is_committed,
-                          label or f"generate round {job.cfg.run.round}", progress)
-    for done in run:
-        job.add(done)
-    return job.finish(time.perf_counter() - start, run.skipped, run.workers, run.nodes)
+    return cluster.run_job(job, label or f"generate round {job.cfg.run.round}", progress, job.spec(CALLS_PER_ACTOR))
 
 
 STAGE = StageSpec(

@@ -11,11 +11,11 @@ exist are skipped, so a rerun finishes an interrupted stage.
 from __future__ import annotations
 
 import sys
-import time
 
 import cluster
 from pgraft.config import Config
 from pgraft.stagespec import StageSpec, stage_main
+
 # The worker, its checks and the tally live in the library (the evaluate stage drives them too);
 # their names stay importable from here.
 from pgraft.work.reward import (
@@ -27,16 +27,14 @@ from pgraft.work.reward import (
     reward_model_path,
 )
 
+__all__ = ["STAGE", "RewardError", "RewardJob", "RewardSummary", "RewardWorker", "check_reward_config", "main",
+           "reward_model_path", "run_reward"]
+
 
 def run_reward(cfg: Config, progress: bool = True, label: str | None = None) -> RewardSummary:
     """Score the round's unscored shards; `label` names the work in progress lines (see run_generate)."""
-    start = time.perf_counter()
     job = RewardJob(cfg)
-    run = cluster.execute(job.spec(), job.units, job.is_committed,
-                          label or f"reward {job.table} round {job.cfg.run.round}", progress)
-    for done in run:
-        job.add(done)
-    return job.finish(time.perf_counter() - start, run.skipped, run.workers, run.nodes)
+    return cluster.run_job(job, label or f"reward {job.table} round {job.cfg.run.round}", progress)
 
 
 STAGE = StageSpec(

@@ -18,8 +18,7 @@ from pgraft import contract
 from pgraft.config import Config, FilterSection, identity_of
 from pgraft.selection import Resolved, SelectionError, implied_kl
 from pgraft.storage import Storage, open_storage
-from pgraft.tables import fingerprint_parts, read_accepted, read_accepted_table
-from pgraft.tables import read_selection_summary as read_summary
+from pgraft.tables import fingerprint_parts
 from pgraft.stagespec import Flag, StageSpec, stage_main
 from stages.filter.errors import FilterError
 from stages.filter.inputs import reward_parts
