@@ -20,7 +20,7 @@ same paths. (Runs therefore cannot overlap; a lock file refuses a second one.)
 Files holding wall times, Ray node ids or random tokens are "volatile": hashed, listed, never
 compared (VOLATILE below). Accepted-row parts have a random token in their names and are
 compared by content instead; the figures (rewards, Fréchet distance, KL, losses) are shown side
-by side. `compare` exits 1 when any non-volatile file differs or is missing.
+by side. `compare` exits 1 when any non-volatile file differs or is missing, or a figure differs.
 """
 
 from __future__ import annotations
@@ -182,15 +182,19 @@ def compare(args: argparse.Namespace) -> int:
     if bad:
         print("\nnot identical:\n" + "\n".join(bad))
     print(f"\n{'figure':52}{'A':>22}{'B':>22}")
-    fig_a, fig_b = a.get("figures", {}), b.get("figures", {})
+    fig_a, fig_b, figures_differ = a.get("figures", {}), b.get("figures", {}), 0
     for section in sorted(fig_a.keys() | fig_b.keys()):
         va, vb = fig_a.get(section, {}), fig_b.get(section, {})
         for key in sorted(va.keys() | vb.keys()):
             x, y = va.get(key, "-"), vb.get(key, "-")
-            print(f"{section + '.' + key:52}{x!s:>22}{y!s:>22}{'' if x == y else '   <- differs'}")
+            figures_differ += x != y
+            print(f"{section + '.' + key:52}{str(x)[:20]:>22}{str(y)[:20]:>22}{'' if x == y else '   <- differs'}")
     print(f"\nseconds  A: {a.get('seconds')}\n         B: {b.get('seconds')}")
-    print("\nRESULT: " + ("identical (volatile files excepted)" if not bad else f"{len(bad)} file(s) differ or missing"))
-    return 1 if bad else 0
+    # The figures come from volatile summaries; a difference there is a real difference too.
+    failed = bool(bad or figures_differ)
+    print(f"\nRESULT: {len(bad)} file(s) differ or missing, {figures_differ} figure(s) differ" if failed
+          else "\nRESULT: identical (volatile files excepted), figures equal")
+    return 1 if failed else 0
 
 
 def main() -> int:

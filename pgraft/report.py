@@ -303,6 +303,19 @@ def _evaluation_section(run: RunState) -> tuple[str, list[dict]]:
             + body + f'<img class="plot" alt="evaluation across rounds" src="{evaluation_figure(rows)}">'), rows
 
 
+def _task_show(config: dict):
+    """How the run's task shows a decoded sample as an image (TaskSpec.show); as it is without a
+    task, or for a plug-in task this process cannot import."""
+    from pgraft.errors import ConfigError
+    from pgraft.tasks import get_task
+
+    name = (config.get("task") or {}).get("name")
+    try:
+        return get_task(name).show if name else (lambda sample: sample)
+    except ConfigError:
+        return lambda sample: sample
+
+
 def _grid_section(storage: Storage, run: RunState, eval_rows: list[dict], prompts: list[str]) -> str:
     rounds = sorted({r["round"] for r in eval_rows})
     if not rounds:
@@ -311,7 +324,9 @@ def _grid_section(storage: Storage, run: RunState, eval_rows: list[dict], prompt
     first_base = next((r for r in eval_rows if r["round"] == rounds[0] and r["variant"] == "base"), {})
     columns = ([("base", first_base.get("reused_from_round", rounds[0]), "base")]
                + [(f"round {r} fine-tuned", r, "finetuned") for r in rounds])
-    images = {label: eval_images(storage, rnd, variant, GRID_SAMPLES) for label, rnd, variant in columns}
+    show = _task_show(run.config)
+    images = {label: {p: [show(image) for image in shown] for p, shown in eval_images(storage, rnd, variant, GRID_SAMPLES).items()}
+              for label, rnd, variant in columns}
     prompt_ids = sorted({p for imgs in images.values() for p in imgs})
     rows = []
     for p in prompt_ids:

@@ -117,6 +117,16 @@ class InvertWorker:
         # Φ is the base sampler itself: a noise corrector plays no part in inverting it.
         self.adapter = load_adapter(self.cfg.model.model_copy(update={"noise_corrector": None, "finetuned": None}))
         self.grid = self.adapter.euler_grid()
+        # How a record's x_0 is shown as an image: the task's decoding (TaskSpec.decode), or pixels
+        # without a task; only a pixel-space model's x_0 is in the task's data space (a latent
+        # model would need its VAE), so other models' records carry no image.
+        if self.adapter.kind == "class_unet":
+            from pgraft.models.class_pipeline import latents_to_uint8
+
+            spec = self.cfg.task.spec()
+            self.decode = spec.decode if spec is not None else latents_to_uint8
+        else:
+            self.decode = None
         self._task = None  # the task's data, loaded by the first unit that needs it
 
     def _points(self, unit: InvertUnit):
@@ -133,8 +143,6 @@ class InvertWorker:
         import pyarrow as pa
 
         from pgraft.inversion import invert
-        from pgraft.models.class_pipeline import latents_to_uint8
-
         cfg, inv = self.cfg, self.cfg.invert
         x_all, prompts_all, indices = self._points(unit)
         if tuple(x_all.shape[1:]) != tuple(self.adapter.latent_shape()):
@@ -148,7 +156,7 @@ class InvertWorker:
             velocity = self.adapter.velocity_field(prompts, guidance)
             result = invert(velocity, x, self.grid, inv.tolerance, inv.max_iterations)
             errors = result.reconstruction_error(x, velocity, self.grid)
-            images = latents_to_uint8(x) if self.adapter.kind == "class_unet" else [None] * len(x)
+            images = self.decode(x) if self.decode is not None else [None] * len(x)
             for i in range(len(x)):
                 position = lo + i
                 meta = contract.InversionMeta(
