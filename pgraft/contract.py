@@ -443,6 +443,10 @@ class InversionSummary:
     nodes: list[str] = field(default_factory=list)
     location: str = ""
 
+    def headline(self) -> str:
+        return (f"invert {self.name}: {self.samples} samples of {self.source}, {self.converged} converged, "
+                f"{self.shards} shards ({self.skipped} already there) in {self.seconds:.1f} s")
+
     def render(self) -> str:
         lines = [
             f"invert: {self.samples} samples of {self.source} through {self.model} ({self.num_inference_steps} Euler steps, "
@@ -497,6 +501,11 @@ class CorrectorSummary:
     model_dir: str
     fingerprint: str
     nodes: list[str] = field(default_factory=list)
+
+    def headline(self) -> str:
+        loss = "" if self.final_loss is None else f", final loss {self.final_loss:.4f}"
+        return (f"train-corrector {self.name}: {self.kind} fitted to {self.samples} inverse noises of {self.inversion}"
+                f"{loss} in {self.seconds:.1f} s")
 
     def render(self) -> str:
         share = self.parameters / self.base_parameters if self.base_parameters else float("nan")

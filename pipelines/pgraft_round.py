@@ -109,7 +109,7 @@ def run_round_pipeline(cfg: Config, progress: bool = True) -> list[dict]:
             seconds = time.perf_counter() - start
             print(summary.headline(), flush=True)  # one line per finished stage: job logs stay readable
             record["stages"][name] = {"seconds": round(seconds, 2),
-                                      "nodes": sorted(getattr(summary, "nodes", []))}  # local filter: none (this process)
+                                      "nodes": sorted(summary.nodes)}  # local filter: none (this process)
             if name == "evaluate":
                 record["eval"] = {v: {"reward_mean": s["reward_mean"], "reward_stderr": s["reward_stderr"],
                                       "frechet_distance": s["frechet_distance"], "diversity": s["diversity"]}
