@@ -127,7 +127,10 @@ def run(args: argparse.Namespace) -> int:
         shutil.copytree(args.models.resolve(), models, dirs_exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # a local Ray, never a cluster's
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
-    py, cli, s = [args.python], [args.python, "-m", "pgraft.cli"], str(STAGE)
+    # The CLI moved from the library (pgraft.cli) to the entry points (pipelines.cli) in issue H;
+    # the script runs either side of that change.
+    cli_module = "pipelines.cli" if (repo / "pipelines" / "cli.py").exists() else "pgraft.cli"
+    py, cli, s = [args.python], [args.python, "-m", cli_module], str(STAGE)
     commands = [
         ("round", py + ["pipelines/pgraft_round.py", "--config", "configs/digits.yaml", "--set", f"run.uri={s}/run",
                         "--set", f"task.dir={s}/models/digits", "--set", "run.rounds=1", "--quiet"]),

@@ -449,8 +449,11 @@ class Config(_Section):
             return str(path.absolute())
 
         out.run.uri = absolute("run.uri", out.run.uri, must_exist=False, written=True)
-        if out.task.name is not None:  # task.dir is read (and maybe written) only for a built-in task
-            out.task.dir = absolute("task.dir", out.task.dir, must_exist=False, written=True)
+        if out.task.name is not None:  # task.dir is read (and maybe written) only for a registered task
+            # Pretraining writes there; otherwise it is only read, for weights that another key
+            # (reward.model_path) usually names, so a folder that is not here is left to fail where it is read.
+            pretrain = out.task.pretrain
+            out.task.dir = absolute("task.dir", out.task.dir, must_exist=not pretrain, written=pretrain)
         out.model.path = absolute("model.path", out.model.path, must_exist=False, written=False)
         out.model.finetuned = absolute("model.finetuned", out.model.finetuned, must_exist=False, written=False)
         out.model.noise_corrector = absolute("model.noise_corrector", out.model.noise_corrector, must_exist=False,
