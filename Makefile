@@ -49,7 +49,7 @@ chromium:
 # lint-imports: the layers (pipelines -> stages -> cluster -> pgraft) and independent stages, pyproject.toml.
 test: $(VENV)/.installed chromium
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/generate_overhead.py
