@@ -1,6 +1,6 @@
 """A whole round ÷ the bare work it contains, at the default config and at 4× the samples, one run.
 
-    python benchmarks/round_overhead.py [--models models/digits] [--scales 1 4] [--rounds 1]
+    python benchmarks/round_overhead.py [--models models/digits] [--scales 1 4] [--rounds 1] [--repo CHECKOUT]
 
 Per scale s it times, as a whole process, `python pipelines/pgraft_round.py --config
 configs/digits.yaml` with generate.samples_per_prompt = 128·s (train.epochs scales the steps with
@@ -40,14 +40,15 @@ from train_throughput import bare_loop  # noqa: E402
 from pgraft.config import load_config  # noqa: E402
 
 
-def run_round(models: str, run: Path, scale: int, rounds: int) -> tuple[float, list[dict]]:
-    """Whole-process seconds of the round pipeline, and each round's pipeline.json."""
+def run_round(models: str, run: Path, scale: int, rounds: int, repo: Path = REPO) -> tuple[float, list[dict]]:
+    """Whole-process seconds of the round pipeline of the checkout `repo`, and each round's pipeline.json."""
     command = [sys.executable, "pipelines/pgraft_round.py", "--config", "configs/digits.yaml", "--quiet",
                "--set", f"run.uri={run}", "--set", f"task.dir={models}", "--set", f"run.rounds={rounds}",
                "--set", f"generate.samples_per_prompt={128 * scale}"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray, started by the process
+    env["PYTHONPATH"] = str(repo)  # the checkout's own code first, whatever the editable install points at
     start = time.perf_counter()
-    subprocess.run(command, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(command, cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - start
     return seconds, [json.loads((run / f"round-{r:03d}" / "pipeline.json").read_text()) for r in range(rounds)]
 
@@ -84,15 +85,19 @@ def main() -> None:
     parser.add_argument("--models", default="models/digits", help="the digits task's models (pgraft pretrain digits)")
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--repo", type=Path, default=REPO,
+                        help="time the round of another checkout (e.g. a git worktree of an earlier commit); "
+                             "the bare work is always timed with this one")
     args = parser.parse_args()
     models = str(Path(args.models).absolute())
     if not (Path(models) / "summary.json").exists():
         sys.exit(f"no digits models at {models}: run `pgraft pretrain digits --out {args.models}` first")
-    print(f"{torch.get_num_threads()} CPU threads; whole process of pipelines/pgraft_round.py vs bare work in this process")
+    print(f"{torch.get_num_threads()} CPU threads; whole process of {args.repo}/pipelines/pgraft_round.py "
+          "vs bare work in this process")
     for scale in args.scales:
         with tempfile.TemporaryDirectory() as tmp:
             run = Path(tmp) / "run"
-            whole, records = run_round(models, run, scale, args.rounds)
+            whole, records = run_round(models, run, scale, args.rounds, args.repo.absolute())
             bare = bare_seconds(models, run, scale)
         work = bare["generate"] + bare["train"] + bare["evaluate"]
         rounds_bare = work * args.rounds  # every round holds the same bare work (evaluation included)
