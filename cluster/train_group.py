@@ -22,14 +22,12 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
-from pgraft.contract import CHECKPOINTS_DIR
+from pgraft.contract import CHECKPOINT_TAG, CHECKPOINTS_DIR
 from pgraft.errors import PgraftError, TrainError
 
 if TYPE_CHECKING:
     from pgraft.config import TrainerSection
     from pgraft.storage import Storage
-
-CHECKPOINT_TAG = "step{:07d}"  # the folder name of the checkpoint taken after that many steps
 
 
 def step_generator(seed: int, *parts: int) -> torch.Generator:
