@@ -14,7 +14,8 @@ same models, batch sizes, samplers and CPUs:
     the base pipeline (same architecture, same cost per sample).
 It prints the ratio and where the rest goes: each stage's wall time from the round's
 pipeline.json beside the bare seconds it contains. With --rounds 2 the second round's figures
-show what the run reuses (the base variant's evaluation, warm pools).
+show what the run reuses: its evaluation samples only the fine-tuned variant (the base's figures
+are round 0's), and its bare work counts only what it samples.
 """
 
 from __future__ import annotations
@@ -50,7 +51,15 @@ def run_round(models: str, run: Path, scale: int, rounds: int, repo: Path = REPO
     start = time.perf_counter()
     subprocess.run(command, cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - start
-    return seconds, [json.loads((run / f"round-{r:03d}" / "pipeline.json").read_text()) for r in range(rounds)]
+    records = []
+    for r in range(rounds):
+        record = json.loads((run / f"round-{r:03d}" / "pipeline.json").read_text())
+        evaluation = run / f"round-{r:03d}" / "eval" / "summary.json"
+        variants = json.loads(evaluation.read_text())["variants"] if evaluation.exists() else {}
+        # A variant reused from an earlier round (the base, after round 0) was not sampled in this one.
+        record["variants_sampled"] = sum("reused_from_round" not in v for v in variants.values())
+        records.append(record)
+    return seconds, records
 
 
 def bare_seconds(models: str, run: Path, scale: int) -> dict[str, float]:
@@ -99,15 +108,15 @@ def main() -> None:
             run = Path(tmp) / "run"
             whole, records = run_round(models, run, scale, args.rounds, args.repo.absolute())
             bare = bare_seconds(models, run, scale)
-        work = bare["generate"] + bare["train"] + bare["evaluate"]
-        rounds_bare = work * args.rounds  # every round holds the same bare work (evaluation included)
+        per_variant = bare["evaluate"] / 2  # bare_seconds times both variants' evaluation samples
+        rounds_bare = sum(bare["generate"] + bare["train"] + per_variant * record["variants_sampled"] for record in records)
         print(f"\n{scale}× samples: {bare['generated']} generated, {bare['steps']} train steps, {bare['evaluated']} "
-              f"evaluation samples per round, {args.rounds} round(s)")
+              f"evaluation samples in a round that samples both variants, {args.rounds} round(s)")
         print(f"  whole process {whole:7.1f} s   bare work {rounds_bare:6.1f} s   ratio {whole / rounds_bare:.2f}")
         staged = 0.0
         for record in records:
             for stage, figures in record["stages"].items():
-                contained = bare.get(stage, 0.0)
+                contained = per_variant * record["variants_sampled"] if stage == "evaluate" else bare.get(stage, 0.0)
                 staged += figures["seconds"]
                 print(f"  round {record['round']} {stage:<9} {figures['seconds']:7.1f} s  (bare {contained:6.1f} s)")
         print(f"  outside the stages (start-up, pretraining check, Ray, tables): {whole - staged:6.1f} s")
