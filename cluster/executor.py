@@ -23,7 +23,9 @@ then builds the worker, so workers never deal with threads or Ray.
 
 from __future__ import annotations
 
+import threading
 import weakref
+from contextlib import contextmanager
 from typing import Any, Callable, Container, Iterable, Iterator
 
 from cluster.ray_cluster import WorkerPool, current_actor_id, current_node_id, iter_pool, start_workers
@@ -31,18 +33,30 @@ from pgraft.work.spec import Finished, WorkerSpec
 
 
 class WorkerActor:
-    """The Ray actor around one plain worker: torch threads first, then the worker; `run(unit)`
-    calls it and adds where the call ran (the node, and the actor's id, which a restart keeps)."""
+    """The Ray actor around one plain worker: torch threads first, then the worker; `run((args,
+    unit))` calls it and adds where the call ran (the node, and the actor's id, which a restart
+    keeps). A call that brings other arguments than the worker was built with (a kept pool's
+    next job, or a restarted actor, which Ray rebuilds from its first arguments) rebuilds the
+    worker first: the process, its imports and its placement stay."""
 
     def __init__(self, worker_cls: type, args: tuple, threads: int | None):
         if threads:  # the CPUs the actor holds: float summation order depends on it, so it is set here, once
             import torch
 
             torch.set_num_threads(threads)
-        self.worker = worker_cls(*args)
+        self.worker_cls, self.args = worker_cls, tuple(args)
+        self.worker = worker_cls(*self.args)
+        self.rebuilding = threading.Lock()  # calls run in threads when calls_per_actor > 1: one rebuilds, the rest wait
 
-    def run(self, unit) -> tuple[Any, str, str | None]:
-        return self.worker(unit), current_node_id(), current_actor_id()
+    def run(self, call: tuple) -> tuple[Any, str, str | None]:
+        args, unit = call
+        with self.rebuilding:
+            if tuple(args) != self.args:
+                self.worker = None  # the old worker's models go before the new one loads its own
+                self.worker = self.worker_cls(*args)
+                self.args = tuple(args)
+            worker = self.worker
+        return worker(unit), current_node_id(), current_actor_id()
 
 
 _ACTOR_CLASSES: dict[type, type] = {}
@@ -92,25 +106,32 @@ class Execution:
         if not self.pending:
             return
         spec = self.spec
-        self.pool = start_workers(actor_class(spec.worker), spec.num_workers, spec.device, spec.device_key,
-                                  len(self.pending), spec.worker, tuple(spec.args), extra_resources=spec.resources,
-                                  timeout_s=spec.placement_timeout_s, max_restarts=spec.max_restarts,
-                                  max_concurrency=spec.calls_per_actor)
+        self.pool = _take_warm(spec, len(self.pending))
+        if self.pool is None:
+            self.pool = start_workers(actor_class(spec.worker), spec.num_workers, spec.device, spec.device_key,
+                                      len(self.pending), spec.worker, tuple(spec.args), extra_resources=spec.resources,
+                                      timeout_s=spec.placement_timeout_s, max_restarts=spec.max_restarts,
+                                      max_concurrency=spec.calls_per_actor, cpus_per_worker=spec.cpus_per_worker)
+        keep = _WARM is not None
+        calls = [(tuple(spec.args), unit) for unit in self.pending]
         try:
             self.workers = len(self.pool.actors)
-            for unit, (value, node_id, actor_id) in iter_pool(self.pool, "run", self.pending, self.desc, self.progress,
-                                                              spec.calls_per_actor):
+            for (_, unit), (value, node_id, actor_id) in iter_pool(self.pool, "run", calls, self.desc, self.progress,
+                                                                   spec.calls_per_actor, keep=keep):
                 if node_id not in self.nodes:
                     self.nodes.append(node_id)
                 yield Finished(unit, value, node_id, actor_id)
+            if keep and _WARM is not None and not self.pool.closed:
+                _WARM[_pool_key(spec)] = self.pool
         finally:
-            self.pool.close()  # iter_pool closed it already, unless it never started
+            if not _is_kept(self.pool):
+                self.pool.close()  # iter_pool closed it already, unless it never started or is kept
 
     def close(self) -> None:
         running = self._running() if self._running is not None else None
         if running is not None:
             running.close()
-        if self.pool is not None:
+        if self.pool is not None and not _is_kept(self.pool):
             self.pool.close()
 
     def __enter__(self) -> Execution:
@@ -118,6 +139,63 @@ class Execution:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# Pools kept by the open `keep_warm()` block, by `_pool_key` (None: no block open, nothing is kept).
+_WARM: dict[tuple, WorkerPool] | None = None
+
+
+def _pool_key(spec: WorkerSpec) -> tuple:
+    """What makes a pool fit another job: the same worker class on the same resources, threads and concurrency."""
+    return (spec.worker, spec.device, spec.num_workers, tuple(sorted(spec.resources.items())), spec.cpus_per_worker,
+            spec.calls_per_actor, spec.max_restarts)
+
+
+def _take_warm(spec: WorkerSpec, pending: int) -> WorkerPool | None:
+    """The kept pool for `spec` when there is one with actors for the work (as many as a new pool
+    would have); otherwise release every kept pool, so the new one finds their resources free."""
+    if _WARM is None:
+        return None
+    pool = _WARM.pop(_pool_key(spec), None)
+    if pool is not None and not pool.closed and len(pool.actors) >= min(spec.num_workers, pending):
+        release_warm()
+        return pool
+    if pool is not None:
+        pool.close()
+    release_warm()
+    return None
+
+
+def _is_kept(pool: WorkerPool) -> bool:
+    return _WARM is not None and any(kept is pool for kept in _WARM.values())
+
+
+def release_warm() -> None:
+    """Release the pools a `keep_warm()` block keeps (the block stays open)."""
+    if _WARM:
+        for pool in _WARM.values():
+            pool.close()
+        _WARM.clear()
+
+
+@contextmanager
+def keep_warm() -> Iterator[None]:
+    """Inside this block, a pool whose units all finished stays up, and the next `execute` of the
+    same worker class on the same resources runs on it: its actors rebuild their worker from the
+    new arguments (another model, another run), while process start-up, imports and placement
+    are paid once. One kind of pool is kept at a time: placing another pool releases it first, so
+    a kept pool never holds resources that the next one waits for. Every kept pool is released
+    when the block ends (an inner block joins the outer one)."""
+    global _WARM
+    if _WARM is not None:
+        yield
+        return
+    _WARM = {}
+    try:
+        yield
+    finally:
+        release_warm()
+        _WARM = None
 
 
 def execute(spec: WorkerSpec, units: Iterable, committed: Callable[[Any], bool] | Container = (), desc: str = "",

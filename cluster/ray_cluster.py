@@ -205,16 +205,17 @@ class WorkerPool:
 
 def start_workers(worker_cls, num_workers: int, device: str, device_key: str, needed: int, *args,
                   extra_resources: dict | None = None, timeout_s: float = 300.0, max_restarts: int = 3,
-                  max_concurrency: int = 1) -> WorkerPool:
+                  max_concurrency: int = 1, cpus_per_worker: int | None = None) -> WorkerPool:
     """Start up to `needed` actors of `worker_cls(*args, threads)`, where `threads` is the CPUs
     each actor holds (None on GPUs), for torch.set_num_threads. A lost actor is restarted up to
     `max_restarts` times and the calls it was running are retried on the new one. With
     `max_concurrency` > 1 an actor runs that many calls at once, each in its own thread (the
-    worker class must be thread-safe)."""
+    worker class must be thread-safe). `cpus_per_worker` fixes each actor's CPUs (default: an
+    even share of a node)."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     connect()
-    placement = plan_placement(num_workers, device, device_key, extra_resources)
+    placement = plan_placement(num_workers, device, device_key, extra_resources, cpus_per_worker)
     placement.count = min(placement.count, needed)
     group = reserve(placement, f"{worker_cls.__name__} actors", timeout_s)
     pool = WorkerPool([], group, placement)
@@ -264,14 +265,15 @@ def unwrap_remote_error(exc: Exception) -> Exception:
 
 
 def iter_pool(pool: WorkerPool, method: str, items: list, desc: str, progress: bool = True,
-              calls_per_actor: int = 1):
+              calls_per_actor: int = 1, keep: bool = False):
     """Feed `items` to `actor.<method>` over the pool, keeping up to `calls_per_actor` calls in
     flight per actor (more than one only pays on actors started with that `max_concurrency`)
     and refilling whichever actor finishes first; yields `(item, result)` as each one finishes
     (the next item goes to that actor once the consumer asks for the next result). A lost
     actor's items are retried by Ray on the restarted actor; a failure that survives the
     retries stops the pool and is re-raised as the worker's own error. The actors and their
-    placement group are released at the end, also when the consumer stops early."""
+    placement group are released at the end, also when the consumer stops early; with `keep`
+    a pool that ran every item stays up for the caller to reuse or close."""
     from pgraft.progress import progress_bar
 
     queue = deque(items)
@@ -282,6 +284,7 @@ def iter_pool(pool: WorkerPool, method: str, items: list, desc: str, progress: b
         item = queue.popleft()
         in_flight[getattr(actor, method).remote(item)] = (actor, item)
 
+    finished = False
     try:
         for _ in range(calls_per_actor):  # round by round, so a short queue still reaches every actor
             for actor in pool.actors:
@@ -298,9 +301,11 @@ def iter_pool(pool: WorkerPool, method: str, items: list, desc: str, progress: b
             bar.update(1)
             if queue:
                 submit(actor)  # the actor that finished: never more than calls_per_actor on one actor
+        finished = True
     finally:
         bar.close()
-        pool.close()
+        if not (keep and finished):
+            pool.close()
 
 
 def run_pool(pool: WorkerPool, method: str, items: list, on_result, desc: str, progress: bool = True,

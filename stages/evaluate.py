@@ -1,5 +1,6 @@
 """Evaluate stage: fresh-seed samples from the base and from the round's fine-tuned composite,
-drawn by the generate actors, scored by the reward actors, summarised in a Ray task.
+drawn by the generate workers, scored by the reward workers, summarised by a summary worker;
+the variants share each pool (`cluster.keep_warm`), so each kind of actor starts once.
 
 Each variant is laid out under round-NNN/eval/<variant>/ as a one-round run of its own
 (config.yaml, round-000/generate/ shards without intermediate latents, round-000/rewards/
@@ -17,22 +18,20 @@ import sys
 import time
 from dataclasses import asdict
 
-import numpy as np
 import yaml
 
 import cluster
-from pgraft import contract, metrics
+from pgraft import contract
 from pgraft.artifacts import EvalVariant
 from pgraft.config import Config, first_difference, identity
 from pgraft.contract import EvalSummary
 from pgraft.errors import PgraftError
-from pgraft.models.fetch import child, model_digest, model_file_exists
-from pgraft.shards import IMAGE_EXT, META_EXT, list_committed, read_shard
+from pgraft.models.fetch import model_digest, model_file_exists
 from pgraft.storage import join_key, open_storage
-from pgraft.tables import list_reward_parts, read_reward_table
 from pgraft.stagespec import StageSpec, stage_main
+from pgraft.work.evaluate import summary_spec
 from pgraft.work.generate import GenerateJob
-from pgraft.work.reward import RewardJob, reward_model_path
+from pgraft.work.reward import RewardJob
 
 # Fresh seeds: the round index of the per-sample seed for evaluation, which no generate stage uses.
 EVAL_SEED_ROUND = 10**6
@@ -104,69 +103,38 @@ def earlier_base_evaluation(storage, cfg: Config) -> tuple[int, dict] | None:
     return None
 
 
-def feature_weights(cfg: Config) -> str | None:
-    """Where the task's feature extractor finds its weights: the reward's own weights when the
-    reward is the task's and shares the folder (so reward.model_path moves both), else task.dir."""
-    spec = cfg.task.spec()
-    if spec.feature_weights is None:
-        return None
-    own = spec.reward_weights.get(cfg.reward.name)
-    if own is not None and own.folder == spec.feature_weights:
-        return reward_model_path(cfg)
-    return child(cfg.task.dir, spec.feature_weights)
-
-
-def summarize_variant(cfg_tree: dict) -> dict:
-    """Reward mean ± s.e., per-prompt means, the Fréchet distance to the task's real data in
-    the task's feature space (TaskSpec.features) and the within-prompt diversity, from a
-    variant's shards and reward table. Runs in a Ray task: it loads the feature extractor."""
-    cfg = Config.model_validate(cfg_tree)
+def evaluate_variants(cfg: Config, models: dict[str, str | None], progress: bool = True) -> dict[str, dict]:
+    """Fresh-seed samples of each variant's model (`models`: variant → model, None for the base)
+    under round-NNN/eval/<variant>/, drawn by the generate workers and scored by the reward
+    workers, then summarised; each summary is written beside its samples and returned (`nodes`:
+    every node that did its work). The variants share pools: one generate pool samples them
+    all in turn (its actors swap the model), one reward pool scores them, one actor summarises."""
+    cfg = cfg.with_absolute_paths()
     storage = open_storage(cfg.run.uri)
-    parts = list_reward_parts(storage, 0, cfg.reward.table_name())
-    table = read_reward_table(storage, [parts[k] for k in sorted(parts)], columns=["key", "prompt_id", "reward"]).table
-    by_key = {key: i for i, key in enumerate(table["key"].to_pylist())}
-    rewards = table["reward"].to_numpy()
-    prompt_ids = table["prompt_id"].to_numpy()
-    images = [None] * len(by_key)
-    for sid, record in sorted(list_committed(storage, 0).items()):
-        for sample in read_shard(storage, 0, sid, record, wanted=(IMAGE_EXT, META_EXT)):
-            images[by_key[sample.key]] = sample.image
-    images = np.stack(images)
-    mean, stderr = metrics.mean_and_stderr(rewards)
-    frechet = None
-    spec = cfg.task.spec()
-    if spec is not None:  # the task's feature extractor: Fréchet distance to its real data
-        extract = spec.features(feature_weights(cfg))
-        features = extract(images)
-        frechet = metrics.frechet_distance_of(features, extract(spec.real_samples("all", cfg.task.seed)))
-    else:  # no task, so no feature extractor: diversity in pixel space
-        features = images.reshape(len(images), -1).astype(np.float64) / 255.0
-    return {
-        "samples": int(len(rewards)), "reward_mean": mean, "reward_stderr": stderr,
-        "per_prompt_mean": {str(k): v for k, v in metrics.per_prompt_means(rewards, prompt_ids).items()},
-        "frechet_distance": frechet, "feature_space": "classifier" if frechet is not None else "pixels",
-        "diversity": metrics.within_prompt_diversity(features, prompt_ids),
-        "node_id": cluster.current_node_id(),
-    }
+    configs = {variant: variant_config(cfg, variant, model) for variant, model in models.items()}
+    for variant, model in models.items():
+        check_variant(storage, cfg, variant, model)
+    label = f"evaluate round {cfg.run.round}"
+    with cluster.keep_warm():
+        sampled = {variant: cluster.run_job(GenerateJob(c), f"{label} {variant}: generate", progress)
+                   for variant, c in configs.items()}
+        # After every generate: a reward job lists the committed shards when it is made.
+        scored = {variant: cluster.run_job(RewardJob(c), f"{label} {variant}: reward", progress)
+                  for variant, c in configs.items()}
+    units = [(variant, c.model_dump(mode="json")) for variant, c in configs.items()]
+    results = {}
+    for done in cluster.execute(summary_spec(cfg), units, desc=f"{label}: summaries", progress=False):
+        results[done.unit[0]] = {**done.value, "node_id": done.node_id}
+    for variant in models:  # in the order asked
+        result = results[variant]
+        result["nodes"] = sorted({result["node_id"], *sampled[variant].nodes, *scored[variant].nodes})
+        storage.put_bytes(EvalVariant(cfg.run.round, variant).summary_key, json.dumps(result, indent=1).encode())
+    return {variant: results[variant] for variant in models}
 
 
 def evaluate_variant(cfg: Config, variant: str, model: str | None, progress: bool = True) -> dict:
-    """Fresh-seed samples of `model` (None: the base) under round-NNN/eval/<variant>/, drawn by
-    the generate actors, scored by the reward actors, summarised in a placed Ray task; the
-    summary is written beside them and returned (`nodes`: every node that did its work)."""
-    cfg = cfg.with_absolute_paths()
-    storage = open_storage(cfg.run.uri)
-    variant_cfg = variant_config(cfg, variant, model)
-    check_variant(storage, cfg, variant, model)
-    label = f"evaluate round {cfg.run.round} {variant}"
-    sampled = cluster.run_job(GenerateJob(variant_cfg), f"{label}: generate", progress)
-    scored = cluster.run_job(RewardJob(variant_cfg), f"{label}: reward", progress)  # after generate: it lists the shards
-    placement = cluster.Placement(1, 1, 0, dict(cfg.reward.resources))
-    result = cluster.run_task(summarize_variant, (variant_cfg.model_dump(mode="json"),), placement,
-                              f"evaluate {variant} summary", cfg.cluster.placement_timeout_s)
-    result["nodes"] = sorted({result["node_id"], *sampled.nodes, *scored.nodes})
-    storage.put_bytes(EvalVariant(cfg.run.round, variant).summary_key, json.dumps(result, indent=1).encode())
-    return result
+    """`evaluate_variants` of one variant."""
+    return evaluate_variants(cfg, {variant: model}, progress)[variant]
 
 
 def run_evaluate(cfg: Config, progress: bool = True, finetuned: str | None = None) -> EvalSummary:
@@ -182,14 +150,14 @@ def run_evaluate(cfg: Config, progress: bool = True, finetuned: str | None = Non
         raise EvaluateError(f"round {cfg.run.round} has no fine-tuned model at {finetuned}; run `pgraft train` first")
     summary = EvalSummary(round=cfg.run.round, reward=cfg.reward.name, seed=eval_seed(cfg.run.seed),
                           samples_per_prompt=cfg.train.eval_samples_per_prompt)
+    models = {"base": None, "finetuned": finetuned}
     reused = earlier_base_evaluation(storage, cfg)
     if reused is not None:
         rnd, base = reused
+        del models["base"]
         summary.variants["base"] = {**base, "reused_from_round": rnd}
         print(f"evaluate round {cfg.run.round}: base as evaluated in round {rnd} (same base, seeds and reward)", flush=True)
-    else:
-        summary.variants["base"] = evaluate_variant(cfg, "base", None, progress)
-    summary.variants["finetuned"] = evaluate_variant(cfg, "finetuned", finetuned, progress)
+    summary.variants.update(evaluate_variants(cfg, models, progress))
     summary.seconds = time.perf_counter() - start
     storage.put_bytes(contract.eval_summary_key(cfg.run.round), json.dumps(asdict(summary), indent=1).encode())
     return summary

@@ -15,7 +15,8 @@ class WorkerSpec:
     follows it, not how much work is left); `resources` are custom resources every actor asks
     for (a node type); `calls_per_actor` > 1 runs that many units at once per actor, each in
     its own thread (the worker must be thread-safe); a lost actor is restarted, and its units
-    retried, up to `max_restarts` times."""
+    retried, up to `max_restarts` times; `cpus_per_worker` fixes each actor's CPUs (and torch
+    threads) instead of the even share of a node."""
 
     worker: type
     args: tuple = ()
@@ -26,6 +27,7 @@ class WorkerSpec:
     calls_per_actor: int = 1
     placement_timeout_s: float = 300.0
     max_restarts: int = 3
+    cpus_per_worker: int | None = None
 
     @property
     def name(self) -> str:

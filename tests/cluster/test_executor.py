@@ -1,5 +1,6 @@
 """The unit-of-work executor on a real local Ray: committed units skipped, each pending unit's
-result yielded once, the pool released at the end, on an early stop and on a failed unit."""
+result yielded once, the pool released at the end, on an early stop and on a failed unit, and
+kept for the next execution of its worker class inside `keep_warm`."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ def tenfold_worker():
 
     class Tenfold:
         def __init__(self, offset: int):
+            import time
+
             import torch
 
+            time.sleep(0.2)  # a load that takes a while, as a model's does
             self.offset, self.threads = offset, torch.get_num_threads()
 
         def __call__(self, unit: int):
@@ -28,9 +32,9 @@ def tenfold_worker():
     return Tenfold
 
 
-def spec(num_workers: int = 2) -> cluster.WorkerSpec:
-    return cluster.WorkerSpec(tenfold_worker(), (1,), "cpu", "model.device", num_workers, placement_timeout_s=30,
-                              max_restarts=0)
+def spec(num_workers: int = 2, worker: type | None = None, offset: int = 1, calls_per_actor: int = 1) -> cluster.WorkerSpec:
+    return cluster.WorkerSpec(worker or tenfold_worker(), (offset,), "cpu", "model.device", num_workers,
+                              calls_per_actor=calls_per_actor, placement_timeout_s=30, max_restarts=0)
 
 
 def placement_removed(pool) -> bool:
@@ -67,7 +71,7 @@ def test_an_early_stop_closes_the_pool(ray_local):
     assert first.value == (first.unit * 10 + 1, 2)  # one actor: both CPUs, two torch threads
     assert run.pool.closed and placement_removed(run.pool)
     with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(run.pool.actors[0].run.remote(0))  # the actor is gone
+        ray.get(run.pool.actors[0].run.remote(((1,), 0)))  # the actor is gone
 
     with cluster.execute(spec(), range(20), progress=False) as again:  # close() at the end of a `with` block,
         running = iter(again)  # while the consumer still holds the iterator
@@ -82,3 +86,21 @@ def test_a_failed_unit_is_its_own_error_and_closes_the_pool(ray_local):
         for _ in run:
             pass
     assert run.pool.closed and placement_removed(run.pool)
+
+
+def test_keep_warm_runs_the_next_job_of_a_worker_class_on_the_same_actors(ray_local):
+    worker = tenfold_worker()
+    with cluster.keep_warm():
+        first = cluster.execute(spec(worker=worker, offset=1, calls_per_actor=2), range(4), progress=False)
+        assert sorted(d.value[0] for d in first) == [1, 11, 21, 31]
+        assert not first.pool.closed  # kept, placement and all
+        # Two calls in flight per actor: the first rebuilds the worker, the second waits for it.
+        second = cluster.execute(spec(worker=worker, offset=5, calls_per_actor=2), range(8), progress=False)
+        done = list(second)
+        assert second.pool is first.pool  # the same actors ...
+        assert sorted(d.value[0] for d in done) == [u * 10 + 5 for u in range(8)]  # ... rebuilt their worker from the new arguments
+        assert {d.value[1] for d in done} == {1}  # the threads set when the actor started
+        other = cluster.execute(spec(num_workers=1, worker=worker), range(2), progress=False)
+        list(other)  # another placement: the kept pool goes first, so its CPUs are free for this one
+        assert first.pool.closed and placement_removed(first.pool) and not other.pool.closed
+    assert other.pool.closed and placement_removed(other.pool)  # the block's end releases what it kept
