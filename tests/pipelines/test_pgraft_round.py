@@ -83,7 +83,7 @@ def test_one_pgraft_round_raises_the_reward_of_fresh_samples(ray_local, tmp_path
     base (fresh seeds, never used in training), drawn and scored by the evaluate stage's actors;
     required p < 1e-3."""
     models = tmp_path / "models"
-    pretrain_digits(models, seed=0, ddpm_steps=400, flow_steps=0, classifier_epochs=20, eval_samples_per_digit=0,
+    pretrain_digits(models, seed=0, ddpm_steps=200, flow_steps=0, classifier_epochs=20, eval_samples_per_digit=0,
                     progress=False)
     cfg = load_config("configs/digits.yaml", [
         f"run.uri={tmp_path / 'run'}", f"task.dir={models}",
