@@ -104,3 +104,17 @@ def test_keep_warm_runs_the_next_job_of_a_worker_class_on_the_same_actors(ray_lo
         list(other)  # another placement: the kept pool goes first, so its CPUs are free for this one
         assert first.pool.closed and placement_removed(first.pool) and not other.pool.closed
     assert other.pool.closed and placement_removed(other.pool)  # the block's end releases what it kept
+
+
+def test_a_kept_pools_restarted_actor_rebuilds_the_worker_of_the_job_it_runs(ray_local):
+    import ray
+
+    worker = tenfold_worker()
+    restartable = {"placement_timeout_s": 30, "max_restarts": 1}
+    with cluster.keep_warm():
+        first = cluster.execute(cluster.WorkerSpec(worker, (1,), num_workers=1, **restartable), range(2), progress=False)
+        list(first)
+        ray.kill(first.pool.actors[0], no_restart=False)  # Ray restarts it from its first arguments (offset 1)
+        second = cluster.execute(cluster.WorkerSpec(worker, (7,), num_workers=1, **restartable), range(3), progress=False)
+        done = list(second)
+        assert second.pool is first.pool and sorted(d.value[0] for d in done) == [7, 17, 27]
