@@ -157,12 +157,11 @@ def _take_warm(spec: WorkerSpec, pending: int) -> WorkerPool | None:
     if _WARM is None:
         return None
     pool = _WARM.pop(_pool_key(spec), None)
+    release_warm()  # every other kept pool: its resources are free for this execution
     if pool is not None and not pool.closed and len(pool.actors) >= min(spec.num_workers, pending):
-        release_warm()
         return pool
     if pool is not None:
         pool.close()
-    release_warm()
     return None
 
 
