@@ -72,7 +72,7 @@ def main() -> None:
         run_cfg.train.zero_stage, run_cfg.train.name = zero, f"zero{zero}"
         summary = run_train(run_cfg, progress=False)
         print(summary.render())
-        print(f"  deepspeed: bf16={summary.deepspeed['bf16']['enabled']} zero={zero} (Ray Train, NCCL on the GPU)")
+        print(f"  deepspeed: bf16={summary.deepspeed['bf16']['enabled']} zero={zero} (train ranks on Ray actors, NCCL on the GPU)")
     from stages.evaluate import run_evaluate
 
     eval_cfg = cfg.model_copy(deep=True)

@@ -3,8 +3,8 @@
     python benchmarks/train_throughput.py [--model models/digits/ddpm] [--steps 150] [--batch 64]
 
 Builds a small real run (generate → reward → filter best-of-8 on the digits task), then
-  * the train stage (DeepSpeed engine, fp32 on CPU, on Ray Train) for --steps steps with 1 and
-    with 2 Ray Train workers (the same global batch): its own samples/s over the steps
+  * the train stage (DeepSpeed engine, fp32 on CPU, on its Ray actor group) for --steps steps with 1 and
+    with 2 ranks (the same global batch): its own samples/s over the steps
     (start-up excluded) and the fraction of step time spent preparing data;
   * a bare loop, run before and after the stage: the same UNet, AdamW, batch size and P-GRAFT targets, plain
     `loss.backward(); opt.step()`, batches built in advance, the first 10 steps untimed.
@@ -98,7 +98,7 @@ def main() -> None:
           f"{torch.get_num_threads()} CPU threads for the bare loop")
     print(f"bare torch loop              {bare:8.1f} samples/s (before the stages {before:.1f}, after {after:.1f})")
     for workers, summary in runs.items():
-        print(f"train stage, {workers} Ray Train worker(s) {summary.samples_per_second:7.1f} samples/s   "
+        print(f"train stage, {workers} rank(s) {summary.samples_per_second:7.1f} samples/s   "
               f"ratio {summary.samples_per_second / bare:.3f}   data wait {summary.data_wait_fraction:.2%} of step time   "
               f"stage wall time {summary.seconds:.1f} s")
 

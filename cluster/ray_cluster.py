@@ -165,14 +165,14 @@ def _missing(bundle: dict[str, float], count: int) -> str:
     return "the resources exist but are held by other work"
 
 
-def reserve(placement: Placement, what: str, timeout_s: float):
+def reserve(placement: Placement, what: str, timeout_s: float, strategy: str = "SPREAD"):
     """A ready placement group for `placement.count` bundles, or WorkerError naming what is
     missing once `timeout_s` has passed (an autoscaler sees the pending group as demand)."""
     from ray.util.placement_group import placement_group, remove_placement_group
 
     if _STARTED_LOCAL:
         timeout_s = min(timeout_s, LOCAL_PLACEMENT_TIMEOUT_S)
-    group = placement_group([placement.bundle] * placement.count, strategy="SPREAD")
+    group = placement_group([placement.bundle] * placement.count, strategy=strategy)
     if not group.wait(timeout_seconds=timeout_s):
         missing = _missing(placement.bundle, placement.count)
         remove_placement_group(group)
@@ -205,19 +205,22 @@ class WorkerPool:
 
 def start_workers(worker_cls, num_workers: int, device: str, device_key: str, needed: int, *args,
                   extra_resources: dict | None = None, timeout_s: float = 300.0, max_restarts: int = 3,
-                  max_concurrency: int = 1, cpus_per_worker: int | None = None) -> WorkerPool:
+                  max_concurrency: int = 1, cpus_per_worker: int | None = None, exact: bool = False,
+                  strategy: str = "SPREAD", what: str | None = None) -> WorkerPool:
     """Start up to `needed` actors of `worker_cls(*args, threads)`, where `threads` is the CPUs
     each actor holds (None on GPUs), for torch.set_num_threads. A lost actor is restarted up to
     `max_restarts` times and the calls it was running are retried on the new one. With
     `max_concurrency` > 1 an actor runs that many calls at once, each in its own thread (the
     worker class must be thread-safe). `cpus_per_worker` fixes each actor's CPUs (default: an
-    even share of a node)."""
+    even share of a node); `exact` keeps the count even where it cannot fit (see
+    `plan_placement`), `strategy` is the placement group's (SPREAD, PACK) and `what` names the
+    actors in placement errors (default: "<class> actors")."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     connect()
-    placement = plan_placement(num_workers, device, device_key, extra_resources, cpus_per_worker)
+    placement = plan_placement(num_workers, device, device_key, extra_resources, cpus_per_worker, exact=exact)
     placement.count = min(placement.count, needed)
-    group = reserve(placement, f"{worker_cls.__name__} actors", timeout_s)
+    group = reserve(placement, what or f"{worker_cls.__name__} actors", timeout_s, strategy)
     pool = WorkerPool([], group, placement)
     try:
         remote = ray.remote(worker_cls)

@@ -1,17 +1,20 @@
-"""Ray Train worker groups running a DeepSpeed step loop, shared by every trainer of the
-project (the train stage's T→t fine-tune, the noise corrector).
+"""DeepSpeed worker groups on Ray actors, shared by every trainer of the project (the train
+stage's T→t fine-tune, the noise corrector).
 
-The driver calls `fit(TrainerSpec(...))`: it checks that the cluster can ever hold the group
-(one line naming the missing resource, not a hang), then runs the worker function under a
-`TorchTrainer` (gloo on CPU, NCCL on GPUs) whose checkpoints go to `<prefix>/checkpoints/` in
-the run's storage; a lost worker restarts the group from the last checkpoint. Each worker calls
-`join_group`, builds its engine from `deepspeed_config`, `resume`s, and `save_and_report`s.
-The trainer's settings are one config section (a `pgraft.config.TrainerSection`: `train` or
-`corrector`).
-"""
+The driver calls `fit(TrainerSpec(...))`. It places one `TrainRank` actor per rank in a
+placement group (a group the cluster can never hold is one line naming the missing resource,
+not a hang); the ranks join one process group (gloo on CPU, NCCL on GPUs) and run the worker
+function. Each worker calls `join_group`, builds its engine from `deepspeed_config`,
+`resume`s and `save_and_report`s: every rank writes its part of a checkpoint to
+`<prefix>/checkpoints/stepNNNNNNN/` in the run's storage, and rank 0 then names it in
+`<prefix>/checkpoints/registered.json` (a checkpoint is resumed from only once registered).
+A lost rank ends the group, which starts again from the newest registered checkpoint. The
+trainer's settings are one config section (a `pgraft.config.TrainerSection`: `train` or
+`corrector`)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -22,7 +25,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
-from pgraft.contract import CHECKPOINT_TAG, CHECKPOINTS_DIR
+from pgraft.contract import CHECKPOINT_RECORD, CHECKPOINT_TAG, CHECKPOINTS_DIR
 from pgraft.errors import PgraftError, TrainError
 
 if TYPE_CHECKING:
@@ -72,47 +75,91 @@ def deepspeed_config(section, section_name: str, world: int, device: torch.devic
     }
 
 
-def join_group() -> tuple[int, int, torch.device]:
-    """Rank, world size and device of this Ray Train worker; sets the environment DeepSpeed reads."""
-    import ray.train
-    import ray.train.torch
+class GroupContext:
+    """Where one rank stands in its group, set by `TrainRank.run` before the worker function starts."""
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(ctx.get_local_rank()),
-                      LOCAL_WORLD_SIZE=str(ctx.get_local_world_size()))
-    device = ray.train.torch.get_device()
+    def __init__(self, rank: int, world: int, local_rank: int, local_world: int, device: str, storage: Storage,
+                 checkpoints: str, keep: int):
+        self.rank, self.world, self.local_rank, self.local_world = rank, world, local_rank, local_world
+        self.device = device  # "cpu", or "cuda:<index among the GPUs this node's ranks share>"
+        self.storage, self.checkpoints, self.keep = storage, checkpoints, keep  # the record and folders of checkpoints
+
+
+_CONTEXT: GroupContext | None = None
+
+
+def _context() -> GroupContext:
+    if _CONTEXT is None:
+        raise RuntimeError("this runs inside a trainer's worker function (cluster.train_group.fit), not on its own")
+    return _CONTEXT
+
+
+def join_group() -> tuple[int, int, torch.device]:
+    """Rank, world size and device of this rank of the group (its process group is up already);
+    sets the environment DeepSpeed reads."""
+    ctx = _context()
+    os.environ.update(RANK=str(ctx.rank), WORLD_SIZE=str(ctx.world), LOCAL_RANK=str(ctx.local_rank),
+                      LOCAL_WORLD_SIZE=str(ctx.local_world))
+    device = torch.device(ctx.device)
     if device.type != "cuda":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    return rank, world, device
+    else:
+        torch.cuda.set_device(device)
+    return ctx.rank, ctx.world, device
+
+
+def read_checkpoint_record(storage: Storage, checkpoints: str) -> list[dict]:
+    """The registered checkpoints under `checkpoints` (oldest first): each {"tag", "step", "metrics"}."""
+    key = f"{checkpoints}/{CHECKPOINT_RECORD}"
+    if not storage.exists(key):
+        return []
+    return json.loads(storage.get_bytes(key))["checkpoints"]
+
+
+def register_checkpoint(storage: Storage, checkpoints: str, tag: str, step: int, metrics: dict, keep: int) -> None:
+    """Name a fully written checkpoint in the record, then delete the ones past the newest `keep`
+    (the record is written first, so it never names a deleted checkpoint)."""
+    record = [c for c in read_checkpoint_record(storage, checkpoints) if c["tag"] != tag]
+    record.append({"tag": tag, "step": step, "metrics": metrics})
+    record.sort(key=lambda c: c["step"])
+    kept, dropped = record[-keep:], record[:-keep]
+    storage.put_bytes(f"{checkpoints}/{CHECKPOINT_RECORD}", json.dumps({"checkpoints": kept}, indent=1).encode())
+    for old in dropped:
+        for key in storage.list(f"{checkpoints}/{old['tag']}"):
+            storage.delete(key)
 
 
 def save_and_report(engine, step: int, metrics: dict, fingerprint: str) -> None:
-    """Save this rank's part of the checkpoint after `step` steps and report it; Ray Train
-    merges the ranks' files into one folder in storage. Every rank calls this at the same
-    steps (the report is a barrier)."""
-    import ray.train
-
+    """Save this rank's part of the checkpoint after `step` steps into the run's storage; once
+    every rank's files are there (a barrier), rank 0 registers it. Every rank calls this at the
+    same steps."""
+    ctx = _context()
     tag = CHECKPOINT_TAG.format(step)
     scratch = tempfile.mkdtemp(prefix="pgraft-ckpt-")
     try:
         engine.save_checkpoint(scratch, tag=tag, client_state={"step": step, "fingerprint": fingerprint})
-        ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(scratch),
-                         checkpoint_dir_name=tag)
+        ctx.storage.upload_folder(scratch, f"{ctx.checkpoints}/{tag}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    torch.distributed.barrier()
+    if ctx.rank == 0:
+        register_checkpoint(ctx.storage, ctx.checkpoints, tag, step, {**metrics, "step": step}, ctx.keep)
 
 
 def resume(engine, fingerprint: str, steps: int, where: str, name_key: str) -> int:
-    """Load the latest reported checkpoint on every rank; the step to continue from (0: none).
+    """Load the newest registered checkpoint on every rank; the step to continue from (0: none).
     A checkpoint of other data or settings, or one past `steps`, is refused, not continued."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    ctx = _context()
+    record = read_checkpoint_record(ctx.storage, ctx.checkpoints)
+    if not record:
         return 0
-    with checkpoint.as_directory() as folder:
-        _, client = engine.load_checkpoint(folder)
+    scratch = tempfile.mkdtemp(prefix="pgraft-ckpt-")
+    try:
+        # The whole folder on every rank, so each finds its own ZeRO shards.
+        ctx.storage.download_prefix(f"{ctx.checkpoints}/{record[-1]['tag']}", scratch)
+        _, client = engine.load_checkpoint(scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     step = int(client["step"])
     if client.get("fingerprint") != fingerprint:
         raise TrainError(f"{where} holds checkpoints of a run with other data or other settings; "
@@ -158,21 +205,28 @@ def run_steps(engine, ds_config: dict, section, rank: int, n: int, first_step: i
     return losses, step_seconds
 
 
-def first_user_error(exc: Exception) -> Exception:
-    """The first user-facing error a worker raised (any PgraftError), else one TrainError line."""
+def user_error(exc: BaseException) -> PgraftError | None:
+    """The first user-facing error (a PgraftError) in `exc`'s chain of causes, Ray's wrappers included."""
     seen, stack = set(), [exc]
     while stack:
         err = stack.pop()
         if id(err) in seen or err is None:
             continue
         seen.add(id(err))
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, BaseException):  # Ray's wrapper (itself an instance of the cause's class): the original
+            stack.append(cause)
+            continue
         if isinstance(err, PgraftError):
             return err
-        stack.extend([getattr(err, "cause", None), err.__cause__, err.__context__])
-        for inner in (getattr(err, "worker_failures", None) or {}).values():
-            stack.append(inner)
+        stack.extend([err.__cause__, err.__context__])
+    return None
+
+
+def one_line(exc: BaseException) -> str:
+    """The last line of an error's text (a remote traceback ends with the error itself)."""
     text = str(exc).strip().splitlines()
-    return TrainError(f"training failed: {text[-1] if text else exc.__class__.__name__}")
+    return text[-1] if text else exc.__class__.__name__
 
 
 @dataclass(frozen=True)
@@ -182,6 +236,7 @@ class TrainerSpec:
     worker: Callable[[dict], None]  # run on every rank as worker(loop_config + {"threads": torch threads on CPU})
     loop_config: dict  # the worker's parameters (JSON-ready)
     section: TrainerSection  # cfg.train or cfg.corrector: workers, their resources, restarts, checkpoints kept
+    section_key: str  # the config section's name (`train`, `corrector`), named in errors
     device: str  # `auto`, `cpu` or `cuda` (model.device)
     device_key: str  # the config key of `device`, named in placement errors
     storage: Storage  # the run's storage
@@ -190,33 +245,115 @@ class TrainerSpec:
     label: str  # the group in messages, e.g. "train workers"
 
 
-def fit(spec: TrainerSpec) -> None:
-    """Run `spec.worker(spec.loop_config)` on `spec.section.num_workers` Ray Train workers,
-    checkpoints under `<spec.prefix>/checkpoints/` in `spec.storage`."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.util.placement_group import remove_placement_group
+class TrainRank:
+    """One rank of a trainer's group: a Ray actor (`ray::TrainRank`) that joins the group's
+    process group and runs the worker function in it. The driver starts one per rank inside a
+    placement group and restarts the whole group itself after a loss (the actor has no Ray
+    restarts: a rank coming back alone could not rejoin its peers' collectives)."""
 
-    from cluster.ray_cluster import connect, plan_placement, reserve
+    def __init__(self, threads: int | None):
+        self.threads = threads
+
+    def where(self) -> tuple[str, str, list[str]]:
+        """This rank's node id, node IP and the GPU ids Ray gave it."""
+        import ray
+
+        from cluster.ray_cluster import current_node_id
+
+        return current_node_id(), ray.util.get_node_ip_address(), [str(g) for g in ray.get_gpu_ids()]
+
+    def free_port(self) -> int:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            return sock.getsockname()[1]
+
+    def run(self, worker: Callable[[dict], None], loop_config: dict, context: GroupContext, master: str,
+            visible_gpus: list[str]) -> None:
+        global _CONTEXT
+        import torch.distributed as dist
+
+        if visible_gpus:  # the GPUs of this node's ranks, shared, so NCCL can reach its peers directly
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible_gpus)
+        backend = "nccl" if context.device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(torch.device(context.device))
+        dist.init_process_group(backend, init_method=f"tcp://{master}", rank=context.rank, world_size=context.world)
+        _CONTEXT = context
+        try:
+            worker({**loop_config, "threads": self.threads})
+        finally:
+            _CONTEXT = None
+            dist.destroy_process_group()
+
+
+class LostRank(Exception):
+    """A rank of the group is gone (its process or node died), or failed without a user error."""
+
+
+def _run_group(spec: TrainerSpec, pool) -> None:
+    """Start the worker function on every rank of `pool` and wait for all of them; a user error
+    (PgraftError) is raised as it is, anything else as LostRank."""
+    import ray
+
+    ranks = pool.actors
+    try:
+        where = ray.get([rank.where.remote() for rank in ranks])
+        master = f"{where[0][1]}:{ray.get(ranks[0].free_port.remote())}"
+    except ray.exceptions.RayActorError as exc:
+        raise LostRank(f"a rank was lost while the group formed ({exc.__class__.__name__})") from None
+    calls = {}
+    for r, rank in enumerate(ranks):
+        node, _, gpus = where[r]
+        peers = [i for i, w in enumerate(where) if w[0] == node]
+        node_gpus = sorted({g for i in peers for g in where[i][2]}, key=lambda g: (len(g), g))
+        device = f"cuda:{node_gpus.index(gpus[0])}" if gpus else "cpu"
+        context = GroupContext(r, len(ranks), peers.index(r), len(peers), device, spec.storage,
+                               f"{spec.prefix}/{CHECKPOINTS_DIR}", spec.section.keep_checkpoints)
+        calls[rank.run.remote(spec.worker, spec.loop_config, context, master, node_gpus)] = r
+    pending = list(calls)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        try:
+            ray.get(done[0])
+        except ray.exceptions.RayActorError as exc:
+            raise LostRank(f"rank {calls[done[0]]} was lost ({exc.__class__.__name__})") from None
+        except Exception as exc:  # noqa: BLE001 - the worker function's own error, or a peer's loss seen by gloo/NCCL
+            error = user_error(exc)
+            if error is not None:
+                raise error from None
+            raise LostRank(f"rank {calls[done[0]]} failed: {one_line(exc)}") from None
+
+
+def fit(spec: TrainerSpec) -> None:
+    """Run `spec.worker(spec.loop_config)` on `spec.section.num_workers` ranks (Ray actors, one
+    process group: gloo on CPU, NCCL on GPUs), checkpoints under `<spec.prefix>/checkpoints/`
+    in `spec.storage`. A lost rank (or one failing without a user error) ends the whole group;
+    it is started again, resuming from the newest registered checkpoint, up to
+    `section.max_failures` times (-1: always)."""
+    from cluster.ray_cluster import connect, start_workers
 
     section = spec.section
     connect()
-    placement = plan_placement(section.num_workers, spec.device, spec.device_key, section.resources_per_worker,
-                               section.cpus_per_worker, exact=True)
-    # Can the cluster ever hold the group? Reserve it once (an autoscaler sees the demand), then free it for Ray Train.
-    remove_placement_group(reserve(placement, spec.label, spec.placement_timeout_s))
-    use_gpu = placement.num_gpus > 0
-    filesystem, path = spec.storage.arrow_location(spec.prefix)
-    trainer = TorchTrainer(
-        spec.worker,
-        train_loop_config={**spec.loop_config, "threads": placement.threads},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=placement.count, use_gpu=use_gpu, resources_per_worker=placement.bundle),
-        run_config=RunConfig(name=CHECKPOINTS_DIR, storage_path=path, storage_filesystem=filesystem,
-                             failure_config=FailureConfig(max_failures=section.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=section.keep_checkpoints)),
-    )
-    try:
-        trainer.fit()
-    except Exception as exc:  # noqa: BLE001 - Ray Train wraps worker errors in its own types
-        raise first_user_error(exc) from None
+    failures = 0
+    while True:
+        # PACK: a group's ranks on as few nodes as the cluster allows (collectives stay local).
+        pool = start_workers(TrainRank, section.num_workers, spec.device, spec.device_key, section.num_workers,
+                             extra_resources=section.resources_per_worker, timeout_s=spec.placement_timeout_s,
+                             max_restarts=0, cpus_per_worker=section.cpus_per_worker, exact=True, strategy="PACK",
+                             what=spec.label)
+        try:
+            _run_group(spec, pool)
+            return
+        except LostRank as lost:
+            failures += 1
+            if 0 <= section.max_failures < failures:
+                raise TrainError(f"{spec.label}: {lost}, after {failures - 1} restart(s) ({spec.section_key}.max_failures="
+                                 f"{section.max_failures}); rerun the command to resume from the last checkpoint in "
+                                 f"{spec.storage.url(spec.prefix + '/' + CHECKPOINTS_DIR)}") from None
+            print(f"{spec.label}: {lost}; restarting the group from its last checkpoint "
+                  f"(restart {failures} of {section.max_failures if section.max_failures >= 0 else 'unlimited'})",
+                  flush=True)
+        finally:
+            pool.close()

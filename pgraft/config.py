@@ -237,7 +237,7 @@ def _inherit(base: type[BaseModel], name: str, default: Any = PydanticUndefined,
 
 
 class TrainerSection(_Section):
-    """The settings of a DeepSpeed trainer on Ray Train (cluster/train_group.py), shared by the train
+    """The settings of a DeepSpeed trainer on Ray actors (cluster/train_group.py), shared by the train
     stage (`train.*`) and the noise corrector (`corrector.*`), which inherit them: the YAML keys stay in
     each section. Defaults are the train stage's; CorrectorSection re-defaults what differs (`_inherit`)."""
 
@@ -257,7 +257,7 @@ class TrainerSection(_Section):
     checkpoint_every: int = Field(100, ge=1, description="Save a DeepSpeed checkpoint every this many steps (and at "
                                   "the end).", json_schema_extra=HOW)
     # The worker count changes the weights: each rank draws its own noise.
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (processes of the DeepSpeed group); one GPU "
+    num_workers: int = Field(1, ge=1, description="Ranks of the DeepSpeed group (one Ray actor each); one GPU "
                              "each when model.device is cuda (or auto on a cluster with GPUs), else CPUs.",
                              json_schema_extra=WHAT)
     cpus_per_worker: int | None = Field(None, ge=1, description="CPUs per worker on CPU (default: a node's CPUs "
@@ -268,7 +268,7 @@ class TrainerSection(_Section):
                                                    json_schema_extra=HOW)
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in storage (the newest); older ones are "
                                   "deleted.", json_schema_extra=HOW)
-    max_failures: int = Field(2, ge=-1, description="Ray Train restarts of the worker group after a lost worker; each "
+    max_failures: int = Field(2, ge=-1, description="Restarts of the whole group after a lost rank; each "
                               "restart resumes from the last checkpoint (-1: unlimited).", json_schema_extra=HOW)
 
 

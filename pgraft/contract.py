@@ -129,8 +129,10 @@ def train_summary_key(round_idx: int, name: str) -> str:
     return f"{train_prefix(round_idx, name)}/summary.json"
 
 
-# Ray Train's run name under train/<name>/: its checkpoints and state live in this folder.
+# A trainer's checkpoints under train/<name>/ (or corrector/<name>/): one folder per checkpoint and
+# the record naming the fully written ones (cluster/train_group.py registers them).
 CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_RECORD = "registered.json"
 CHECKPOINT_TAG = "step{:07d}"  # the folder name of the checkpoint taken after that many steps
 _CHECKPOINT_RE = re.compile(r"/checkpoints/step(\d+)/")
 
@@ -314,7 +316,7 @@ class TrainSummary:
             f"train: {self.name!r} on selection {self.selection!r}, round {self.round}, from {level}",
             f"  data     {self.samples} accepted latents; s drawn from {len(self.timesteps_trained)} sampler timesteps "
             f"{self.timesteps_trained[0]:g}…{self.timesteps_trained[-1]:g}",
-            f"  steps    {self.steps} ({self.mode}, batch {self.batch_size}, {self.processes} Ray Train worker(s)"
+            f"  steps    {self.steps} ({self.mode}, batch {self.batch_size}, {self.processes} train rank(s)"
             + (f", resumed at step {self.resumed_from}" if self.resumed_from else "") + ")",
             f"  loss     {self.final_loss:.4f} (mean of the last steps); {self.samples_per_second:.1f} samples/s, "
             f"{self.data_wait_fraction:.1%} of step time waiting for data",

@@ -4,7 +4,7 @@
     python pipelines/pgraft_round.py --config configs/digits.yaml      # local Ray, same file
 
 This process only orchestrates: models are loaded, sampled, scored and trained in Ray actors
-and Ray Train workers placed by resources, and what passes between stages and rounds is a
+and train ranks placed by resources, and what passes between stages and rounds is a
 location in storage (shards, tables, the task's models, each round's fine-tuned model).
 Every stage skips what is already complete, so rerunning the same command after the driver
 died resumes where the round stopped; earlier rounds are never deleted.

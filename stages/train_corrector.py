@@ -3,7 +3,7 @@
 
 `corrector.kind: gaussian` fits the mean and covariance in closed form, in one placed Ray
 task. `corrector.kind: flow` adds a small rectified flow on the whitened inverse noises,
-trained by Ray Train workers running the same DeepSpeed machinery as the train stage
+trained by a group of train ranks (Ray actors) running the same DeepSpeed machinery as the train stage
 (cluster/train_group.py): checkpoints under corrector/<name>/checkpoints/, a lost worker
 restarts the group from the last one, a rerun resumes. Either way the result is exported to
 corrector/<name>/model/ (what `model.noise_corrector` names) with its summary.json.
@@ -124,7 +124,7 @@ def fit_gaussian_task(params: dict) -> dict:
 
 
 def corrector_worker(params: dict) -> None:
-    """Entry point of each Ray Train worker of a flow corrector: whiten the inverse noises by
+    """Entry point of each train rank of a flow corrector: whiten the inverse noises by
     their Gaussian fit, train the velocity network with DeepSpeed, export (rank 0)."""
     start = time.perf_counter()
     if params.get("threads"):
@@ -236,8 +236,8 @@ def run_train_corrector(cfg: Config, progress: bool = True) -> contract.Correcto
         return contract.CorrectorSummary(**cluster.run_task(fit_gaussian_task, (params,), placement,
                                                             "corrector fit", cfg.cluster.placement_timeout_s))
     fit(TrainerSpec(
-        worker=corrector_worker, loop_config=params, section=cfg.corrector, device=cfg.model.device,
-        device_key="model.device", storage=storage, prefix=contract.corrector_prefix(name),
+        worker=corrector_worker, loop_config=params, section=cfg.corrector, section_key="corrector",
+        device=cfg.model.device, device_key="model.device", storage=storage, prefix=contract.corrector_prefix(name),
         placement_timeout_s=cfg.cluster.placement_timeout_s, label="corrector workers",
     ))
     return contract.CorrectorSummary.from_json(storage.get_bytes(summary_key), storage.url(summary_key))

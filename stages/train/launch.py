@@ -1,11 +1,12 @@
-"""Launch the train stage on Ray Train from the driver, which holds no model.
+"""Launch the train stage on a group of Ray actors from the driver, which holds no model.
 
 `run_train` checks the selection and the model (cheap reads), makes sure the cluster can
 ever hold `train.num_workers` workers (failing with one line naming the missing resource,
-not hanging), then runs `train_worker` under a `TorchTrainer`: process group set up by Ray
-Train (gloo on CPU, NCCL on GPUs), checkpoints reported to train/<name>/checkpoints/ in the
-run's storage, the worker group restarted from the latest checkpoint after a lost worker
-(`train.max_failures`), and a rerun of the same command resuming from that checkpoint.
+not hanging), then runs `train_worker` on that many ranks (cluster/train_group.py `fit`): one
+Ray actor each, one process group (gloo on CPU, NCCL on GPUs), checkpoints written to
+train/<name>/checkpoints/ in the run's storage, the group restarted from the latest
+registered checkpoint after a lost rank (`train.max_failures`), and a rerun of the same
+command resuming from that checkpoint.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def run_train(cfg: Config, progress: bool = True) -> contract.TrainSummary:
         worker=train_worker,
         loop_config={"cfg": cfg.model_dump(mode="json"), "selection": selection, "name": name, "progress": progress,
                      "fingerprint": fingerprint},
-        section=cfg.train, device=cfg.model.device, device_key="model.device", storage=storage,
+        section=cfg.train, section_key="train", device=cfg.model.device, device_key="model.device", storage=storage,
         prefix=contract.train_prefix(rnd, name), placement_timeout_s=cfg.cluster.placement_timeout_s,
         label="train workers",
     ))

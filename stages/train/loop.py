@@ -1,6 +1,6 @@
-"""The DeepSpeed step loop, run by every Ray Train worker (`train_worker`).
+"""The DeepSpeed step loop, run by every rank of the train group (`train_worker`).
 
-Ray Train has set up the process group (gloo on CPU, NCCL on GPUs) before this runs;
+The group's rank actor has set up the process group (gloo on CPU, NCCL on GPUs) before this runs;
 DeepSpeed initialises on it. Every rank computes the same seeded global batch of a step and
 takes its own slice; noise, noise levels and prompt dropout are drawn from generators seeded
 by (seed, step, rank, micro step), so a run resumed from a checkpoint ends with the same
@@ -27,7 +27,7 @@ from stages.train.export import export_model
 
 
 def train_worker(params: dict) -> None:
-    """Entry point of each Ray Train worker: load data and model, resume, train, checkpoint,
+    """Entry point of each rank: load data and model, resume, train, checkpoint,
     export (rank 0) and write the summary (rank 0)."""
     start = time.perf_counter()
     if params.get("threads"):

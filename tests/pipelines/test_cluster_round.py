@@ -63,13 +63,13 @@ def test_ray_job_submit_runs_a_round_with_all_model_work_on_the_worker_node(tiny
         f"--num-cpus 2 --resource-count 8 --head-env PGRAFT_CACHE_DIR={tmp_path / 'head-cache'} "
         f"--worker-env PGRAFT_CACHE_DIR={tmp_path / 'worker-cache'}"))
     seen = watch_rig(state)
-    # Lost workers on the cluster: a generate actor once shards are being committed, a Ray Train
-    # worker once Ray Train has registered its step-20 checkpoint in S3.
+    # Lost workers on the cluster: a generate actor once shards are being committed, a train
+    # rank once the group has registered its step-20 checkpoint in S3.
     run = open_storage(f"s3://{bucket}/run")
-    snapshot = "round-000/train/best_of_n-4-t3/checkpoints/checkpoint_manager_snapshot.json"
+    snapshot = "round-000/train/best_of_n-4-t3/checkpoints/registered.json"
     kill_generate = KillWhen(lambda: len(run.list("round-000/generate")) >= 4, "ray::GenerateWorker", timeout=600)
     kill_train = KillWhen(lambda: run.exists(snapshot) and b"step0000020" in run.get_bytes(snapshot),
-                          "ray::RayTrainWorker", timeout=600)
+                          "ray::TrainRank", timeout=600)
     done = subprocess.run(["bash", "-c", readme_commands(sets)], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, f"job failed:\n{done.stdout[-4000:]}\n{done.stderr[-2000:]}"

@@ -1,4 +1,4 @@
-"""Train stage on Ray Train: DeepSpeed on CPU/gloo, export and composite loading, two workers,
+"""Train stage on its Ray actor group: DeepSpeed on CPU/gloo, export and composite loading, two workers,
 a killed train worker and a killed driver both resume to the same weights as an uninterrupted
 run, LoRA, and one-line errors for bad input."""
 
@@ -68,9 +68,9 @@ def unet_weights(run_dir, name):
 
 
 def checkpoint_registered(run_dir, name, step):
-    """Ray Train's controller has registered the checkpoint (its snapshot in storage names it):
-    only then does a restart resume from it (one still being reported when a worker dies is lost)."""
-    snapshot = Path(run_dir) / f"round-000/train/{name}/checkpoints/checkpoint_manager_snapshot.json"
+    """The group has registered the checkpoint (its record in storage names it): only then does a
+    restart resume from it (one still being written when a worker dies is lost)."""
+    snapshot = Path(run_dir) / f"round-000/train/{name}/checkpoints/registered.json"
 
     def registered() -> bool:
         try:
@@ -104,9 +104,11 @@ def test_train_exports_a_model_the_generate_stage_samples_from(run_dir, tiny_dig
     folder = run_dir / "round-000/train/bo4-t3"
     card = json.loads((folder / "model/composite.json").read_text())
     assert card["switch_step"] == 3 and card["finetuned"] == "full"
-    # Ray Train reported both checkpoints to the run's storage, each holding DeepSpeed's files.
+    # Both checkpoints are in the run's storage, each holding DeepSpeed's files, and registered.
     steps = sorted(p.name for p in (folder / "checkpoints").iterdir() if p.name.startswith("step"))
     assert steps == ["step0000002", "step0000004"]
+    record = json.loads((folder / "checkpoints/registered.json").read_text())["checkpoints"]
+    assert [(c["tag"], c["step"]) for c in record] == [("step0000002", 2), ("step0000004", 4)]
     assert (folder / "checkpoints/step0000004/latest").read_text().strip() == "step0000004"
     assert json.loads((folder / "summary.json").read_text())["final_loss"] == pytest.approx(summary.final_loss)
     assert len(summary.nodes) == 1
@@ -123,10 +125,10 @@ def test_train_exports_a_model_the_generate_stage_samples_from(run_dir, tiny_dig
 
 def test_killed_train_worker_resumes_to_the_same_weights(run_dir, tiny_digits, classifier_dir, straight_weights):
     cfg = stage_config(tiny_digits, run_dir, classifier_dir, *TRAIN, *LONG, "train.name=long")
-    killer = KillWhen(checkpoint_registered(run_dir, "long", 25), "ray::RayTrainWorker")
+    killer = KillWhen(checkpoint_registered(run_dir, "long", 25), "ray::TrainRank")
     summary = run_train(cfg, progress=False)
     assert killer.join() is not None, "no train worker was killed"
-    assert summary.resumed_from >= 25  # Ray Train restarted the group from a reported checkpoint
+    assert summary.resumed_from >= 25  # the group restarted from a registered checkpoint
     tuned = unet_weights(run_dir, "long")
     assert all(torch.equal(straight_weights[k], tuned[k]) for k in tuned)
 
@@ -151,7 +153,7 @@ def test_killed_driver_rerun_resumes_to_the_same_weights(run_dir, tiny_digits, c
     assert all(torch.equal(straight_weights[k], tuned[k]) for k in tuned)
 
 
-def test_two_ray_train_workers_with_gloo_and_zero1(run_dir, tiny_digits, classifier_dir):
+def test_two_train_ranks_with_gloo_and_zero1(run_dir, tiny_digits, classifier_dir):
     cfg = stage_config(tiny_digits, run_dir, classifier_dir, *TRAIN, "train.name=ddp", "train.steps=3",
                        "train.zero_stage=1", "train.num_workers=2")
     summary = run_train(cfg, progress=False)

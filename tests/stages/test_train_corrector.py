@@ -1,4 +1,4 @@
-"""Train-corrector stage on a real local Ray (Ray Train + DeepSpeed for the flow kind), and the
+"""Train-corrector stage on a real local Ray (a train group + DeepSpeed for the flow kind), and the
 corrector in front of the generate stage's sampler."""
 
 from __future__ import annotations
