@@ -61,9 +61,10 @@ def connect(num_cpus: int | None = None) -> None:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
             raise WorkerError(f"cannot join the Ray cluster at RAY_ADDRESS={address}: {first}") from None
     else:
-        # The dashboard serves the state API that Ray Train's placement-group cleaner polls;
-        # without it, that actor logs a failed query every few seconds.
-        ray.init(num_cpus=num_cpus, log_to_driver=True)
+        # No dashboard: this Ray lives for one command, and its dashboard costs ~1.5 s of start-up
+        # and a process on the cores the work needs. For one, start `ray start --head` and set
+        # RAY_ADDRESS (the branch above).
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
         _STARTED_LOCAL = True
 
 
