@@ -28,7 +28,9 @@ import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Container, Iterable, Iterator
 
-from cluster.ray_cluster import WorkerPool, current_actor_id, current_node_id, iter_pool, start_workers
+from cluster import ray_cluster
+from cluster.ray_cluster import (WorkerPool, current_actor_id, current_node_id, fits_beside, iter_pool,
+                                 start_workers)
 from pgraft.work.spec import Finished, WorkerSpec
 
 
@@ -106,7 +108,7 @@ class Execution:
         if not self.pending:
             return
         spec = self.spec
-        self.pool = _take_warm(spec, len(self.pending))
+        self.pool = take_kept(_pool_key(spec), min(spec.num_workers, len(self.pending)))
         if self.pool is None:
             self.pool = start_workers(actor_class(spec.worker), spec.num_workers, spec.device, spec.device_key,
                                       len(self.pending), spec.worker, tuple(spec.args), extra_resources=spec.resources,
@@ -121,8 +123,8 @@ class Execution:
                 if node_id not in self.nodes:
                     self.nodes.append(node_id)
                 yield Finished(unit, value, node_id, actor_id)
-            if keep and _WARM is not None and not self.pool.closed:
-                _WARM[_pool_key(spec)] = self.pool
+            if keep:
+                keep_pool(_pool_key(spec), self.pool)
         finally:
             if not _is_kept(self.pool):
                 self.pool.close()  # iter_pool closed it already, unless it never started or is kept
@@ -141,7 +143,7 @@ class Execution:
         self.close()
 
 
-# Pools kept by the open `keep_warm()` block, by `_pool_key` (None: no block open, nothing is kept).
+# Pools kept by the open `keep_warm()` block, by key (None: no block open, nothing is kept).
 _WARM: dict[tuple, WorkerPool] | None = None
 
 
@@ -151,22 +153,39 @@ def _pool_key(spec: WorkerSpec) -> tuple:
             spec.calls_per_actor, spec.max_restarts)
 
 
-def _take_warm(spec: WorkerSpec, pending: int) -> WorkerPool | None:
-    """The kept pool for `spec` when there is one with actors for the work (as many as a new pool
-    would have); otherwise release every kept pool, so the new one finds their resources free."""
-    if _WARM is None:
+def take_kept(key: tuple, actors_needed: int) -> WorkerPool | None:
+    """The kept pool under `key` when there is one with at least `actors_needed` live actors (it
+    leaves the keep: the caller returns it with `keep_pool` or closes it); None otherwise."""
+    if not _WARM:
         return None
-    pool = _WARM.pop(_pool_key(spec), None)
-    release_warm()  # every other kept pool: its resources are free for this execution
-    if pool is not None and not pool.closed and len(pool.actors) >= min(spec.num_workers, pending):
+    pool = _WARM.pop(key, None)
+    if pool is not None and not pool.closed and len(pool.actors) >= actors_needed:
         return pool
     if pool is not None:
         pool.close()
     return None
 
 
+def keep_pool(key: tuple, pool: WorkerPool) -> bool:
+    """Keep `pool` under `key` for a later job when a `keep_warm()` block is open; False (the
+    caller closes it) otherwise."""
+    if _WARM is None or pool.closed:
+        return False
+    old = _WARM.pop(key, None)
+    if old is not None and old is not pool:
+        old.close()
+    _WARM[key] = pool
+    return True
+
+
 def _is_kept(pool: WorkerPool) -> bool:
     return _WARM is not None and any(kept is pool for kept in _WARM.values())
+
+
+def _make_room(placement) -> None:
+    """Before a placement is reserved: release the kept pools unless it fits beside them."""
+    if _WARM and not fits_beside(placement, [pool.group for pool in _WARM.values()]):
+        release_warm()
 
 
 def release_warm() -> None:
@@ -179,20 +198,24 @@ def release_warm() -> None:
 
 @contextmanager
 def keep_warm() -> Iterator[None]:
-    """Inside this block, a pool whose units all finished stays up, and the next `execute` of the
-    same worker class on the same resources runs on it: its actors rebuild their worker from the
-    new arguments (another model, another run), while process start-up, imports and placement
-    are paid once. One kind of pool is kept at a time: placing another pool releases it first, so
-    a kept pool never holds resources that the next one waits for. Every kept pool is released
-    when the block ends (an inner block joins the outer one)."""
+    """Inside this block, a pool whose work all finished stays up, and the next job of the same
+    worker class on the same resources runs on it: its actors rebuild their worker from the new
+    arguments (another model, another round), while process start-up, imports and placement
+    are paid once. The train group's ranks are kept the same way (cluster/train_group.py).
+    Kept pools hold their resources only while the cluster has room: before any placement is
+    reserved, they are released unless it fits beside them, so a kept pool never holds
+    resources that the next one waits for. Every kept pool is released when the block ends (an
+    inner block joins the outer one)."""
     global _WARM
     if _WARM is not None:
         yield
         return
     _WARM = {}
+    ray_cluster._MAKE_ROOM = _make_room
     try:
         yield
     finally:
+        ray_cluster._MAKE_ROOM = None
         release_warm()
         _WARM = None
 

@@ -166,11 +166,40 @@ def _missing(bundle: dict[str, float], count: int) -> str:
     return "the resources exist but are held by other work"
 
 
+def fits_beside(placement: Placement, held_groups: list) -> bool:
+    """Whether `placement.count` bundles fit on the alive nodes once the bundles of `held_groups`
+    (placement groups this process holds) are taken off each node's total: a first-fit count on
+    our own holdings only (work of other jobs is not seen; the reservation waits for it as usual)."""
+    from ray.util.placement_group import placement_group_table
+
+    free = {node["NodeID"]: dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")}
+    for group in held_groups:
+        table = placement_group_table(group)
+        for index, bundle in table.get("bundles", {}).items():
+            node = free.get(table.get("bundles_to_node_id", {}).get(index))
+            for key, amount in bundle.items() if node is not None else ():
+                node[key] = node.get(key, 0) - amount
+    placed = 0
+    for node in free.values():
+        while placed < placement.count and all(node.get(k, 0) >= v - 1e-9 for k, v in placement.bundle.items()):
+            for key, amount in placement.bundle.items():
+                node[key] -= amount
+            placed += 1
+    return placed >= placement.count
+
+
+# Called with each placement before it is reserved (cluster/executor.py sets it while pools are kept
+# warm: it releases them unless the new placement fits beside them).
+_MAKE_ROOM = None
+
+
 def reserve(placement: Placement, what: str, timeout_s: float, strategy: str = "SPREAD"):
     """A ready placement group for `placement.count` bundles, or WorkerError naming what is
     missing once `timeout_s` has passed (an autoscaler sees the pending group as demand)."""
     from ray.util.placement_group import placement_group, remove_placement_group
 
+    if _MAKE_ROOM is not None:
+        _MAKE_ROOM(placement)
     if _STARTED_LOCAL:
         timeout_s = min(timeout_s, LOCAL_PLACEMENT_TIMEOUT_S)
     group = placement_group([placement.bundle] * placement.count, strategy=strategy)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -285,7 +286,15 @@ class TrainRank:
             worker({**loop_config, "threads": self.threads})
         finally:
             _CONTEXT = None
-            dist.destroy_process_group()
+            # A kept rank joins the next fit's group afresh: DeepSpeed's own teardown also drops the
+            # groups it cached (its world-group clone), which would point at the destroyed group.
+            deepspeed_comm = sys.modules.get("deepspeed.comm.comm")
+            if deepspeed_comm is not None and deepspeed_comm.cdb is not None and dist.is_initialized():
+                deepspeed_comm.destroy_process_group()
+            elif dist.is_initialized():
+                dist.destroy_process_group()
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
 
 
 class LostRank(Exception):
@@ -332,19 +341,25 @@ def fit(spec: TrainerSpec) -> None:
     in `spec.storage`. A lost rank (or one failing without a user error) ends the whole group;
     it is started again, resuming from the newest registered checkpoint, up to
     `section.max_failures` times (-1: always)."""
+    from cluster.executor import keep_pool, take_kept
     from cluster.ray_cluster import connect, start_workers
 
     section = spec.section
     connect()
+    # Inside cluster.keep_warm() the ranks stay up for the next fit of the same shape (the next round).
+    key = (TrainRank, spec.device, section.num_workers, tuple(sorted(section.resources_per_worker.items())),
+           section.cpus_per_worker)
     failures = 0
     while True:
         # PACK: a group's ranks on as few nodes as the cluster allows (collectives stay local).
-        pool = start_workers(TrainRank, section.num_workers, spec.device, spec.device_key, section.num_workers,
-                             extra_resources=section.resources_per_worker, timeout_s=spec.placement_timeout_s,
-                             max_restarts=0, cpus_per_worker=section.cpus_per_worker, exact=True, strategy="PACK",
-                             what=spec.label)
+        pool = take_kept(key, section.num_workers) or start_workers(
+            TrainRank, section.num_workers, spec.device, spec.device_key, section.num_workers,
+            extra_resources=section.resources_per_worker, timeout_s=spec.placement_timeout_s, max_restarts=0,
+            cpus_per_worker=section.cpus_per_worker, exact=True, strategy="PACK", what=spec.label)
+        kept = False
         try:
             _run_group(spec, pool)
+            kept = keep_pool(key, pool)
             return
         except LostRank as lost:
             failures += 1
@@ -356,4 +371,5 @@ def fit(spec: TrainerSpec) -> None:
                   f"(restart {failures} of {section.max_failures if section.max_failures >= 0 else 'unlimited'})",
                   flush=True)
         finally:
-            pool.close()
+            if not kept:
+                pool.close()

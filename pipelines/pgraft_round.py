@@ -82,7 +82,6 @@ def run_round_pipeline(cfg: Config, progress: bool = True) -> list[dict]:
     """Run `run.rounds` rounds from `run.round`; round r > first samples from round r−1's model."""
     import cluster
     from pgraft.storage import open_storage
-    from stages import get_stage
 
     if cfg.run.rounds > 1 and cfg.train.mode == "lora":
         raise ConfigError("config error: train.mode: lora supports one round so far (run.rounds=1); "
@@ -94,32 +93,40 @@ def run_round_pipeline(cfg: Config, progress: bool = True) -> list[dict]:
     storage = open_storage(cfg.run.uri)
     driver_node = cluster.current_node_id()
     results = []
-    for rnd in range(cfg.run.round, cfg.run.round + cfg.run.rounds):
-        round_cfg = cfg.model_copy(deep=True)
-        round_cfg.run.round = rnd
-        round_cfg.model.finetuned = previous_model(cfg, rnd)
-        print(f"== round {rnd}" + (f" (sampling from {round_cfg.model.finetuned})" if round_cfg.model.finetuned else ""))
-        record = {"round": rnd, "driver_node": driver_node, "stages": {}}
-        for name in STAGES:
-            stage = get_stage(name)
-            if not stage.applies(round_cfg):
-                continue
-            start = time.perf_counter()
-            summary = stage.run(round_cfg, progress=progress)
-            seconds = time.perf_counter() - start
-            print(summary.headline(), flush=True)  # one line per finished stage: job logs stay readable
-            record["stages"][name] = {"seconds": round(seconds, 2),
-                                      "nodes": sorted(summary.nodes)}  # local filter: none (this process)
-            if name == "evaluate":
-                record["eval"] = {v: {"reward_mean": s["reward_mean"], "reward_stderr": s["reward_stderr"],
-                                      "frechet_distance": s["frechet_distance"], "diversity": s["diversity"]}
-                                  for v, s in summary.variants.items()}
-        storage.put_bytes(contract.pipeline_record_key(rnd), json.dumps(record, indent=1).encode())
-        results.append(record)
+    with cluster.keep_warm():  # pools and the train group stay up across stages and rounds while the cluster has room
+        for rnd in range(cfg.run.round, cfg.run.round + cfg.run.rounds):
+            results.append(_run_round(cfg, rnd, storage, driver_node, progress))
     from pgraft.runs import read_run, render_rounds_table
 
     print(render_rounds_table(read_run(storage.uri)), flush=True)
     return results
+
+
+def _run_round(cfg: Config, rnd: int, storage, driver_node: str, progress: bool) -> dict:
+    """One round's stages in order; its record (wall time and nodes per stage) is written to storage and returned."""
+    from stages import get_stage
+
+    round_cfg = cfg.model_copy(deep=True)
+    round_cfg.run.round = rnd
+    round_cfg.model.finetuned = previous_model(cfg, rnd)
+    print(f"== round {rnd}" + (f" (sampling from {round_cfg.model.finetuned})" if round_cfg.model.finetuned else ""))
+    record = {"round": rnd, "driver_node": driver_node, "stages": {}}
+    for name in STAGES:
+        stage = get_stage(name)
+        if not stage.applies(round_cfg):
+            continue
+        start = time.perf_counter()
+        summary = stage.run(round_cfg, progress=progress)
+        seconds = time.perf_counter() - start
+        print(summary.headline(), flush=True)  # one line per finished stage: job logs stay readable
+        record["stages"][name] = {"seconds": round(seconds, 2),
+                                  "nodes": sorted(summary.nodes)}  # local filter: none (this process)
+        if name == "evaluate":
+            record["eval"] = {v: {"reward_mean": s["reward_mean"], "reward_stderr": s["reward_stderr"],
+                                  "frechet_distance": s["frechet_distance"], "diversity": s["diversity"]}
+                              for v, s in summary.variants.items()}
+    storage.put_bytes(contract.pipeline_record_key(rnd), json.dumps(record, indent=1).encode())
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -154,6 +154,7 @@ def partition_count(cfg: Config) -> int:
 
 def select_ray(storage: Storage, parts: list[str], cfg: Config, seed: int, output: AcceptedOutput) -> Selected:
     cluster.connect()
+    cluster.release_warm()  # its tasks take whatever CPUs are free: pools kept from earlier stages would hold them
     partitions = partition_count(cfg)
     scatter = _remote(_scatter, num_returns=partitions + 1)
     scattered = [scatter.remote(storage, batch, partitions, cfg.filter.dedup)

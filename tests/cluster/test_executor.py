@@ -32,9 +32,11 @@ def tenfold_worker():
     return Tenfold
 
 
-def spec(num_workers: int = 2, worker: type | None = None, offset: int = 1, calls_per_actor: int = 1) -> cluster.WorkerSpec:
+def spec(num_workers: int = 2, worker: type | None = None, offset: int = 1, calls_per_actor: int = 1,
+         cpus: int | None = None) -> cluster.WorkerSpec:
     return cluster.WorkerSpec(worker or tenfold_worker(), (offset,), "cpu", "model.device", num_workers,
-                              calls_per_actor=calls_per_actor, placement_timeout_s=30, max_restarts=0)
+                              calls_per_actor=calls_per_actor, placement_timeout_s=30, max_restarts=0,
+                              cpus_per_worker=cpus)
 
 
 def placement_removed(pool) -> bool:
@@ -104,6 +106,21 @@ def test_keep_warm_runs_the_next_job_of_a_worker_class_on_the_same_actors(ray_lo
         list(other)  # another placement: the kept pool goes first, so its CPUs are free for this one
         assert first.pool.closed and placement_removed(first.pool) and not other.pool.closed
     assert other.pool.closed and placement_removed(other.pool)  # the block's end releases what it kept
+
+
+def test_kept_pools_stay_while_the_next_one_fits_beside_them(ray_local):
+    x, y = tenfold_worker(), tenfold_worker()  # two worker classes, one CPU each: both fit on the 2 CPUs
+    with cluster.keep_warm():
+        first = cluster.execute(spec(num_workers=1, worker=x, cpus=1), range(2), progress=False)
+        list(first)
+        beside = cluster.execute(spec(num_workers=1, worker=y, cpus=1), range(2), progress=False)
+        list(beside)
+        assert not first.pool.closed and not placement_removed(first.pool)  # room for both: x's pool stays
+        again = cluster.execute(spec(num_workers=1, worker=x, offset=3, cpus=1), range(2), progress=False)
+        assert sorted(d.value[0] for d in again) == [3, 13] and again.pool is first.pool
+        wide = cluster.execute(spec(num_workers=2, worker=x, offset=4), range(2), progress=False)
+        list(wide)  # two CPUs: neither kept pool fits beside it, both go first
+        assert placement_removed(first.pool) and placement_removed(beside.pool) and not wide.pool.closed
 
 
 def test_a_kept_pools_restarted_actor_rebuilds_the_worker_of_the_job_it_runs(ray_local):

@@ -1,7 +1,7 @@
 """The trainer's group of rank actors on a real local Ray: checkpoints are registered only once
 written and the oldest are dropped; two ranks join one gloo group; a rank failing without a user
 error restarts the whole group up to `max_failures` times, then stops with one line; a user
-error stops it at once. (The DeepSpeed runs themselves are in tests/stages/test_train.py.)"""
+error stops it at once; inside `keep_warm` the next fit of the same shape reuses the ranks. (The DeepSpeed runs themselves are in tests/stages/test_train.py.)"""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ def test_a_registered_checkpoint_is_named_and_the_oldest_past_keep_are_deleted(t
 
 def group_worker(params: dict) -> None:
     """Each rank records its attempt, all-reduces its rank, then fails as `params` says."""
+    import os
+
     import torch
     import torch.distributed as dist
 
@@ -39,6 +41,7 @@ def group_worker(params: dict) -> None:
     total = torch.tensor([float(rank)])
     dist.all_reduce(total)
     storage.put_bytes(f"attempts/rank{rank}/{attempt}", f"{world} {total.item():g} {params['threads']}".encode())
+    storage.put_bytes(f"pids/rank{rank}/{attempt}", str(os.getpid()).encode())
     if rank == 0 and params["fail"] == "crash":
         raise RuntimeError("the device fell over")
     if rank == 0 and params["fail"] == "user":
@@ -69,3 +72,15 @@ def test_a_user_error_stops_the_group_at_once(ray_local, tmp_path):
     with pytest.raises(TrainError, match=r"^train.lr=-1 is not a learning rate$"):
         fit(spec(str(tmp_path), "user", 1, 2))
     assert len(open_storage(str(tmp_path)).list("attempts/rank0")) == 1  # no restart
+
+
+def test_inside_keep_warm_the_next_fit_of_the_same_shape_runs_on_the_same_ranks(ray_local, tmp_path):
+    import cluster
+
+    first, second = str(tmp_path / "a"), str(tmp_path / "b")
+    with cluster.keep_warm():
+        fit(spec(first, "none", 2, 0))
+        fit(spec(second, "none", 2, 0))  # a new process group on the kept actors
+    pids = [[open_storage(root).get_bytes(f"pids/rank{r}/0") for r in (0, 1)] for root in (first, second)]
+    assert pids[0] == pids[1] and len(set(pids[0])) == 2
+    assert open_storage(second).get_bytes("attempts/rank1/0") == b"2 1 1"

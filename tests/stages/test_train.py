@@ -123,6 +123,22 @@ def test_train_exports_a_model_the_generate_stage_samples_from(run_dir, tiny_dig
     assert again.seconds == summary.seconds
 
 
+def test_a_kept_train_group_trains_the_weights_of_a_fresh_one(run_dir, tiny_digits, classifier_dir):
+    import cluster
+    from cluster import executor
+
+    with cluster.keep_warm():  # the second training runs on the first one's rank, kept
+        for name in ("fresh", "kept"):
+            run_train(stage_config(tiny_digits, run_dir, classifier_dir, *TRAIN, "train.steps=3", f"train.name={name}"),
+                      progress=False)
+            [(key, pool)] = executor._WARM.items()
+            assert key[0].__name__ == "TrainRank" and not pool.closed
+            ranks = pool.actors if name == "fresh" else ranks
+        assert pool.actors == ranks
+    fresh, kept = unet_weights(run_dir, "fresh"), unet_weights(run_dir, "kept")
+    assert all(torch.equal(fresh[k], kept[k]) for k in fresh)
+
+
 def test_killed_train_worker_resumes_to_the_same_weights(run_dir, tiny_digits, classifier_dir, straight_weights):
     cfg = stage_config(tiny_digits, run_dir, classifier_dir, *TRAIN, *LONG, "train.name=long")
     killer = KillWhen(checkpoint_registered(run_dir, "long", 25), "ray::TrainRank")
