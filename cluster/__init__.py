@@ -1,8 +1,9 @@
 """How pgraft reaches Ray: a running cluster (RAY_ADDRESS, `ray job submit`) or a local one.
 
-Stages run their units through `execute` (cluster/executor.py; `keep_warm` lets consecutive
-executions of one worker class share a pool); `start_workers`, `iter_pool` and `run_pool` are
-its building blocks. Every Ray call outside the filter's Ray engine goes
+Stages run their units through `execute` (cluster/executor.py; inside `keep_warm`, pools and
+train groups stay up for the next job of their shape while the cluster has room for the next
+placement); `start_workers`, `iter_pool` and `run_pool` are its building blocks; trainers run
+through `cluster.train_group.fit`. Every Ray call outside the filter's Ray engine goes
 through this package.
 """
 
