@@ -1,6 +1,7 @@
 """A whole round ÷ the bare work it contains, at the default config and at 4× the samples, one run.
 
     python benchmarks/round_overhead.py [--models models/digits] [--scales 1 4] [--rounds 1] [--repo CHECKOUT]
+    python benchmarks/round_overhead.py --room 8 --scales 1 --rounds 2     # kept pools, with and without room
 
 Per scale s it times, as a whole process, `python pipelines/pgraft_round.py --config
 configs/digits.yaml` with generate.samples_per_prompt = 128·s (train.epochs scales the steps with
@@ -41,12 +42,22 @@ from train_throughput import bare_loop  # noqa: E402
 from pgraft.config import load_config  # noqa: E402
 
 
-def run_round(models: str, run: Path, scale: int, rounds: int, repo: Path = REPO) -> tuple[float, list[dict]]:
-    """Whole-process seconds of the round pipeline of the checkout `repo`, and each round's pipeline.json."""
+# The CPUs each pool gets by default on 2 CPUs, pinned, so that a cluster with more room runs the
+# same threads per actor (and the same float order) and the pools can stay up beside each other.
+PINNED = ("generate.cpus_per_worker=1", "reward.cpus_per_worker=2", "train.cpus_per_worker=2")
+
+
+def run_round(models: str, run: Path, scale: int, rounds: int, repo: Path = REPO, rig=None,
+              sets: tuple[str, ...] = ()) -> tuple[float, list[dict]]:
+    """Whole-process seconds of the round pipeline of the checkout `repo`, and each round's
+    pipeline.json; on a local Ray the process starts, or on the loopback cluster `rig`."""
     command = [sys.executable, "pipelines/pgraft_round.py", "--config", "configs/digits.yaml", "--quiet",
                "--set", f"run.uri={run}", "--set", f"task.dir={models}", "--set", f"run.rounds={rounds}",
                "--set", f"generate.samples_per_prompt={128 * scale}"]
+    command += [arg for item in sets for arg in ("--set", item)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray, started by the process
+    if rig is not None:
+        env = rig.client_env(env)
     env["PYTHONPATH"] = str(repo)  # the checkout's own code first, whatever the editable install points at
     start = time.perf_counter()
     subprocess.run(command, cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)
@@ -94,6 +105,10 @@ def main() -> None:
     parser.add_argument("--models", default="models/digits", help="the digits task's models (pgraft pretrain digits)")
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--room", type=int, default=None, metavar="CPUS",
+                        help="instead: run the rounds on a loopback cluster (cluster/loopback.py) whose worker node "
+                             "offers 2 CPUs, then CPUS logical CPUs, with each pool's CPUs pinned to the 2-CPU "
+                             "shares; with room, pools and the train group stay up across stages and rounds")
     parser.add_argument("--repo", type=Path, default=REPO,
                         help="time the round of another checkout (e.g. a git worktree of an earlier commit); "
                              "the bare work is always timed with this one")
@@ -103,6 +118,8 @@ def main() -> None:
         sys.exit(f"no digits models at {models}: run `pgraft pretrain digits --out {args.models}` first")
     print(f"{torch.get_num_threads()} CPU threads; whole process of {args.repo}/pipelines/pgraft_round.py "
           "vs bare work in this process")
+    if args.room:
+        return compare_room(models, args.scales[0], args.rounds, args.room, args.repo.absolute())
     for scale in args.scales:
         with tempfile.TemporaryDirectory() as tmp:
             run = Path(tmp) / "run"
@@ -120,6 +137,30 @@ def main() -> None:
                 staged += figures["seconds"]
                 print(f"  round {record['round']} {stage:<9} {figures['seconds']:7.1f} s  (bare {contained:6.1f} s)")
         print(f"  outside the stages (start-up, pretraining check, Ray, tables): {whole - staged:6.1f} s")
+
+
+def compare_room(models: str, scale: int, rounds: int, room: int, repo: Path) -> None:
+    """The same rounds on a loopback worker node of 2 CPUs (each pool takes them all: nothing can stay
+    up) and of `room` logical CPUs (the pools fit beside each other and stay up), pools pinned alike."""
+    from cluster import loopback
+
+    print(f"\n{scale}× samples, {rounds} round(s), on a loopback cluster; CPUs per actor pinned: {', '.join(PINNED)}")
+    figures = {}
+    for cpus in (2, room):
+        with tempfile.TemporaryDirectory() as tmp, loopback.running(num_cpus=cpus) as rig:
+            run = Path(tmp) / "run"
+            whole, records = run_round(models, run, scale, rounds, repo, rig=rig, sets=PINNED)
+            if cpus == 2:
+                bare = bare_seconds(models, run, scale)
+        per_variant = bare["evaluate"] / 2
+        rounds_bare = sum(bare["generate"] + bare["train"] + per_variant * r["variants_sampled"] for r in records)
+        print(f"  worker node of {cpus} CPUs: whole process {whole:7.1f} s   bare work {rounds_bare:6.1f} s   "
+              f"ratio {whole / rounds_bare:.2f}")
+        for record in records:
+            stages = "  ".join(f"{stage} {f['seconds']:5.1f}" for stage, f in record["stages"].items())
+            print(f"    round {record['round']}: {stages}")
+        figures[cpus] = [record.get("eval") for record in records]
+    print("  same evaluation figures on both (bytes of the same work):", figures[2] == figures[room])
 
 
 if __name__ == "__main__":

@@ -151,6 +151,7 @@ class GenerateSection(_Section):
     samples_per_shard: int = Field(128, ge=1, description="Samples per work unit; one WebDataset shard per unit.", json_schema_extra=WHAT)
     num_workers: int = Field(2, ge=1, description="Ray generate actors (one GPU each where the cluster has GPUs).", json_schema_extra=HOW)
     batch_size: int = Field(32, ge=1, description="Samples per model call inside an actor.", json_schema_extra=HOW)
+    cpus_per_worker: int | None = Field(None, ge=1, description="CPUs per generate actor on CPU (default: a node's CPUs split evenly between the actors that fit on it); fixes each actor's torch threads.", json_schema_extra=HOW)
     resources: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources each generate actor "
                                         "requests, e.g. {gpu_node: 1} to pin actors to a node type.", json_schema_extra=HOW)
 
@@ -176,6 +177,7 @@ class RewardSection(_Section):
     batch_size: int = Field(256, ge=1, description="Images per reward call.", json_schema_extra=HOW)
     num_workers: int = Field(1, ge=1, description="Ray reward actors (one GPU each where the cluster has GPUs).", json_schema_extra=HOW)
     device: str = Field("auto", description="`auto`, `cpu` or `cuda` for reward models.", json_schema_extra=HOW)
+    cpus_per_worker: int | None = Field(None, ge=1, description="CPUs per reward actor on CPU (default: a node's CPUs split evenly between the actors that fit on it); fixes each actor's torch threads.", json_schema_extra=HOW)
     resources: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources each reward actor requests.", json_schema_extra=HOW)
 
     def table_name(self) -> str:
@@ -321,6 +323,7 @@ class InvertSection(_Section):
     samples_per_shard: int = Field(256, ge=1, description="Data points per work unit; one shard and one table part each.", json_schema_extra=WHAT)
     batch_size: int = Field(256, ge=1, description="Data points per model call inside an actor.", json_schema_extra=HOW)
     num_workers: int = Field(2, ge=1, description="Ray invert actors (one GPU each where the cluster has GPUs).", json_schema_extra=HOW)
+    cpus_per_worker: int | None = Field(None, ge=1, description="CPUs per invert actor on CPU (default: a node's CPUs split evenly between the actors that fit on it); fixes each actor's torch threads.", json_schema_extra=HOW)
     resources: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources each invert actor requests.", json_schema_extra=HOW)
 
 

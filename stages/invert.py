@@ -113,7 +113,7 @@ def run_invert(cfg: Config, progress: bool = True) -> contract.InversionSummary:
     committed = list_committed_at(storage, contract.inversion_shards_prefix(name))
     spec = cluster.WorkerSpec(InvertWorker, (cfg.model_dump(mode="json"),), cfg.model.device, "model.device",
                               cfg.invert.num_workers, cfg.invert.resources, 1, cfg.cluster.placement_timeout_s,
-                              cfg.cluster.max_restarts)
+                              cfg.cluster.max_restarts, cfg.invert.cpus_per_worker)
     run = cluster.execute(spec, units, lambda unit: unit.shard_id in committed, f"invert {name}", progress)
     for _ in run:
         pass  # each unit commits its own shard and table part; the summary reads the parts

@@ -259,7 +259,7 @@ class GenerateJob:
         cfg = self.cfg
         return WorkerSpec(GenerateWorker, (cfg.model_dump(mode="json"), self.prompts), cfg.model.device, "model.device",
                           cfg.generate.num_workers, cfg.generate.resources, calls_per_actor,
-                          cfg.cluster.placement_timeout_s, cfg.cluster.max_restarts)
+                          cfg.cluster.placement_timeout_s, cfg.cluster.max_restarts, cfg.generate.cpus_per_worker)
 
     def add(self, done: Finished) -> None:
         """One unit's shard, committed now."""

@@ -177,7 +177,7 @@ class RewardJob:
         cfg = self.cfg
         return WorkerSpec(RewardWorker, (cfg.model_dump(mode="json"),), cfg.reward.device, "reward.device",
                           cfg.reward.num_workers, cfg.reward.resources, 1, cfg.cluster.placement_timeout_s,
-                          cfg.cluster.max_restarts)
+                          cfg.cluster.max_restarts, cfg.reward.cpus_per_worker)
 
     def add(self, done: Finished) -> None:
         """One shard's part, written now."""
