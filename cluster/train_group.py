@@ -352,7 +352,9 @@ def fit(spec: TrainerSpec) -> None:
     failures = 0
     while True:
         # PACK: a group's ranks on as few nodes as the cluster allows (collectives stay local).
-        pool = take_kept(key, section.num_workers) or start_workers(
+        pool = take_kept(key, section.num_workers)
+        from_keep = pool is not None
+        pool = pool or start_workers(
             TrainRank, section.num_workers, spec.device, spec.device_key, section.num_workers,
             extra_resources=section.resources_per_worker, timeout_s=spec.placement_timeout_s, max_restarts=0,
             cpus_per_worker=section.cpus_per_worker, exact=True, strategy="PACK", what=spec.label)
@@ -362,6 +364,8 @@ def fit(spec: TrainerSpec) -> None:
             kept = keep_pool(key, pool)
             return
         except LostRank as lost:
+            if from_keep:  # maybe a kept rank that died while idle: once, a fresh group without counting a restart
+                continue
             failures += 1
             if 0 <= section.max_failures < failures:
                 raise TrainError(f"{spec.label}: {lost}, after {failures - 1} restart(s) ({spec.section_key}.max_failures="
