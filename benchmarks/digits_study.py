@@ -44,13 +44,13 @@ METRICS = ("reward_gain", "alignment_gain", "frechet_distance", "diversity")
 def evaluate(cfg, variant: str, model: str | None, independent) -> dict:
     """The evaluate stage's summary of one variant (fresh seeds), plus the independent
     classifier's alignment on the same images."""
-    from pgraft.report import eval_images
+    from pgraft.report import eval_samples
     from pgraft.storage import open_storage
     from pgraft.tasks.digits import prompt_alignment
     from stages.evaluate import evaluate_variant
 
     summary = evaluate_variant(cfg, variant, model, progress=False)
-    images = eval_images(open_storage(cfg.run.uri), 0, variant, per_prompt=10**5)
+    images = eval_samples(open_storage(cfg.run.uri), 0, variant, per_prompt=10**5)
     with torch.no_grad():
         alignment = np.concatenate([prompt_alignment(independent, np.stack(imgs), [p] * len(imgs))
                                     for p, imgs in images.items()])

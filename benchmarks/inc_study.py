@@ -52,7 +52,7 @@ def sample_images(cfg, corrector: str | None, count: int, seed: int) -> np.ndarr
     seeds = [sample_seed(seed, 0, 0, i) for i in range(count)]
     out = []
     for lo in range(0, count, 500):
-        out.append(adapter.rollout([""] * len(seeds[lo:lo + 500]), seeds[lo:lo + 500], []).images)
+        out.append(adapter.rollout([""] * len(seeds[lo:lo + 500]), seeds[lo:lo + 500], []).samples)
     return np.concatenate(out)
 
 

@@ -110,10 +110,11 @@ class TaskSection(_Section):
 
 
 class ModelSection(_Section):
-    kind: Literal["class_unet", "stable_diffusion", "sd3"] = Field(
+    kind: Literal["class_unet", "class_sequence", "stable_diffusion", "sd3"] = Field(
         "class_unet",
-        description="Adapter: class-conditional UNet2DModel (DDPM/DDIM or flow), "
-        "StableDiffusionPipeline 2.x, or StableDiffusion3Pipeline (flow matching).", json_schema_extra=WHAT,
+        description="Adapter: class-conditional UNet2DModel (DDPM/DDIM or flow), class-conditional sequence "
+        "transformer over token vectors, StableDiffusionPipeline 2.x, or StableDiffusion3Pipeline (flow matching). "
+        "Unset in a config with a task: the task's model kind.", json_schema_extra=WHAT,
     )
     path: str | None = Field(None, description="The base model's diffusers folder: a local path or a storage location "
                              "(s3://…), fetched once per node into PGRAFT_CACHE_DIR. Default: the task's base model under task.dir.", json_schema_extra=WHAT)
@@ -149,6 +150,8 @@ class GenerateSection(_Section):
         description="Step indices k (1 ≤ k < num_inference_steps) whose latent x_k, after k sampler steps, is cached.", json_schema_extra=WHAT,
     )
     samples_per_shard: int = Field(128, ge=1, description="Samples per work unit; one WebDataset shard per unit.", json_schema_extra=WHAT)
+    store_views: bool = Field(False, description="Also store a PNG of each sample that is not an image (a molecule "
+                              "drawn by RDKit), as `<key>.png` beside it, for viewing only.", json_schema_extra=WHAT)
     num_workers: int = Field(2, ge=1, description="Ray generate actors (one GPU each where the cluster has GPUs).", json_schema_extra=HOW)
     batch_size: int = Field(32, ge=1, description="Samples per model call inside an actor.", json_schema_extra=HOW)
     cpus_per_worker: int | None = Field(None, ge=1, description="CPUs per generate actor on CPU (default: a node's CPUs split evenly between the actors that fit on it); fixes each actor's torch threads.", json_schema_extra=HOW)
@@ -476,6 +479,8 @@ class Config(_Section):
             self.task.dir = f"models/{spec.name}"
         if self.run.uri is None:
             self.run.uri = f"runs/{spec.name if spec else 'run'}"
+        if spec is not None and "kind" not in self.model.model_fields_set:
+            self.model.kind = spec.model_kind
         defaults = {"model.path": lambda: child(self.task.dir, spec.base_model),
                     "reward.name": lambda: spec.reward, "reward.hash": lambda: spec.hash,
                     "generate.prompts": lambda: list(spec.prompts),
@@ -489,6 +494,13 @@ class Config(_Section):
                 if spec is None and key not in no_task:
                     raise ValueError(f"{key} is required when task.name is null")
                 setattr(getattr(self, section), name, default() if spec else no_task[key]())
+        if spec is not None:  # a reward or hash for another sample kind than the task's: say so now
+            from pgraft.hashing import hash_takes
+            from pgraft.rewards import reward_takes
+            from pgraft.samples import check_takes
+
+            check_takes("reward.name", self.reward.name, reward_takes(self.reward.name), spec.sample_kind)
+            check_takes("reward.hash", self.reward.hash, hash_takes(self.reward.hash), spec.sample_kind)
         return self
 
 

@@ -354,13 +354,16 @@ class EvalSummary:
             fd = "n/a" if v["frechet_distance"] is None else f"{v['frechet_distance']:.3f}"
             lines.append(f"  {name:<10} mean {v['reward_mean']:.4f} ± {v['reward_stderr']:.4f} (s.e.), "
                          f"Fréchet distance {fd}, within-prompt diversity {v['diversity']:.3f}")
+            if v.get("task_metrics"):
+                lines.append("             " + ", ".join(f"{k} {x:.3f}" if isinstance(x, float) else f"{k} {x}"
+                                                       for k, x in v["task_metrics"].items()))
         return "\n".join(lines)
 
 
 # Inverse Noise Correction (docs/DESIGN.md §5) -----------------------------------------------
 # An inversion of a data set: inversion/<name>/{settings.json, shards/, table/, summary.json}.
 # Each shard record holds `x_0` (the data point, as the model sees it) and `x_T` (its inverse
-# noise Φ⁻¹(x_0)) in `<key>.latents.safetensors`, the image as `.png` and an InversionMeta as
+# noise Φ⁻¹(x_0)) in `<key>.latents.safetensors`, the decoded sample (`.png` for an image) and an InversionMeta as
 # `.json`; `table/part-NNNNNN.parquet` holds one row per record (INVERSION_COLUMNS).
 
 def inversion_prefix(name: str) -> str:

@@ -1,8 +1,10 @@
-"""sample_hash: what dedup compares. One signature for all: (image, metadata) -> str.
+"""sample_hash: what dedup compares. One signature for all: (decoded sample, metadata) -> str.
 
-`exact` hashes the decoded pixels; `perceptual` is a 64-bit difference hash (dHash) that
-maps near-duplicate images to the same string; other modalities plug in a `module:function`
-(e.g. a hash of a canonical string)."""
+`exact` hashes the decoded sample (pixels, or a string's bytes); `perceptual` is a 64-bit
+difference hash (dHash) that maps near-duplicate images to the same string;
+tasks bring hashes of their own (TaskSpec.hashes: the molecules task's `canonical_smiles`),
+and other modalities plug in a `module:function`. `hash_takes` says which sample kind a hash
+takes (pgraft.samples), so the config refuses a hash the task cannot feed."""
 
 from __future__ import annotations
 
@@ -15,12 +17,15 @@ from PIL import Image
 from pgraft.errors import ConfigError
 from pgraft.plugins import load_plugin
 
-SampleHash = Callable[[np.ndarray, dict], str]
+SampleHash = Callable[[object, dict], str]
 
 
-def exact_hash(image: np.ndarray, metadata: dict) -> str:
-    """sha256 of shape + pixels, first 16 bytes in hex: equal iff the decoded images are equal."""
-    digest = hashlib.sha256(str(image.shape).encode() + np.ascontiguousarray(image).tobytes())
+def exact_hash(sample, metadata: dict) -> str:
+    """sha256 of an image's shape + pixels (or of a string's UTF-8 bytes), first 16 bytes in hex:
+    equal iff the decoded samples are equal."""
+    if isinstance(sample, str):
+        return hashlib.sha256(sample.encode()).hexdigest()[:32]
+    digest = hashlib.sha256(str(sample.shape).encode() + np.ascontiguousarray(sample).tobytes())
     return digest.hexdigest()[:32]
 
 
@@ -34,11 +39,29 @@ def perceptual_hash(image: np.ndarray, metadata: dict, size: int = 8) -> str:
 
 # Dispatch table: reward.hash -> function.
 HASHES: dict[str, SampleHash] = {"exact": exact_hash, "perceptual": perceptual_hash}
+# The sample kind each built-in hash takes (None: any).
+HASH_TAKES: dict[str, str | None] = {"exact": None, "perceptual": "image"}
+
+
+def _task_hashes() -> dict[str, tuple[SampleHash, str]]:
+    """The hashes the registered tasks bring: name -> (function, the task's sample kind)."""
+    from pgraft.tasks import TASKS
+
+    return {name: (fn, spec.sample_kind) for spec in TASKS.values() for name, fn in spec.hashes.items()}
+
+
+def hash_takes(name: str) -> str | None:
+    """The sample kind `name` takes; None for any kind, or a plug-in (not imported here)."""
+    if name in HASH_TAKES:
+        return HASH_TAKES[name]
+    return _task_hashes()[name][1] if name in _task_hashes() else None
 
 
 def get_hash(name: str) -> SampleHash:
     if name in HASHES:
         return HASHES[name]
+    if name in _task_hashes():
+        return _task_hashes()[name][0]
     if ":" in name:
         return load_plugin(name, "reward.hash")
-    raise ConfigError(f"config error: reward.hash: unknown hash {name!r}; use {sorted(HASHES)} or module:function")
+    raise ConfigError(f"config error: reward.hash: unknown hash {name!r}; use {sorted(HASHES) + sorted(_task_hashes())} or module:function")

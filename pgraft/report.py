@@ -196,18 +196,18 @@ def read_round(storage: Storage, state: RoundState) -> RoundData:
                       for name in used})
 
 
-def eval_images(storage: Storage, round_idx: int, variant: str, per_prompt: int) -> dict[int, list[np.ndarray]]:
-    """The first `per_prompt` samples (sample_idx order) of each prompt of an evaluation variant."""
-    from pgraft.shards import IMAGE_EXT, META_EXT, list_committed, read_shard
+def eval_samples(storage: Storage, round_idx: int, variant: str, per_prompt: int) -> dict[int, list]:
+    """The first `per_prompt` decoded samples (sample_idx order) of each prompt of an evaluation variant."""
+    from pgraft.shards import DECODED, list_committed, read_shard
 
     variant_storage = open_storage(storage.url(contract.eval_prefix(round_idx, variant)))
     wanted: dict[int, dict[int, np.ndarray]] = {}
     for sid, record in sorted(list_committed(variant_storage, 0).items()):
         if not any(contract.parse_sample_key(k)[1] < per_prompt for k in record.keys):
             continue
-        for sample in read_shard(variant_storage, 0, sid, record, wanted=(IMAGE_EXT, META_EXT)):
-            if sample.meta.sample_idx < per_prompt and sample.image is not None:
-                wanted.setdefault(sample.meta.prompt_id, {})[sample.meta.sample_idx] = sample.image
+        for sample in read_shard(variant_storage, 0, sid, record, wanted=DECODED):
+            if sample.meta.sample_idx < per_prompt and sample.decoded is not None:
+                wanted.setdefault(sample.meta.prompt_id, {})[sample.meta.sample_idx] = sample.decoded
     return {p: [imgs[i] for i in sorted(imgs)] for p, imgs in sorted(wanted.items())}
 
 
@@ -299,6 +299,13 @@ def _evaluation_section(run: RunState) -> tuple[str, list[dict]]:
                      + _cell(r["reward_mean"], f"{fig}.reward_mean") + _cell(r["reward_stderr"], f"{fig}.reward_stderr")
                      + _cell(r["frechet_distance"], f"{fig}.frechet_distance") + _cell(r["diversity"], f"{fig}.diversity"))
     body = _table(["round", "variant", "samples", "mean reward", "s.e.", "Fréchet distance", "diversity"], cells)
+    # The task's own figures (TaskSpec.metrics: validity, novelty, … for molecules), one column each.
+    names = list(dict.fromkeys(name for r in rows for name in r.get("task_metrics", {})))
+    if names:
+        cells = [f"<td>{r['round']}</td><td>{html.escape(r['variant'])}</td>"
+                 + "".join(_cell(r.get("task_metrics", {}).get(name), f"round{r['round']}.eval.{r['variant']}.task_metrics.{name}")
+                           for name in names) for r in rows]
+        body += "<h3>The task's metrics</h3>" + _table(["round", "variant"] + [n.replace("_", " ") for n in names], cells)
     return ("<h2>Evaluation across rounds</h2><p>Fresh seeds, the same every round; base = the run's base sampler.</p>"
             + body + f'<img class="plot" alt="evaluation across rounds" src="{evaluation_figure(rows)}">'), rows
 
@@ -325,7 +332,7 @@ def _grid_section(storage: Storage, run: RunState, eval_rows: list[dict], prompt
     columns = ([("base", first_base.get("reused_from_round", rounds[0]), "base")]
                + [(f"round {r} fine-tuned", r, "finetuned") for r in rounds])
     show = _task_show(run.config)
-    images = {label: {p: [show(image) for image in shown] for p, shown in eval_images(storage, rnd, variant, GRID_SAMPLES).items()}
+    images = {label: {p: [show(sample) for sample in shown] for p, shown in eval_samples(storage, rnd, variant, GRID_SAMPLES).items()}
               for label, rnd, variant in columns}
     prompt_ids = sorted({p for imgs in images.values() for p in imgs})
     rows = []

@@ -3,23 +3,29 @@
     factory(model_path, device, **options) -> reward_fn
     reward_fn(images, prompts, metadata) -> RewardOutput | np.ndarray
 
-`images` are decoded uint8 arrays (H×W or H×W×3), `prompts` strings, `metadata` the
+`images` are the decoded samples of the task's sample kind (pgraft.samples): uint8 arrays
+(H×W or H×W×3) for images, SMILES strings for molecules; `prompts` strings, `metadata` the
 samples' JSON dicts. A reward may add columns to the reward table through RewardOutput.
-User plug-ins are factories named `module:function` with the same signature.
+A factory says which sample kind it scores (`takes`): the config refuses a reward whose kind
+is not the task's. User plug-ins are factories named `module:function` with the same signature.
+
+Import-light (torch is imported by the factories that need it): the config reads `takes`.
 """
 
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
 from PIL import Image
 
 from pgraft.errors import ConfigError
 from pgraft.plugins import load_plugin
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -29,6 +35,18 @@ class RewardOutput:
 
 
 RewardFn = Callable[[list, list, list], "RewardOutput | np.ndarray"]
+
+
+def takes(kind: str):
+    """Mark a reward factory as scoring samples of `kind` (pgraft.samples)."""
+
+    def mark(factory):
+        factory.takes = kind
+        return factory
+
+    return mark
+
+
 def _jpeg_kb(images) -> np.ndarray:
     sizes = []
     for image in images:
@@ -38,6 +56,7 @@ def _jpeg_kb(images) -> np.ndarray:
     return np.array(sizes, dtype=np.float64)
 
 
+@takes("image")
 def jpeg_compressibility(model_path, device) -> RewardFn:
     """Minus the JPEG size in kB (quality 95): smaller files score higher."""
 
@@ -48,6 +67,7 @@ def jpeg_compressibility(model_path, device) -> RewardFn:
     return reward_fn
 
 
+@takes("image")
 def jpeg_incompressibility(model_path, device) -> RewardFn:
     """The JPEG size in kB (quality 95): more detail scores higher."""
 
@@ -77,14 +97,19 @@ def _rgb(images) -> list[Image.Image]:
 
 
 def _image_embeddings(model, processor, images, device) -> torch.Tensor:
+    import torch
+
     pixels = processor(images=_rgb(images), return_tensors="pt")["pixel_values"].to(device)
     emb = model.get_image_features(pixel_values=pixels)
     emb = emb if isinstance(emb, torch.Tensor) else emb.pooler_output
     return emb / emb.norm(dim=-1, keepdim=True)
 
 
+@takes("image")
 def clip_score(model_path, device) -> RewardFn:
     """100 × cosine similarity of CLIP image and prompt embeddings."""
+    import torch
+
     model, tokenizer, processor = _load_clip(model_path, device)
 
     @torch.no_grad()
@@ -99,6 +124,7 @@ def clip_score(model_path, device) -> RewardFn:
     return reward_fn
 
 
+@takes("image")
 def aesthetic(model_path, device, head_path: str | None = None, activation: str = "none") -> RewardFn:
     """A linear or MLP head on L2-normalised CLIP image embeddings (the LAION aesthetic
     predictor's recipe). `head_path`: safetensors with `layers.{i}.weight` / `layers.{i}.bias`,
@@ -112,6 +138,8 @@ def aesthetic(model_path, device, head_path: str | None = None, activation: str 
     except (FileNotFoundError, OSError):
         raise ConfigError(f"config error: reward.options.head_path: {head_path!r} does not exist") from None
     layers = sorted({int(k.split(".")[1]) for k in weights if k.startswith("layers.")})
+    import torch
+
     model, _, processor = _load_clip(model_path, device)
 
     @torch.no_grad()
@@ -126,6 +154,7 @@ def aesthetic(model_path, device, head_path: str | None = None, activation: str 
     return reward_fn
 
 
+@takes("image")
 def vqascore(model_path, device, model: str = "clip-flant5-xxl") -> RewardFn:
     """VQAScore (the paper's reward) through the optional `t2v_metrics` package."""
     try:
@@ -157,6 +186,17 @@ def task_rewards() -> dict[str, Callable[..., RewardFn]]:
     from pgraft.tasks import TASKS
 
     return {name: factory for spec in TASKS.values() for name, factory in spec.rewards.items()}
+
+
+def reward_takes(name: str) -> str | None:
+    """The sample kind the reward `name` scores: a built-in's mark, the kind of the task that
+    brings it; None for a plug-in (not imported here, so not checked)."""
+    from pgraft.tasks import TASKS
+
+    if name in REWARDS:
+        return getattr(REWARDS[name], "takes", None)
+    owner = next((spec for spec in TASKS.values() if name in spec.rewards), None)
+    return owner.sample_kind if owner is not None else None
 
 
 def reward_factory(name: str) -> Callable[..., RewardFn]:

@@ -375,11 +375,20 @@ class RowSelection:
     per_prompt: dict[int, int] = field(default_factory=dict)
 
 
-def _subgroup(prompt_id, sample_idx, size):
-    """Groups of `size` consecutive samples of a prompt; only complete groups count."""
-    key = (prompt_id.astype(np.int64) << _SAMPLE_BITS) | (sample_idx // size)
+def _group_keys(prompt_id, sample_idx, size) -> np.ndarray:
+    return (prompt_id.astype(np.int64) << _SAMPLE_BITS) | (sample_idx // size)
+
+
+def _subgroup(prompt_id, sample_idx, size, generated: tuple[np.ndarray, np.ndarray] | None = None):
+    """Groups of `size` consecutive samples of a prompt; only groups generated whole count.
+    `generated`: (prompt_id, sample_idx) of the rows before dedup, so a group that lost copies
+    of one sample still counts (its best distinct sample is its pick); default: these rows."""
+    key = _group_keys(prompt_id, sample_idx, size)
     seg = Segments.of(key)
-    return seg, seg.sizes[seg.ids] == size
+    if generated is None:
+        return seg, seg.sizes[seg.ids] == size
+    before, counts = np.unique(_group_keys(*generated, size), return_counts=True)
+    return seg, np.isin(key, before[counts == size])
 
 
 def select_rows(prompt_id: np.ndarray, sample_idx: np.ndarray, reward: np.ndarray, hash_code: np.ndarray | None,
@@ -392,7 +401,9 @@ def select_rows(prompt_id: np.ndarray, sample_idx: np.ndarray, reward: np.ndarra
         base, p, s, r = order, prompt_id[order], sample_idx[order], reward[order]
     prompts = Segments.of(p)
     extra = np.zeros(len(r))
+    generated = None  # the rows before dedup, which decide which groups are whole
     if res.dedup and hash_code is not None:
+        generated = (p, s)
         keep, copies = dedup_rows(prompts, r, hash_code if base is None else hash_code[base])
         extra = grs.dedup_log_ratio(copies)
         base = np.flatnonzero(keep) if base is None else base[keep]
@@ -409,10 +420,10 @@ def select_rows(prompt_id: np.ndarray, sample_idx: np.ndarray, reward: np.ndarra
         if res.method in ("threshold", "quantile"):
             mask = r >= res.threshold
         elif res.method == "best_of_n":
-            groups, complete = _subgroup(p, s, res.n)
+            groups, complete = _subgroup(p, s, res.n, generated)
             mask = complete & (ranks_desc(groups, r) == 0)
         elif res.method == "top_k":
-            groups, complete = _subgroup(p, s, res.m)
+            groups, complete = _subgroup(p, s, res.m, generated)
             mask = complete & (ranks_desc(groups, r) < res.k)
         elif res.method == "rejection":
             mask = uniform_draws(p, s, res.seed) < grs.rejection_acceptance(r, res.alpha, res.r_max)

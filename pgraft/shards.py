@@ -1,7 +1,8 @@
 """WebDataset shards of rollouts: encode, write, commit, list, read back (docs/DESIGN.md §2).
 
-A shard is data, never code: members are `.latents.safetensors`, `.png` and `.json` only,
-and the reader refuses anything else. A shard counts once its commit record exists; the
+A shard is data, never code: members are `.latents.safetensors`, the decoded sample in its
+kind's member (`.png` for images, `.smiles.json` for molecules; pgraft.samples), an optional
+`.png` view of a non-image sample, and `.json`; the reader refuses anything else. A shard counts once its commit record exists; the
 record carries the tar's size and sha256 so readers catch torn or replaced shards.
 """
 
@@ -17,7 +18,6 @@ from typing import Iterator
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -25,13 +25,16 @@ from pgraft import contract
 from pgraft.commits import list_committed, list_committed_at  # noqa: F401 - re-exported
 from pgraft.contract import CommitRecord, SampleMeta
 from pgraft.errors import PgraftError
+from pgraft.samples import IMAGE, SAMPLE_EXTS, SAMPLE_KINDS, VIEW_EXT, decode_png, encode_png, kind_of_ext  # noqa: F401 - re-exported
 from pgraft.storage import Storage
 
 # Tar members per sample (the part after the key).
 LATENTS_EXT = "latents.safetensors"
-IMAGE_EXT = "png"
+IMAGE_EXT = IMAGE.ext
 META_EXT = "json"
-ALLOWED_EXTS = (LATENTS_EXT, IMAGE_EXT, META_EXT)
+ALLOWED_EXTS = (LATENTS_EXT, *SAMPLE_EXTS, META_EXT)
+# What readers that need the decoded samples but not the latents ask for (reward, evaluate, report).
+DECODED = (*SAMPLE_EXTS, META_EXT)
 # Fixed member mtime: the same samples give byte-identical tars (resume and determinism).
 TAR_MTIME = 0.0
 
@@ -44,29 +47,25 @@ class ShardError(PgraftError):
 class Sample:
     meta: SampleMeta
     latents: dict[str, torch.Tensor]  # x_T, x_<k> ..., x_0; float32, CPU, contiguous
-    image: np.ndarray | None  # uint8, HxW (grey) or HxWx3; None for latents without a decoded image
+    # The decoded sample, of the task's sample kind (pgraft.samples): a uint8 image (HxW grey or
+    # HxWx3), a SMILES string, …; None for latents without one.
+    decoded: object | None
+    kind: str = IMAGE.name  # the sample kind of `decoded`
+    view: np.ndarray | None = None  # a uint8 image of a non-image sample, stored as `.png` for viewing only
 
     @property
     def key(self) -> str:
         return self.meta.key
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img).copy()
-
-
 def encode_sample(sample: Sample) -> dict[str, object]:
     tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in sample.latents.items()}
     record = {"__key__": sample.key, LATENTS_EXT: save_safetensors(tensors)}
-    if sample.image is not None:
-        record[IMAGE_EXT] = encode_png(sample.image)
+    if sample.decoded is not None:
+        kind = SAMPLE_KINDS[sample.kind]
+        record[kind.ext] = kind.encode(sample.decoded)
+        if sample.view is not None and kind.ext != VIEW_EXT:
+            record[VIEW_EXT] = encode_png(sample.view)
     record[META_EXT] = sample.meta.to_json()
     return record
 
@@ -101,16 +100,22 @@ def commit_shard_at(storage: Storage, prefix: str, local_tar: str | Path, record
     storage.put_bytes(contract.commit_key_at(prefix, shard_id), record.to_json())
 
 
-def _decode_member(key: str, ext: str, data: bytes, sample: dict, meta_cls) -> None:
-    if ext == LATENTS_EXT:
-        tensors = load_safetensors(data)  # safetensors stores names sorted; restore sampling order
-        sample["latents"] = {name: tensors[name] for name in sorted(tensors, key=contract.latent_order)}
-    elif ext == IMAGE_EXT:
-        sample["image"] = decode_png(data)
-    elif ext == META_EXT:
-        sample["meta"] = meta_cls.from_json(data)
-    else:
-        raise ShardError(f"member {key}.{ext} is not sample data (only {', '.join(ALLOWED_EXTS)} are read)")
+def _decode_member(key: str, ext: str, data: bytes, sample: dict, meta_cls, where: str) -> None:
+    try:
+        if ext == LATENTS_EXT:
+            tensors = load_safetensors(data)  # safetensors stores names sorted; restore sampling order
+            sample["latents"] = {name: tensors[name] for name in sorted(tensors, key=contract.latent_order)}
+        elif ext == META_EXT:
+            sample["meta"] = meta_cls.from_json(data)
+        elif kind_of_ext(ext) is not None:
+            sample.setdefault("members", {})[ext] = kind_of_ext(ext).decode(data)
+        else:
+            raise ShardError(f"{where}: member {key}.{ext} is not sample data (only {', '.join(ALLOWED_EXTS)} are read)")
+    except ShardError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any decoder's failure is a corrupt record: name it
+        raise ShardError(f"{where}: record {key}, member .{ext} is corrupt ({exc.__class__.__name__}: {exc}); delete "
+                         "the shard's commit record and rerun the stage that wrote it") from None
 
 
 def read_shard_bytes(storage: Storage, round_idx: int, shard_id: int, record: CommitRecord | None = None) -> bytes:
@@ -148,7 +153,7 @@ def iter_tar_samples(data: bytes, where: str = "shard", wanted: tuple[str, ...] 
                         yield _finish(current_key, current, where, wanted)
                     current, current_key = {}, key
                 if ext in wanted:
-                    _decode_member(key, ext, tar.extractfile(info).read(), current, meta_cls)
+                    _decode_member(key, ext, tar.extractfile(info).read(), current, meta_cls, where)
                 elif ext not in ALLOWED_EXTS:
                     raise ShardError(f"{where}: member {info.name} is not sample data")
     except tarfile.TarError as exc:
@@ -159,13 +164,22 @@ def iter_tar_samples(data: bytes, where: str = "shard", wanted: tuple[str, ...] 
 
 
 def _finish(key, parts, where, wanted) -> Sample:
-    needed = {LATENTS_EXT: "latents", IMAGE_EXT: "image", META_EXT: "meta"}
-    missing = [ext for ext in wanted if needed[ext] not in parts]
+    needed = {LATENTS_EXT: "latents", META_EXT: "meta"}
+    missing = [ext for ext in wanted if ext in needed and needed[ext] not in parts]
+    members = parts.get("members", {})
+    if any(ext in SAMPLE_EXTS for ext in wanted) and not members:
+        missing.append("a decoded sample (" + ", ".join(ext for ext in wanted if ext in SAMPLE_EXTS) + ")")
     if missing:
         raise ShardError(f"{where}: sample {key} lacks {', '.join(missing)}")
+    # The decoded sample is the member of a non-image kind when there is one (its .png is then a view).
+    own = [ext for ext in members if ext != VIEW_EXT]
+    ext = own[0] if own else (VIEW_EXT if VIEW_EXT in members else None)
+    decoded = members.get(ext) if ext else None
+    view = members.get(VIEW_EXT) if own else None
     meta = parts.get("meta") or SampleMeta(key=key, prompt="", prompt_id=-1, sample_idx=-1, seed=-1, round=-1,
                                            model="", model_kind="", scheduler="", num_inference_steps=0, guidance_scale=0.0)
-    return Sample(meta=meta, latents=parts.get("latents", {}), image=parts.get("image"))
+    return Sample(meta=meta, latents=parts.get("latents", {}), decoded=decoded,
+                  kind=kind_of_ext(ext).name if ext else IMAGE.name, view=view)
 
 
 def read_shard(storage: Storage, round_idx: int, shard_id: int, record: CommitRecord | None = None,

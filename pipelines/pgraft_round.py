@@ -123,7 +123,8 @@ def _run_round(cfg: Config, rnd: int, storage, driver_node: str, progress: bool)
                                   "nodes": sorted(summary.nodes)}  # local filter: none (this process)
         if name == "evaluate":
             record["eval"] = {v: {"reward_mean": s["reward_mean"], "reward_stderr": s["reward_stderr"],
-                                  "frechet_distance": s["frechet_distance"], "diversity": s["diversity"]}
+                                  "frechet_distance": s["frechet_distance"], "diversity": s["diversity"],
+                                  **({"task_metrics": s["task_metrics"]} if "task_metrics" in s else {})}
                               for v, s in summary.variants.items()}
     storage.put_bytes(contract.pipeline_record_key(rnd), json.dumps(record, indent=1).encode())
     return record

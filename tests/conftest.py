@@ -99,6 +99,13 @@ def tiny_sd_factory(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_molecules(tmp_path_factory):
+    from tiny_models import save_tiny_molecules
+
+    return save_tiny_molecules(tmp_path_factory.mktemp("models") / "molecules")
+
+
+@pytest.fixture(scope="session")
 def tiny_sd3(tmp_path_factory):
     from tiny_models import save_tiny_sd3
 

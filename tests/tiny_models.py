@@ -107,3 +107,17 @@ def save_tiny_clip(out: Path, seed: int = 0) -> Path:
     tiny_clip_tokenizer().save_pretrained(out)
     CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(out)
     return out
+
+
+def save_tiny_molecules(out: Path, seed: int = 0) -> Path:
+    """A randomly initialised molecules base (one narrow transformer layer) with the real model card."""
+    import diffusers
+
+    from pgraft.models.sequence import SequenceDenoiser
+    from pgraft.tasks import molecules
+
+    torch.manual_seed(seed)
+    net = SequenceDenoiser(**molecules.denoiser_config(width=16, layers=1))
+    train = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    molecules.save_base(net, diffusers.DDIMScheduler.from_config(train.config, timestep_spacing="leading"), out / "ddpm")
+    return out / "ddpm"

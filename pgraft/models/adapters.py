@@ -22,16 +22,17 @@ from pgraft.contract import COMPOSITE_CARD
 from pgraft.models.fetch import ModelError, fetch_model, is_remote, local_folder, model_file_exists
 from pgraft.storage import open_storage
 
-MODEL_CARD = "pgraft_model.json"  # class_unet folders: prompt → class map, null class, task
+MODEL_CARD = "pgraft_model.json"  # class-conditional folders: prompt → class map, null class, task
 
 
 @dataclass
 class Rollout:
     latents: dict[str, torch.Tensor]  # name -> (B, ...) float32 on CPU
-    images: np.ndarray  # uint8 (B, H, W) or (B, H, W, 3)
+    samples: np.ndarray | list  # decoded samples of `sample_kind`: uint8 (B, H, W) / (B, H, W, 3) images, SMILES, …
     captured_timesteps: dict[str, int]  # latent name -> scheduler timestep of that latent
     timesteps: list[float]  # every timestep the sampler visited
     scheduler: str
+    sample_kind: str = "image"  # pgraft.samples kind of `samples`
 
 
 def resolve_device(name: str) -> torch.device:
@@ -112,6 +113,7 @@ class ModelAdapter:
     kind: str = ""
     denoiser_name = "unet"  # the pipeline attribute holding the network the train stage tunes
     scales_initial_noise = True  # the pipeline multiplies given latents by init_noise_sigma
+    sample_kind = "image"  # what `_call_pipeline` decodes x_0 into (pgraft.samples)
 
     def __init__(self, model: ModelSection):
         self.config = model
@@ -179,12 +181,12 @@ class ModelAdapter:
     def training_condition(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(condition per prompt, the null condition) as tensors the train stage can hold as
         buffers: what `denoise` takes, computed once (text encoders are not trained)."""
-        raise ModelError(f"model.kind={self.kind}: the train stage supports class_unet and stable_diffusion")
+        raise ModelError(f"model.kind={self.kind}: the train stage supports class_unet, class_sequence and stable_diffusion")
 
     def denoise(self, net, x: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """One forward of the trainable network `net` (this adapter's denoiser or a copy) on a
         batch with one condition row per sample."""
-        raise ModelError(f"model.kind={self.kind}: the train stage supports class_unet and stable_diffusion")
+        raise ModelError(f"model.kind={self.kind}: the train stage supports class_unet, class_sequence and stable_diffusion")
 
     def _call_pipeline(self, prompts: list[str], latents: torch.Tensor, generators, callback: Callable):
         raise NotImplementedError
@@ -220,7 +222,7 @@ class ModelAdapter:
                 capture(contract.FINAL_LATENT, kwargs["latents"])
             return kwargs
 
-        images = self._call_pipeline(prompts, noise.to(self.device, self.dtype), step_generators(seeds), on_step_end)
+        samples = self._call_pipeline(prompts, noise.to(self.device, self.dtype), step_generators(seeds), on_step_end)
         for copied in copies:
             copied.synchronize()  # the captures are read from here on
         timesteps = [float(t) for t in self.pipe.scheduler.timesteps]
@@ -231,18 +233,40 @@ class ModelAdapter:
         ordered[contract.FINAL_LATENT] = captured[contract.FINAL_LATENT]
         return Rollout(
             latents=ordered,
-            images=images,
+            samples=samples,
             captured_timesteps={contract.latent_name(k): noise_level_after(self.pipe.scheduler, timesteps, k)
                                 for k in sorted(wanted)},
             timesteps=timesteps,
             scheduler=type(self.pipe.scheduler).__name__,
+            sample_kind=self.sample_kind,
         )
+
+
+def card_decoding(card: dict, where: Path) -> tuple[str, Callable]:
+    """(sample kind, decode) of a class-conditional model folder: its card's task decodes x_0
+    (TaskSpec.decode); any other card is a pixel-space model (x_0 in [-1, 1] → uint8) unless it
+    says `sample_kind` is something else.
+    Only registered task names count: a name in a data file never imports code."""
+    from pgraft.models.class_pipeline import latents_to_uint8
+    from pgraft.tasks import TASKS
+
+    task = card.get("task")
+    if task in TASKS:
+        return TASKS[task].sample_kind, TASKS[task].decode
+    if card.get("sample_kind", "image") == "image":  # no task, or a plug-in task's pixel-space model
+        return "image", latents_to_uint8
+    raise ModelError(f"{where}/{MODEL_CARD}: task {task!r} is not a registered task, so its samples cannot be decoded")
 
 
 class ClassUNetAdapter(ModelAdapter):
     """Class-conditional UNet2DModel (e.g. the digits task): prompts map to class ids via the model card."""
 
     kind = "class_unet"
+
+    def _denoiser_class(self):
+        import diffusers
+
+        return diffusers.UNet2DModel
 
     def _load(self):
         import diffusers
@@ -252,7 +276,8 @@ class ClassUNetAdapter(ModelAdapter):
         card = json.loads((self.path / MODEL_CARD).read_text())
         self.prompt_to_class: dict[str, int] = card["prompts"]
         self.null_class = int(card["null_class"])
-        unet = diffusers.UNet2DModel.from_pretrained(self.path / "unet", dtype=self.dtype)
+        self.sample_kind, self.decode = card_decoding(card, self.path)
+        unet = self._denoiser_class().from_pretrained(self.path / "unet", dtype=self.dtype)
         sched_cfg = json.loads((self.path / "scheduler" / "scheduler_config.json").read_text())
         scheduler_cls = getattr(diffusers, sched_cfg["_class_name"], None)
         if scheduler_cls is None or not issubclass(scheduler_cls, diffusers.SchedulerMixin):
@@ -268,8 +293,9 @@ class ClassUNetAdapter(ModelAdapter):
         return torch.tensor([self.prompt_to_class[p] if p else self.null_class for p in prompts], dtype=torch.long)
 
     def latent_shape(self):
-        cfg = self.pipe.unet.config
-        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        from pgraft.models.class_pipeline import sample_shape
+
+        return sample_shape(self.pipe.unet)
 
     def velocity_field(self, prompts, guidance_scale):
         self.require_flow()
@@ -289,11 +315,24 @@ class ClassUNetAdapter(ModelAdapter):
         return net(x, timesteps, class_labels=condition).sample
 
     def _call_pipeline(self, prompts, latents, generators, callback):
-        return self.pipe(
+        x0 = self.pipe(
             class_labels=self.class_ids(prompts), null_class=self.null_class,
             num_inference_steps=self.config.num_inference_steps, guidance_scale=self.config.guidance_scale,
-            latents=latents, generator=generators, output_type="np", callback_on_step_end=callback,
+            latents=latents, generator=generators, output_type="latent", callback_on_step_end=callback,
         )
+        return self.decode(x0)
+
+
+class ClassSequenceAdapter(ClassUNetAdapter):
+    """Class-conditional sequence transformer (pgraft/models/sequence.py; the molecules task): the
+    same card and pipeline as class_unet, a (length, embed_dim) sample, decoded by the card's task."""
+
+    kind = "class_sequence"
+
+    def _denoiser_class(self):
+        from pgraft.models.sequence import SequenceDenoiser
+
+        return SequenceDenoiser
 
 
 class _TextPipelineAdapter(ModelAdapter):
@@ -364,15 +403,20 @@ class SD3Adapter(_TextPipelineAdapter):
 # Dispatch table: model.kind -> adapter class.
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     ClassUNetAdapter.kind: ClassUNetAdapter,
+    ClassSequenceAdapter.kind: ClassSequenceAdapter,
     StableDiffusionAdapter.kind: StableDiffusionAdapter,
     SD3Adapter.kind: SD3Adapter,
 }
 
 
+# The kinds whose folder is a denoiser + scheduler + MODEL_CARD (prompts are classes).
+CLASS_KINDS = (ClassUNetAdapter.kind, ClassSequenceAdapter.kind)
+
+
 def check_model_folder(model: ModelSection) -> None:
     """Cheap checks (no weights loaded or downloaded) so a bad path or URI fails before any
     worker starts. The references may name storage (s3://…) or a local folder."""
-    marker = MODEL_CARD if model.kind == "class_unet" else "model_index.json"
+    marker = MODEL_CARD if model.kind in CLASS_KINDS else "model_index.json"
     if not model_file_exists(model.path, marker):
         if not _has_any(model.path):
             raise ModelError(f"model.path {model.path!r} does not exist (for a built-in task run `pgraft pretrain TASK "

@@ -1,4 +1,5 @@
-"""A diffusers pipeline for class-conditional `UNet2DModel`s (the digits task).
+"""A diffusers pipeline for class-conditional denoisers: `UNet2DModel`s (the digits task) and
+the sequence transformer of pgraft/models/sequence.py (the molecules task).
 
 It follows the conventions of diffusers' text-to-image pipelines — `latents=`, `generator=`,
 `callback_on_step_end`, `output_type` — so one adapter captures latents from every kind of
@@ -19,6 +20,14 @@ def latents_to_uint8(x: torch.Tensor) -> np.ndarray:
     img = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
     img = np.transpose(img, (0, 2, 3, 1))
     return img[..., 0] if img.shape[-1] == 1 else img
+
+
+def sample_shape(net) -> tuple[int, ...]:
+    """One sample's shape for a denoiser: its own `latent_shape`, else a square UNet's (C, H, W)."""
+    shape = getattr(net, "latent_shape", None)
+    if shape is not None:
+        return tuple(shape)
+    return (net.config.in_channels, net.config.sample_size, net.config.sample_size)
 
 
 class ClassConditionalPipeline(DiffusionPipeline):
@@ -53,10 +62,9 @@ class ClassConditionalPipeline(DiffusionPipeline):
         device = self.unet.device
         dtype = self.unet.dtype
         batch = class_labels.shape[0]
-        shape = (batch, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
         if latents is None:
             gens = generator if isinstance(generator, list) else [generator] * batch
-            latents = torch.stack([torch.randn(shape[1:], generator=g) for g in gens])
+            latents = torch.stack([torch.randn(sample_shape(self.unet), generator=g) for g in gens])
         latents = latents.to(device, dtype) * getattr(self.scheduler, "init_noise_sigma", 1.0)
         class_labels = class_labels.to(device)
         self.scheduler.set_timesteps(num_inference_steps, device=device)

@@ -62,7 +62,7 @@ class TaskSpec:
     reward: str  # reward.name's default
     rewards: Mapping[str, Callable]  # rewards the task brings: name -> factory(model_path, device, **options)
     reward_weights: Mapping[str, RewardWeights]  # reward name -> its default weights under task.dir
-    hash: str  # reward.hash's default (a registered sample_hash or module:function)
+    hash: str  # reward.hash's default (a registered sample_hash, one of `hashes`, or module:function)
     prompts: tuple[str, ...]  # generate.prompts' default
     # real_data(split, seed) -> (x (N, ...) as the model sees it, prompts): what `pgraft invert` inverts.
     real_data: Callable[[str, int], tuple[Any, list[str]]]
@@ -75,12 +75,20 @@ class TaskSpec:
     decode: Callable[[Any], Any]  # latents x_0 (N, ...) in model space -> decoded samples (what rewards see)
     show: Callable[[Any], Any] = field(default=lambda sample: sample)  # decoded sample -> uint8 image for reports
     splits: tuple[str, ...] = ("train", "test", "all")  # the splits real_data / real_samples know
+    sample_kind: str = "image"  # what `decode` returns, as pgraft.samples names it (how shards store it)
+    model_kind: str = "class_unet"  # model.kind's default: the adapter of the task's base models
+    reference_split: str = "all"  # the real_samples split the evaluation's Fréchet distance compares with
+    feature_space: str = "classifier"  # what `features` are, as evaluation summaries name them
+    # metrics(decoded samples, seed) -> {name: float}: the task's own evaluation figures (e.g. validity,
+    # novelty); None: the generic ones only (reward, Fréchet distance, diversity).
+    metrics: Callable[[Any, int], dict] | None = None
+    hashes: Mapping[str, Callable] = field(default_factory=dict)  # sample_hash functions the task brings, by name
     description: str = ""
 
 
 # The parts a task must declare (those without a default); `feature_weights` may be None.
 REQUIRED_PARTS = tuple(f.name for f in fields(TaskSpec) if f.default is MISSING and f.default_factory is MISSING)
-MAY_BE_NONE = {"feature_weights"}
+MAY_BE_NONE = {"feature_weights", "metrics"}
 
 TASKS: dict[str, TaskSpec] = {}
 

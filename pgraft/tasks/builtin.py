@@ -27,5 +27,37 @@ DIGITS = register_task(TaskSpec(
     decode=lazy("pgraft.models.class_pipeline:latents_to_uint8"),
 ))
 
+MOLECULES = register_task(TaskSpec(
+    name="molecules",
+    description="small molecules as SELFIES token vectors (RDKit's bundled NCI SMILES); docs/DESIGN.md §8",
+    pretrain=lazy("pgraft.tasks.molecules:pretrain_and_publish"),
+    pretrain_options={
+        "--steps": (int, 3000, "optimizer steps of the DDPM base"),
+        "--width": (int, 64, "width of the transformer denoiser"),
+        "--layers": (int, 3, "transformer layers of the denoiser"),
+        "--prediction": (str, "sample", "what the denoiser predicts: sample (x_0), epsilon or v_prediction"),
+        "--eval-samples": (int, 256, "base samples for the summary's validity / uniqueness / QED (0 skips it)"),
+    },
+    base_model="ddpm",
+    model_kind="class_sequence",
+    sample_kind="smiles",
+    reward="qed",
+    rewards={"qed": lazy("pgraft.tasks.molecules:qed_reward"),
+             "molecule_properties": lazy("pgraft.tasks.molecules:molecule_properties_reward")},
+    reward_weights={},
+    hash="canonical_smiles",
+    hashes={"canonical_smiles": lazy("pgraft.tasks.molecules:canonical_smiles_hash")},
+    prompts=("a molecule",),
+    real_data=lazy("pgraft.tasks.molecules:real_data"),
+    real_samples=lazy("pgraft.tasks.molecules:real_samples"),
+    reference_split="test",
+    feature_space="chemnet",
+    features=lazy("pgraft.tasks.molecules:feature_extractor"),
+    feature_weights=None,
+    decode=lazy("pgraft.tasks.molecules:decode"),
+    show=lazy("pgraft.tasks.molecules:show"),
+    metrics=lazy("pgraft.tasks.molecules:sample_metrics"),
+))
+
 # The task the embedded default config runs.
 DEFAULT_TASK = DIGITS.name

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pgraft.progress import progress_bar
 
 NUM_CLASSES = 10
 NULL_CLASS = 10  # reserved label for the unconditional branch of classifier-free guidance
@@ -236,53 +235,16 @@ def unet_config() -> dict:
     )
 
 
-def _noise_and_target(kind: str, x0: torch.Tensor, scheduler, gen: torch.Generator):
-    """(model input, timestep input, regression target) for one training batch."""
-    eps = torch.randn(x0.shape, generator=gen)
-    if kind == "ddpm":
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=gen)
-        return scheduler.add_noise(x0, eps, t), t, eps
-    # Rectified flow: x_s = (1 − s) x0 + s ε, velocity target ε − x0, timestep input 1000·s.
-    from pgraft.targets import rectified_flow_pair
-
-    s = torch.rand(len(x0), generator=gen)
-    xs, target = rectified_flow_pair(x0, eps, s)
-    return xs, s * scheduler.config.num_train_timesteps, target
-
-
 def train_base(kind: str, steps: int, seed: int = 0, batch_size: int = 128, lr: float = 5e-4, progress: bool = True):
     """Train the class-conditional base: `ddpm` (ε-prediction) or `flow` (velocity)."""
     import diffusers
 
+    from pgraft.tasks.training import train_class_denoiser
+
     torch.manual_seed(seed)
     x, y = load_data("all")
     unet = diffusers.UNet2DModel(**unet_config())
-    if kind == "ddpm":
-        train_sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
-        # Sampler: DDIM with `leading` spacing, 20 of 1000 steps visit 950, 900, …, 0.
-        sampler = diffusers.DDIMScheduler.from_config(train_sched.config, timestep_spacing="leading")
-    elif kind == "flow":
-        train_sched = sampler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
-    else:
-        raise ValueError(f"unknown base kind {kind!r}")
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed + 1)
-    losses = []
-    unet.train()
-    bar = progress_bar(steps, f"pretrain {kind}", "step", enabled=progress)
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (batch_size,), generator=gen)
-        labels = torch.where(torch.rand(batch_size, generator=gen) < LABEL_DROPOUT, NULL_CLASS, y[idx])
-        model_in, t, target = _noise_and_target(kind, x[idx], train_sched, gen)
-        loss = F.mse_loss(unet(model_in, t, class_labels=labels).sample, target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        bar.update(1)
-    bar.close()
-    unet.eval()
-    return unet, sampler, float(np.mean(losses[-50:]))
+    return train_class_denoiser(unet, x, y, NULL_CLASS, kind, steps, seed, batch_size, lr, LABEL_DROPOUT, progress)
 
 
 def save_base(unet, scheduler, out: Path, kind: str) -> None:
@@ -309,7 +271,7 @@ def measure_alignment(model_dir: Path, classifier: DigitClassifier, samples_per_
     images = []
     for lo in range(0, len(digits), 250):
         batch = digits[lo:lo + 250]
-        images.append(adapter.rollout([prompt_for(d) for d in batch], seeds[lo:lo + 250], []).images)
+        images.append(adapter.rollout([prompt_for(d) for d in batch], seeds[lo:lo + 250], []).samples)
     return float(prompt_alignment(classifier, np.concatenate(images), digits).mean())
 
 
@@ -344,21 +306,7 @@ def pretrain_and_publish(location: str, seed: int = 0, threads: int | None = Non
     """Pretrain the task on the node this runs on (the round pipeline runs it as a Ray task,
     never in the driver) and publish `ddpm/`, `flow/`, `classifier/` and `summary.json` (last)
     to `location`, a local folder or a storage URI. `options` go to `pretrain_digits`."""
-    import tempfile
+    from pgraft.tasks.training import publish
 
-    from pgraft.models.fetch import is_remote
-    from pgraft.storage import open_storage
-
-    if threads:
-        torch.set_num_threads(threads)
-    options.setdefault("progress", False)
-    if not is_remote(location):
-        return pretrain_digits(location, seed=seed, **options)
-    with tempfile.TemporaryDirectory(prefix="pgraft-pretrain-") as scratch:
-        summary = pretrain_digits(scratch, seed=seed, **options)
-        store = open_storage(location)
-        for name in ("flow", "ddpm", "classifier"):
-            if (Path(scratch) / name).is_dir():
-                store.upload_folder(Path(scratch) / name, name)
-        store.put_file(Path(scratch) / "summary.json", "summary.json")  # last: marks the set complete
-    return summary
+    return publish(location, lambda out, **kw: pretrain_digits(out, seed=seed, **kw), ("flow", "ddpm", "classifier"),
+                   threads, **options)

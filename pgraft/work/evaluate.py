@@ -1,6 +1,6 @@
 """Evaluation work: the worker that summarises an evaluation variant from its shards and
 reward table (reward mean ± s.e., per-prompt means, Fréchet distance to the task's real data
-in the task's feature space, within-prompt diversity). The evaluate stage drives it, one unit
+in the task's feature space, within-prompt diversity, and the task's own metrics). The evaluate stage drives it, one unit
 per variant, after the generate and reward workers have written the variants' samples and scores.
 """
 
@@ -11,7 +11,8 @@ import numpy as np
 from pgraft import metrics
 from pgraft.config import Config
 from pgraft.models.fetch import child
-from pgraft.shards import IMAGE_EXT, META_EXT, list_committed, read_shard
+from pgraft.samples import SAMPLE_KINDS, collect
+from pgraft.shards import DECODED, list_committed, read_shard
 from pgraft.storage import open_storage
 from pgraft.tables import list_reward_parts, read_reward_table
 from pgraft.work.reward import reward_model_path
@@ -40,25 +41,27 @@ def summarize_variant(cfg_tree: dict) -> dict:
     by_key = {key: i for i, key in enumerate(table["key"].to_pylist())}
     rewards = table["reward"].to_numpy()
     prompt_ids = table["prompt_id"].to_numpy()
-    images = [None] * len(by_key)
+    decoded, kind = [None] * len(by_key), "image"
     for sid, record in sorted(list_committed(storage, 0).items()):
-        for sample in read_shard(storage, 0, sid, record, wanted=(IMAGE_EXT, META_EXT)):
-            images[by_key[sample.key]] = sample.image
-    images = np.stack(images)
+        for sample in read_shard(storage, 0, sid, record, wanted=DECODED):
+            decoded[by_key[sample.key]], kind = sample.decoded, sample.kind
+    samples = collect(decoded, SAMPLE_KINDS[kind])
     mean, stderr = metrics.mean_and_stderr(rewards)
-    frechet = None
+    frechet, task_metrics = None, {}
     spec = cfg.task.spec()
     if spec is not None:  # the task's feature extractor: Fréchet distance to its real data
         extract = spec.features(feature_weights(cfg))
-        features = extract(images)
-        frechet = metrics.frechet_distance_of(features, extract(spec.real_samples("all", cfg.task.seed)))
+        features = extract(samples)
+        frechet = metrics.frechet_distance_of(features, extract(spec.real_samples(spec.reference_split, cfg.task.seed)))
+        task_metrics = spec.metrics(samples, cfg.task.seed) if spec.metrics is not None else {}
     else:  # no task, so no feature extractor: diversity in pixel space
-        features = images.reshape(len(images), -1).astype(np.float64) / 255.0
+        features = samples.reshape(len(samples), -1).astype(np.float64) / 255.0
     return {
         "samples": int(len(rewards)), "reward_mean": mean, "reward_stderr": stderr,
         "per_prompt_mean": {str(k): v for k, v in metrics.per_prompt_means(rewards, prompt_ids).items()},
-        "frechet_distance": frechet, "feature_space": "classifier" if frechet is not None else "pixels",
+        "frechet_distance": frechet, "feature_space": spec.feature_space if spec is not None else "pixels",
         "diversity": metrics.within_prompt_diversity(features, prompt_ids),
+        **({"task_metrics": task_metrics} if task_metrics else {}),
     }
 
 

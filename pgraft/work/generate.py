@@ -26,6 +26,7 @@ from pgraft.config import Config, ConfigError, config_to_yaml, first_difference,
 from pgraft.contract import CommitRecord, SampleMeta
 from pgraft.errors import PgraftError
 from pgraft.models.adapters import Rollout, check_capture_steps, check_model_folder, load_adapter, synchronize
+from pgraft.samples import IMAGE
 from pgraft.shards import Sample, commit_shard, list_committed, write_shard
 from pgraft.storage import Storage, open_storage
 from pgraft.work.spec import Finished, WorkerSpec
@@ -153,6 +154,9 @@ class GenerateWorker:
         # torch's thread count, set in the actor before this worker is built, holds there too.
         self.device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgraft-device")
         self.adapter = self.device_thread.submit(load_adapter, self.cfg.model).result()
+        # generate.store_views: a PNG of each non-image sample beside it, drawn the task's way.
+        spec = self.cfg.task.spec()
+        self.show = spec.show if self.cfg.generate.store_views and spec is not None else None
 
     def __call__(self, unit: WorkUnit) -> dict:
         rollouts, device_start, device_seconds = self.device_thread.submit(self._device_phase, unit).result()
@@ -191,7 +195,9 @@ class GenerateWorker:
                 num_inference_steps=cfg.model.num_inference_steps, guidance_scale=cfg.model.guidance_scale,
                 captured_steps=dict(rollout.captured_timesteps), timesteps=rollout.timesteps,
             )
-            samples.append(Sample(meta, {k: v[i] for k, v in rollout.latents.items()}, rollout.images[i]))
+            decoded = rollout.samples[i]
+            view = self.show(decoded) if self.show is not None and rollout.sample_kind != IMAGE.name else None
+            samples.append(Sample(meta, {k: v[i] for k, v in rollout.latents.items()}, decoded, rollout.sample_kind, view))
         return samples
 
     def _write_and_commit(self, shard_id: int, samples: list[Sample]) -> CommitRecord:

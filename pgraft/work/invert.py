@@ -117,16 +117,10 @@ class InvertWorker:
         # Φ is the base sampler itself: a noise corrector plays no part in inverting it.
         self.adapter = load_adapter(self.cfg.model.model_copy(update={"noise_corrector": None, "finetuned": None}))
         self.grid = self.adapter.euler_grid()
-        # How a record's x_0 is shown as an image: the task's decoding (TaskSpec.decode), or pixels
-        # without a task; only a pixel-space model's x_0 is in the task's data space (a latent
-        # model would need its VAE), so other models' records carry no image.
-        if self.adapter.kind == "class_unet":
-            from pgraft.models.class_pipeline import latents_to_uint8
-
-            spec = self.cfg.task.spec()
-            self.decode = spec.decode if spec is not None else latents_to_uint8
-        else:
-            self.decode = None
+        # How a record's x_0 is decoded: a class-conditional model's card names its task, whose
+        # decoding it is (pixels without one); a latent model's x_0 would need its VAE, so those
+        # models' records carry no decoded sample.
+        self.decode = getattr(self.adapter, "decode", None)
         self._task = None  # the task's data, loaded by the first unit that needs it
 
     def _points(self, unit: InvertUnit):
@@ -167,7 +161,7 @@ class InvertWorker:
                     residual=float(result.residual[i]), reconstruction_error=float(errors[i]),
                 )
                 latents = {contract.INITIAL_NOISE: result.noise[i], contract.FINAL_LATENT: x[i]}
-                samples.append(Sample(meta, latents, images[i]))
+                samples.append(Sample(meta, latents, images[i], self.adapter.sample_kind))
                 noise = result.noise[i].double()
                 rows.append({**{k: getattr(meta, k) for k in ("key", "index", "prompt", "reconstruction_error",
                                                               "iterations", "max_step_iterations", "converged",

@@ -3,7 +3,7 @@ reward's configuration checks, and the tally of a run. The reward stage and the 
 stage's variants drive these.
 
 A part is written whole or not at all, and parts that exist are skipped, so a rerun
-finishes an interrupted run; the shards are only read (images and JSON, no latents).
+finishes an interrupted run; the shards are only read (decoded samples and JSON, no latents).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pgraft.contract import CommitRecord
 from pgraft.errors import PgraftError
 from pgraft.hashing import get_hash
 from pgraft.models.fetch import child, fetch_model, is_remote, model_file_exists
-from pgraft.shards import IMAGE_EXT, META_EXT, list_committed, read_shard
+from pgraft.shards import DECODED, list_committed, read_shard
 from pgraft.storage import open_storage
 from pgraft.tables import arrow_schema, list_reward_parts, write_parquet
 from pgraft.work.spec import Finished, WorkerSpec
@@ -105,12 +105,12 @@ class RewardWorker:
         shard_id, record_fields = job
         cfg, rnd = self.cfg, self.cfg.run.round
         record = CommitRecord(**record_fields)
-        samples = read_shard(self.storage, rnd, shard_id, record, wanted=(IMAGE_EXT, META_EXT))
+        samples = read_shard(self.storage, rnd, shard_id, record, wanted=DECODED)
         shard = record.shard
         rewards, extra = [], {}
         for lo in range(0, len(samples), cfg.reward.batch_size):
             batch = samples[lo:lo + cfg.reward.batch_size]
-            out = self._score([s.image for s in batch], [s.meta.prompt for s in batch],
+            out = self._score([s.decoded for s in batch], [s.meta.prompt for s in batch],
                               [vars(s.meta) for s in batch], [s.key for s in batch], shard)
             rewards.append(out.rewards)
             for name, column in out.columns.items():
@@ -123,7 +123,7 @@ class RewardWorker:
             "prompt_id": [m.prompt_id for m in metas], "prompt": [m.prompt for m in metas],
             "sample_idx": [m.sample_idx for m in metas], "seed": [m.seed for m in metas],
             "reward": np.concatenate(rewards) if rewards else np.zeros(0), "reward_name": [cfg.reward.name] * len(metas),
-            "sample_hash": [self.sample_hash(s.image, vars(s.meta)) for s in samples],
+            "sample_hash": [self.sample_hash(s.decoded, vars(s.meta)) for s in samples],
         }
         table = pa.table(columns, schema=arrow_schema(contract.REWARD_COLUMNS))
         for name, parts in extra.items():

@@ -119,3 +119,19 @@ def test_fingerprinted_trainer_settings_come_from_the_marks():
         "kind", "include_unconverged", "covariance", "ridge", "channels", "layers_per_block", "sampling_steps",
         "coupling", "steps", "batch_size", "micro_batch_size", "lr", "weight_decay", "grad_clip", "zero_stage",
         "precision", "seed", "num_workers"}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("reward.name=clip_score", "config error: reward.name: clip_score takes image samples, but the task makes smiles samples"),
+    ("reward.hash=perceptual", "config error: reward.hash: perceptual takes image samples, but the task makes smiles samples"),
+])
+def test_a_reward_or_hash_for_images_on_molecules_is_one_line(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["task.name=molecules", override])
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_molecules_task_sets_its_own_defaults():
+    cfg = load_config("configs/molecules.yaml")
+    assert (cfg.model.kind, cfg.reward.name, cfg.reward.hash) == ("class_sequence", "qed", "canonical_smiles")
+    assert load_config(None, ["task.name=molecules"]).model.kind == "class_sequence"

@@ -85,6 +85,26 @@ def test_dedup_keeps_the_best_copy_and_reweights_by_copies():
         assert d[key] == pytest.approx(q[key] + math.log(1 / n))
 
 
+def test_best_of_n_with_dedup_matches_the_closed_form_on_known_copy_counts():
+    # One prompt, two groups of 4 (best-of-4). Molecule hashes: group 0 = a a a b, group 1 = c d a e.
+    # Dedup keeps a's best copy (s=2, reward 0.9; 4 copies), so 5 distinct samples remain; each
+    # group is still whole as generated, so each gives its best distinct sample.
+    p = np.zeros(8, dtype=np.int64)
+    s = np.arange(8)
+    r = np.array([0.5, 0.3, 0.9, 0.4, 0.6, 0.2, 0.1, 0.7])
+    codes = np.array([0, 0, 0, 1, 2, 3, 0, 4])
+    sel = run(p, s, r, codes, method="best_of_n", n=4, dedup=True)
+    assert sorted(s[sel.index].tolist()) == [2, 7] and sel.rows_considered == 5
+    # Closed form (docs/DESIGN.md §3): log(N u^(N−1)) − log N_copies, u = mid-rank CDF over the 5 kept.
+    m = 5
+    for idx, rank, reshaped in zip(sel.index, sel.rank_in_prompt, sel.reshaped_reward):
+        u = (m - rank - 0.5) / m
+        copies = 4 if s[idx] == 2 else 1
+        assert reshaped == pytest.approx(math.log(4) + 3 * math.log(u) - math.log(copies))
+    # Without dedup, group 1's best is s=7 too, and group 0's best is the same a.
+    assert sorted(s[run(p, s, r, None, method="best_of_n", n=4).index].tolist()) == [2, 7]
+
+
 def test_duplicate_rows_are_an_error():
     with pytest.raises(SelectionError, match="p000001_s00002 appears twice"):
         canonical_order(np.array([1, 0, 1]), np.array([2, 0, 2]))

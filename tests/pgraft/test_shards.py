@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 
 from pgraft import contract
 from pgraft.contract import SampleMeta
-from pgraft.shards import Sample, ShardError, commit_shard, iter_tar_samples, list_committed, read_shard, write_shard
+from pgraft.shards import DECODED, Sample, ShardError, commit_shard, iter_tar_samples, list_committed, read_shard, write_shard
 from pgraft.storage import open_storage
 
 
@@ -41,7 +42,7 @@ def test_round_trip_is_exact(where, tmp_path, request):
     assert [s.key for s in back] == record.keys == [s.key for s in samples]
     for a, b in zip(samples, back):
         assert a.meta == b.meta
-        assert np.array_equal(a.image, b.image)
+        assert np.array_equal(a.decoded, b.decoded) and b.kind == "image"
         assert list(a.latents) == list(b.latents)
         for name in a.latents:
             assert torch.equal(a.latents[name], b.latents[name])  # bit-exact
@@ -91,3 +92,28 @@ def test_torn_shard_is_caught(tmp_path):
         f.truncate(record.bytes // 2)
     with pytest.raises(ShardError, match="torn or was replaced: delete round-000/generate/shard-000000.json"):
         read_shard(store, 0, 0, record)
+
+
+def test_molecule_samples_are_json_strings_with_an_optional_view(tmp_path):
+    samples = make_samples(2)
+    samples[0] = Sample(samples[0].meta, samples[0].latents, "C(O)C", "smiles", np.zeros((4, 4, 3), np.uint8))
+    samples[1] = Sample(samples[1].meta, samples[1].latents, "c1ccccc1", "smiles")
+    write_shard(samples, tmp_path / "s.tar", 0)
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        names = tar.getnames()
+        assert json.loads(tar.extractfile(f"{samples[0].key}.smiles.json").read()) == {"smiles": "C(O)C"}
+    assert f"{samples[0].key}.png" in names and f"{samples[1].key}.png" not in names  # the view is optional
+    back = list(iter_tar_samples((tmp_path / "s.tar").read_bytes(), wanted=DECODED))
+    assert [(s.decoded, s.kind) for s in back] == [("C(O)C", "smiles"), ("c1ccccc1", "smiles")]
+    assert back[0].view.shape == (4, 4, 3) and back[1].view is None and back[0].latents == {}
+
+
+def test_a_corrupt_record_names_the_shard_and_key(tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in (("p0000-s000000.smiles.json", b'{"smiles": 3}'), ("p0000-s000000.json", b"{}")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ShardError, match=r"shard-000007\.tar: record p0000-s000000, member \.smiles\.json is corrupt"):
+        list(iter_tar_samples(buf.getvalue(), "s3://b/run/shard-000007.tar", wanted=DECODED))

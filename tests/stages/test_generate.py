@@ -67,7 +67,7 @@ def test_generate_writes_committed_shards_on_two_actors(ray_local, tiny_digits, 
     assert first.meta.captured_steps == {"x_2": 700, "x_5": 400, "x_8": 100}  # DDIM leading, 10 of 1000
     assert first.meta.seed == contract.sample_seed(0, 0, first.meta.prompt_id, first.meta.sample_idx)
     assert first.meta.prompt == f"a handwritten digit {first.meta.prompt_id + 1}"
-    assert first.image.shape == (8, 8)
+    assert first.decoded.shape == (8, 8)
     assert store.exists(contract.CONFIG_KEY)
     assert "round 0" in summary.render() and "x_5 (t=400)" in summary.render()
     assert summary.bytes_written == sum(rec.bytes for rec in committed.values()) > 0

@@ -41,7 +41,7 @@ def test_class_unet_ddim_capture_matches_hand_loop(tiny_digits):
     assert list(rollout.latents) == ["x_T", "x_1", "x_5", "x_9", "x_0"]
     # DDIM `leading` at 10 of 1000 visits 900, 800, …, 0; x_k sits at timesteps[k].
     assert rollout.captured_timesteps == {"x_1": 800, "x_5": 400, "x_9": 0}
-    assert rollout.images.shape == (2, 8, 8) and rollout.images.dtype.name == "uint8"
+    assert rollout.samples.shape == (2, 8, 8) and rollout.samples.dtype.name == "uint8"
 
 
 def test_flow_capture_matches_euler_closed_form(tiny_digits_flow):
@@ -84,7 +84,7 @@ def test_stable_diffusion_capture_matches_hand_loop(tiny_sd_factory, prediction_
             x = pipe.scheduler.step(out_uncond + 3.0 * (out_cond - out_uncond), t, x).prev_sample
             hand[i + 1] = x.clone()
     _assert_captured(rollout, {k: hand[k] for k in CAPTURE + [STEPS]})
-    assert rollout.images.shape == (2, 16, 16, 3)
+    assert rollout.samples.shape == (2, 16, 16, 3)
 
 
 def test_sd3_flow_capture_matches_euler_closed_form(tiny_sd3):

@@ -34,10 +34,10 @@ def test_short_pretrain_is_deterministic_and_loads(tmp_path):
     for kind, scheduler in (("ddpm", "DDIMScheduler"), ("flow", "FlowMatchEulerDiscreteScheduler")):
         adapter = load_adapter(ModelSection(path=str(tmp_path / "a" / kind), num_inference_steps=4, device="cpu"))
         rollout = adapter.rollout(["a handwritten digit 7"], [0], [2])
-        assert rollout.scheduler == scheduler and rollout.images.shape == (1, 8, 8)
+        assert rollout.scheduler == scheduler and rollout.samples.shape == (1, 8, 8)
 
     classifier = digits.load_classifier(tmp_path / "a/classifier")
-    probs = digits.prompt_alignment(classifier, rollout.images, [7])
+    probs = digits.prompt_alignment(classifier, rollout.samples, [7])
     assert probs.shape == (1,) and 0.0 <= probs[0] <= 1.0
 
 
