@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_RUN ?= runs/demo
 DEMO_ARGS ?=
 
-.PHONY: venv install install-test chromium demo demo-s3 test bench digits-study inc-study clean cluster-up cluster-down
+.PHONY: venv install install-test chromium demo demo-s3 test bench digits-study inc-study molecules-study clean cluster-up cluster-down
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,13 @@ digits-study: $(VENV)/.installed
 # (`$(VENV)/bin/pgraft pretrain digits --out models/digits`). Writes benchmarks/results/inc_study.*
 inc-study: $(VENV)/.installed
 	$(PY) benchmarks/inc_study.py
+
+# Dedup GRS on molecules (best-of-8 / threshold, with and without dedup, 3 rounds, 3 seeds) and
+# GRAFT vs P-GRAFT at two t (docs/DESIGN.md §6b): ~30 min on 2 cores; pretrains models/molecules
+# first when missing (~3 min). Writes benchmarks/results/molecules_dedup.{json,md,png}.
+molecules-study: $(VENV)/.installed
+	test -f models/molecules/summary.json || $(VENV)/bin/pgraft pretrain molecules --out models/molecules --quiet
+	$(PY) benchmarks/molecules_dedup.py --models models/molecules
 
 # A two-node Ray cluster on this machine (head without CPUs + a worker node with the custom
 # resource gpu_node): `eval "$$(make -s cluster-up)"` exports RAY_ADDRESS, RAY_API_SERVER_ADDRESS,

@@ -253,12 +253,9 @@ def main() -> None:
 
 
 def write_results(results: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    out.with_suffix(".md").write_text(table(results))
-    plot(results, out.with_suffix(".png"))
-    print(table(results))
-    print(f"wrote {out}.json, .md, .png")
+    from study_output import write_study
+
+    write_study(results, out, table, plot)
 
 
 if __name__ == "__main__":

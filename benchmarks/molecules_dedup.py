@@ -203,13 +203,10 @@ def main() -> None:
     results = {"seeds": args.seeds, "args": {k: v for k, v in vars(args).items() if k not in ("work", "out")},
                "runs": {str(s): r for s, r in runs.items()}, "aggregate": aggregate(runs, args),
                "seconds": time.perf_counter() - start}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    out.with_suffix(".md").write_text(table(results))
-    plot(results, out.with_suffix(".png"))
-    print(table(results))
-    print(f"wrote {out}.json, .md, .png in {results['seconds']:.0f} s")
+    from study_output import write_study
+
+    write_study(results, Path(args.out), table, plot)
+    print(f"in {results['seconds'] / 60:.1f} min")
 
 
 if __name__ == "__main__":
