@@ -44,7 +44,8 @@ def publish_task_models(cfg: Config, progress: bool = True) -> None:
     placement = cluster.plan_placement(1, "cpu", "task", cfg.generate.resources)
     summary = cluster.run_task(spec.pretrain, (cfg.task.dir, cfg.task.seed, placement.threads), placement,
                                "task pretraining", cfg.cluster.placement_timeout_s)
-    shown = ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if "alignment" in k or "accuracy" in k)
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in summary.items()
+                      if ("alignment" in k or "accuracy" in k or k.startswith("base_")) and isinstance(v, float))
     print(f"  done in {summary['total_seconds']:.0f} s" + (f"; {shown}" if shown else ""))
 
 

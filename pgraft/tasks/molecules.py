@@ -414,7 +414,7 @@ def pretrain_molecules(out: str | Path, seed: int = 0, steps: int = 3000, width:
     net = SequenceDenoiser(**denoiser_config(width, layers))
     net, sampler, loss = train_class_denoiser(net, x, torch.zeros(len(x), dtype=torch.long), NULL_CLASS, "ddpm",
                                               steps, seed, progress=progress, label="pretrain molecules",
-                                              prediction_type=prediction)
+                                              prediction_type=prediction, clip_sample=False)
     save_base(net, sampler, out / "ddpm")
     summary = {"seed": seed, "steps": steps, "prediction": prediction, "train_molecules": len(x), "held_out": len(molecules("test", seed)),
                "vocabulary": len(vocabulary()), "ddpm_final_loss": loss,

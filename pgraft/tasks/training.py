@@ -27,14 +27,15 @@ def noise_and_target(kind: str, x0: torch.Tensor, scheduler, gen: torch.Generato
     return xs, s * scheduler.config.num_train_timesteps, target
 
 
-def schedulers_for(kind: str, prediction_type: str = "epsilon"):
+def schedulers_for(kind: str, prediction_type: str = "epsilon", clip_sample: bool = True):
     """(training scheduler, sampler) of a base of `kind`; a DDPM base predicts `prediction_type`
-    (epsilon, sample = x_0, or v_prediction)."""
+    (epsilon, sample = x_0, or v_prediction), and its sampler clips the predicted x_0 to [-1, 1]
+    when `clip_sample` (right for pixels in [-1, 1], wrong for data that reaches beyond)."""
     import diffusers
 
     if kind == "ddpm":
         train_sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                                              prediction_type=prediction_type)
+                                              prediction_type=prediction_type, clip_sample=clip_sample)
         # Sampler: DDIM with `leading` spacing, 20 of 1000 steps visit 950, 900, …, 0.
         return train_sched, diffusers.DDIMScheduler.from_config(train_sched.config, timestep_spacing="leading")
     if kind == "flow":
@@ -45,10 +46,10 @@ def schedulers_for(kind: str, prediction_type: str = "epsilon"):
 
 def train_class_denoiser(net, x: torch.Tensor, y: torch.Tensor, null_class: int, kind: str, steps: int, seed: int,
                          batch_size: int = 128, lr: float = 5e-4, label_dropout: float = 0.1, progress: bool = True,
-                         label: str = "pretrain", prediction_type: str = "epsilon"):
+                         label: str = "pretrain", prediction_type: str = "epsilon", clip_sample: bool = True):
     """Train `net` (built by the caller after `torch.manual_seed(seed)`) on data `x` with class
     labels `y`; return (net in eval mode, its sampler, mean loss of the last 50 steps)."""
-    train_sched, sampler = schedulers_for(kind, prediction_type)
+    train_sched, sampler = schedulers_for(kind, prediction_type, clip_sample)
     opt = torch.optim.AdamW(net.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed + 1)
     losses = []
