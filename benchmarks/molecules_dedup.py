@@ -49,7 +49,8 @@ def base_config(args, seed: int, run_uri: str, extra: list[str]):
     return load_config("configs/molecules.yaml", [
         f"run.uri={run_uri}", f"run.seed={seed}", f"train.seed={seed}", f"task.dir={args.models}", "task.pretrain=false",
         f"generate.samples_per_prompt={args.samples_per_prompt}", f"train.eval_samples_per_prompt={args.eval_samples}",
-        f"filter.threshold={args.threshold}", f"train.epochs={args.epochs}", *extra,
+        f"filter.threshold={args.threshold}", f"train.epochs={args.epochs}",
+        *([f"train.lr={args.lr}"] if args.lr is not None else []), *extra,
     ])
 
 
@@ -114,10 +115,10 @@ def graft_vs_pgraft(args, seed: int, run_uri: str) -> dict:
 def aggregate(runs: dict, args) -> dict:
     seeds = list(runs)
     agg = {"variants": {}, "levels": {}}
-    for label in VARIANTS:
+    for label in args.variants:
         agg["variants"][label] = [{m: mean_and_stderr([runs[s]["variants"][label]["rounds"][r][m] for s in seeds])
                                    for m in METRICS} for r in range(args.rounds)]
-    agg["base"] = {m: mean_and_stderr([runs[s]["variants"]["best-of-8"]["base"][m] for s in seeds])
+    agg["base"] = {m: mean_and_stderr([runs[s]["variants"][args.variants[0]]["base"][m] for s in seeds])
                    for m in ("reward", "uniqueness", "novelty", "internal_diversity", "fcd")}
     for k in runs[seeds[0]]["levels"]:
         level = [runs[s]["levels"][k] for s in seeds]
@@ -136,7 +137,8 @@ def table(results: dict) -> str:
     b = agg["base"]
     lines = [f"Molecules (QED reward), {len(results['seeds'])} seeds, {a['rounds']} rounds, {a['samples_per_prompt']} "
              f"generated molecules a round, {a['eval_samples']} fresh evaluation molecules per round, {a['epochs']} "
-             f"epochs over the accepted set; threshold τ = {a['threshold']}. Mean ± s.e. over seeds.", "",
+             f"epochs over the accepted set at lr {a.get('lr') or 'of configs/molecules.yaml'}; threshold τ = "
+             f"{a['threshold']}. Mean ± s.e. over seeds.", "",
              f"Base: QED {_pm(b['reward'])}, uniqueness {_pm(b['uniqueness'])}, novelty {_pm(b['novelty'])}, "
              f"IntDiv {_pm(b['internal_diversity'])}, FCD {_pm(b['fcd'], 2)}.", "",
              "| selection | round | QED gain | uniqueness | novelty | IntDiv | FCD | accepted | distinct accepted |",
@@ -146,6 +148,8 @@ def table(results: dict) -> str:
             lines.append(f"| {label} | {r} | {_pm(row['reward_gain'])} | {_pm(row['uniqueness'])} | {_pm(row['novelty'])} | "
                          f"{_pm(row['internal_diversity'])} | {_pm(row['fcd'], 2)} | {_pm(row['accepted'], 1)} | "
                          f"{_pm(row['accepted_distinct'], 1)} |")
+    if not agg["levels"]:
+        return "\n".join(lines) + "\n"
     lines += ["", "GRAFT against P-GRAFT, round 0 of best-of-8 + dedup (the same accepted set, the same fresh seeds):", "",
               "| trained on | QED gain | uniqueness | IntDiv | FCD |", "|---|---|---|---|---|"]
     for k, level in sorted(agg["levels"].items(), key=lambda kv: kv[1]["t_level"]):
@@ -186,7 +190,11 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=256)
     parser.add_argument("--epochs", type=float, default=40)
     parser.add_argument("--threshold", type=float, default=0.5, help="QED threshold of the threshold selections")
-    parser.add_argument("--levels", type=int, nargs="+", default=[10, 15], help="P-GRAFT t_steps of part 2")
+    parser.add_argument("--lr", type=float, default=None, help="train.lr (default: the config's)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="the selections of part 1")
+    parser.add_argument("--levels", type=int, nargs="*", default=[10, 15],
+                        help="P-GRAFT t_steps of part 2 (none: skip part 2)")
     parser.add_argument("--work", default=None, help="where the runs go (default: a temporary folder)")
     parser.add_argument("--out", default="benchmarks/results/molecules_dedup")
     args = parser.parse_args()
@@ -198,8 +206,9 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     runs, start = {}, time.perf_counter()
     for seed in args.seeds:
-        variants = {label: run_variant(args, seed, label, work) for label in VARIANTS}
-        runs[seed] = {"variants": variants, "levels": graft_vs_pgraft(args, seed, variants["best-of-8 + dedup"]["run"])}
+        variants = {label: run_variant(args, seed, label, work) for label in args.variants}
+        levels = graft_vs_pgraft(args, seed, variants["best-of-8 + dedup"]["run"]) if args.levels else {}
+        runs[seed] = {"variants": variants, "levels": levels}
     results = {"seeds": args.seeds, "args": {k: v for k, v in vars(args).items() if k not in ("work", "out")},
                "runs": {str(s): r for s, r in runs.items()}, "aggregate": aggregate(runs, args),
                "seconds": time.perf_counter() - start}
