@@ -39,3 +39,7 @@ class NoReward:
 
 
 NO_REWARD = NoReward()
+
+
+# A task whose samples are of a kind pgraft.samples does not know.
+ODD_KIND = TaskSpec(**{**TINY.__dict__, "name": "odd", "sample_kind": "point_cloud"})

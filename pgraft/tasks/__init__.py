@@ -109,6 +109,11 @@ def check_spec(spec: Any, where: str) -> TaskSpec:
     if missing or not isinstance(spec, TaskSpec):
         what = f"misses {', '.join(missing)}" if missing else f"is a {type(spec).__name__}, not a TaskSpec"
         raise ConfigError(f"config error: task.name: task {where} {what} (see pgraft.tasks.TaskSpec)")
+    from pgraft.samples import SAMPLE_KINDS
+
+    if spec.sample_kind not in SAMPLE_KINDS:
+        raise ConfigError(f"config error: task.name: task {where} makes {spec.sample_kind!r} samples; known sample "
+                          f"kinds: {sorted(SAMPLE_KINDS)} (pgraft/samples.py)")
     return spec
 
 

@@ -29,6 +29,11 @@ def test_plugin_task_gives_the_config_its_defaults(tmp_path):
     assert "tiny" not in TASKS  # a plug-in is looked up, never added to the built-in registry
 
 
+def test_a_task_of_an_unknown_sample_kind_is_one_line():
+    with pytest.raises(ConfigError, match="task 'plugin_tasks:ODD_KIND' makes 'point_cloud' samples; known sample kinds"):
+        get_task("plugin_tasks:ODD_KIND")
+
+
 def test_plugin_task_missing_a_part_names_it():
     with pytest.raises(ConfigError, match="task 'plugin_tasks:NO_REWARD' misses reward"):
         get_task("plugin_tasks:NO_REWARD")
