@@ -266,9 +266,15 @@ def start_workers(worker_cls, num_workers: int, device: str, device_key: str, ne
     return pool
 
 
+def _call(fn, *args):
+    return fn(*args)
+
+
 def run_task(fn, args: tuple, placement: Placement, what: str, timeout_s: float):
     """`fn(*args)` as one Ray task inside a reserved bundle (so a demand the cluster never
-    meets is one line, not a wait forever); its result, or the task's own error."""
+    meets is one line, not a wait forever); its result, or the task's own error. `fn` is any
+    picklable callable (a task's `lazy` reference too: `ray.remote` takes only functions, so the
+    task calls it)."""
     from ray.util.placement_group import remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -276,9 +282,9 @@ def run_task(fn, args: tuple, placement: Placement, what: str, timeout_s: float)
     group = reserve(placement, what, timeout_s)
     try:
         options = placement.actor_options()
-        task = ray.remote(fn).options(**options, scheduling_strategy=PlacementGroupSchedulingStrategy(group, 0))
+        task = ray.remote(_call).options(**options, scheduling_strategy=PlacementGroupSchedulingStrategy(group, 0))
         try:
-            return ray.get(task.remote(*args))
+            return ray.get(task.remote(fn, *args))
         except Exception as exc:  # noqa: BLE001 - re-raised as the task's own error
             raise unwrap_remote_error(exc) from None
     finally:

@@ -28,6 +28,14 @@ def test_unreachable_cluster_address_is_one_line_and_fast(tiny_digits, tmp_path)
     assert len(lines) == 1 and "the Ray cluster at RAY_ADDRESS=127.0.0.1:" in lines[0] and "does not answer" in lines[0]
 
 
+def test_a_task_reference_runs_as_a_placed_ray_task(ray_local):
+    from pgraft.tasks import lazy
+
+    # What the round pipeline does with TaskSpec.pretrain (a lazy reference, not a function).
+    placement = cluster.plan_placement(1, "cpu", "task")
+    assert cluster.run_task(lazy("math:hypot"), (3.0, 4.0), placement, "a lazy task", 60.0) == 5.0
+
+
 def test_placement_by_device_and_node_cpus(ray_local, monkeypatch):
     nodes = [{"CPU": 2.0, "memory": 1.0}, {"CPU": 8.0, "GPU": 2.0, "gpu_node": 1.0}]
     monkeypatch.setattr(ray_cluster, "_alive_nodes", lambda: nodes)
