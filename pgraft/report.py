@@ -133,7 +133,10 @@ def evaluation_figure(rows: list[dict]) -> str:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("round")
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:  # e.g. a task with no real data to compare with has no Fréchet distance
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="#888888")
     fig.tight_layout()
     return _png(fig)
 

@@ -7,7 +7,8 @@
 (H×W or H×W×3) for images, SMILES strings for molecules; `prompts` strings, `metadata` the
 samples' JSON dicts. A reward may add columns to the reward table through RewardOutput.
 A factory says which sample kind it scores (`takes`): the config refuses a reward whose kind
-is not the task's. User plug-ins are factories named `module:function` with the same signature.
+is not the task's. A factory may carry `check_weights(model_path, options)`, a cheap check of its
+weights that the reward stage's driver runs before any actor starts. User plug-ins are factories named `module:function` with the same signature.
 
 Import-light (torch is imported by the factories that need it): the config reads `takes`.
 """
@@ -155,20 +156,37 @@ def aesthetic(model_path, device, head_path: str | None = None, activation: str 
 
 
 @takes("image")
-def vqascore(model_path, device, model: str = "clip-flant5-xxl") -> RewardFn:
-    """VQAScore (the paper's reward) through the optional `t2v_metrics` package."""
-    try:
-        import t2v_metrics
-    except ImportError:
-        raise ConfigError("config error: reward.name: vqascore needs the optional package t2v_metrics "
-                          "(pip install t2v_metrics) and its model weights") from None
-    scorer = t2v_metrics.VQAScore(model=model, device=str(device))
+def vqascore(model_path, device, backend: str = "native", normalise: str = "vocabulary", dtype: str = "auto",
+             question: str | None = None, yes: str = "Yes", no: str = "No", model: str = "clip-flant5-xxl") -> RewardFn:
+    """VQAScore (pgraft/vqascore.py): P("Yes") from an image-text-to-text model at `model_path`, a whole
+    batch per forward pass (`backend: native`); `normalise`: vocabulary (the authors') or yes_no;
+    `dtype`: auto (bf16 on CUDA, fp32 on CPU), float16, bfloat16 or float32. `backend: t2v_metrics`
+    uses the authors' package instead, with its `model` (e.g. clip-flant5-xxl)."""
+    from pgraft import vqascore as vqa
+
+    if backend == "t2v_metrics":
+        scores = vqa.t2v_metrics_scorer(model, device)
+    elif backend == "native":
+        if not model_path:
+            raise ConfigError("config error: reward.model_path: vqascore needs an image-text-to-text model folder "
+                              "(local or s3://)")
+        scores = vqa.VQAScorer(model_path, device, dtype, normalise, question or vqa.QUESTION, yes, no).scores
+    else:
+        raise ConfigError(f"config error: reward.options.backend: {backend!r}; one of ['native', 't2v_metrics']")
 
     def reward_fn(images, prompts, metadata):
-        scores = [float(scorer(images=[Image.fromarray(im)], texts=[p])) for im, p in zip(images, prompts)]
-        return np.array(scores, dtype=np.float64)
+        return scores(images, list(prompts))
 
     return reward_fn
+
+
+def _check_vqascore(model_path, options):
+    from pgraft.vqascore import check_folder
+
+    check_folder(model_path, options)
+
+
+vqascore.check_weights = _check_vqascore  # run by the reward stage's driver before any actor starts
 
 
 # Registry: reward.name -> factory.

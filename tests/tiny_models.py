@@ -121,3 +121,58 @@ def save_tiny_molecules(out: Path, seed: int = 0) -> Path:
     train = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
     molecules.save_base(net, diffusers.DDIMScheduler.from_config(train.config, timestep_spacing="leading"), out / "ddpm")
     return out / "ddpm"
+
+
+# A LLaVA-style chat template: the user turn holds the image and the question, the generation
+# prompt opens the assistant's turn, so the next token is the answer.
+VLM_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+                     "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n"
+                     "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def tiny_vlm_tokenizer(whole_answers: bool = True):
+    """A character-level BPE tokenizer built in memory; with `whole_answers` its merges keep
+    "Yes" and "No" as one token each (as real VLM tokenizers do)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    chars = sorted(set(string.printable) - set(string.whitespace))
+    words = ["Ye", "Yes", "No"] if whole_answers else []
+    vocab = {token: i for i, token in enumerate(specials + chars + words)}
+    merges = [("Y", "e"), ("Ye", "s"), ("N", "o")] if whole_answers else []
+    model = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=model, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+
+
+def save_tiny_vlm(out: Path, seed: int = 0, whole_answers: bool = True) -> Path:
+    """A LLaVA-style image-text-to-text model: a tiny CLIP vision tower, a tiny Llama, an in-memory
+    tokenizer and a chat template, saved as a hub folder (model, processor, tokenizer)."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = tiny_vlm_tokenizer(whole_answers)
+    torch.manual_seed(seed)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
+                                       image_size=16, patch_size=8, projection_dim=16),
+        text_config=LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                num_hidden_layers=2, vocab_size=len(tokenizer), max_position_embeddings=512,
+                                bos_token_id=1, eos_token_id=2, pad_token_id=3),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), projector_hidden_act="gelu",
+    )
+    LlavaForConditionalGeneration(config).save_pretrained(out)
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
+                                                                  crop_size={"height": 16, "width": 16}),
+                               tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, chat_template=VLM_CHAT_TEMPLATE)
+    processor.save_pretrained(out)
+    return out

@@ -251,7 +251,7 @@ def card_decoding(card: dict, where: Path) -> tuple[str, Callable]:
     from pgraft.tasks import TASKS
 
     task = card.get("task")
-    if task in TASKS:
+    if task in TASKS and TASKS[task].decode is not None:
         return TASKS[task].sample_kind, TASKS[task].decode
     if card.get("sample_kind", "image") == "image":  # no task, or a plug-in task's pixel-space model
         return "image", latents_to_uint8

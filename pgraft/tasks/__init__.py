@@ -64,15 +64,19 @@ class TaskSpec:
     reward_weights: Mapping[str, RewardWeights]  # reward name -> its default weights under task.dir
     hash: str  # reward.hash's default (a registered sample_hash, one of `hashes`, or module:function)
     prompts: tuple[str, ...]  # generate.prompts' default
-    # real_data(split, seed) -> (x (N, ...) as the model sees it, prompts): what `pgraft invert` inverts.
-    real_data: Callable[[str, int], tuple[Any, list[str]]]
-    # real_samples(split, seed) -> decoded samples (N, ...): the reference set of Fréchet distance.
-    real_samples: Callable[[str, int], Any]
+    # real_data(split, seed) -> (x (N, ...) as the model sees it, prompts): what `pgraft invert` inverts
+    # (None: the task has no real data in model space).
+    real_data: Callable[[str, int], tuple[Any, list[str]]] | None
+    # real_samples(split, seed) -> decoded samples (N, ...): the reference set of Fréchet distance (None: none,
+    # so the evaluation reports no Fréchet distance).
+    real_samples: Callable[[str, int], Any] | None
     # features(weights_folder) -> fn(decoded samples) -> (N, D) float64 features, for Fréchet distance and
     # diversity; `feature_weights` names its folder under task.dir (None: features need no weights).
     features: Callable[[str | None], Callable[[Any], Any]]
     feature_weights: str | None
-    decode: Callable[[Any], Any]  # latents x_0 (N, ...) in model space -> decoded samples (what rewards see)
+    # latents x_0 (N, ...) in model space -> decoded samples (what rewards see), for class-conditional models;
+    # None where the pipeline decodes (Stable Diffusion's VAE).
+    decode: Callable[[Any], Any] | None
     show: Callable[[Any], Any] = field(default=lambda sample: sample)  # decoded sample -> uint8 image for reports
     splits: tuple[str, ...] = ("train", "test", "all")  # the splits real_data / real_samples know
     sample_kind: str = "image"  # what `decode` returns, as pgraft.samples names it (how shards store it)
@@ -86,9 +90,9 @@ class TaskSpec:
     description: str = ""
 
 
-# The parts a task must declare (those without a default); `feature_weights` may be None.
+# The parts a task must declare (those without a default); those in MAY_BE_NONE may be None.
 REQUIRED_PARTS = tuple(f.name for f in fields(TaskSpec) if f.default is MISSING and f.default_factory is MISSING)
-MAY_BE_NONE = {"feature_weights", "metrics"}
+MAY_BE_NONE = {"feature_weights", "metrics", "real_data", "real_samples", "decode"}
 
 TASKS: dict[str, TaskSpec] = {}
 

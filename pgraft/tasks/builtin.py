@@ -59,5 +59,25 @@ MOLECULES = register_task(TaskSpec(
     metrics=lazy("pgraft.tasks.molecules:sample_metrics"),
 ))
 
+T2I = register_task(TaskSpec(
+    name="t2i",
+    description="text-to-image with Stable Diffusion 2.x and VQAScore (models from their makers); docs/T2I.md",
+    pretrain=lazy("pgraft.tasks.t2i:pretrain"),
+    pretrain_options={},
+    base_model="sd2",
+    model_kind="stable_diffusion",
+    reward="vqascore",
+    rewards={},  # vqascore is a built-in reward (pgraft/rewards.py)
+    reward_weights={"vqascore": RewardWeights("vqa", "config.json")},
+    hash="perceptual",
+    prompts=(),  # generate.prompts names a prompts file (configs/prompts/)
+    real_data=None,  # no real images: nothing to invert, no Fréchet reference
+    real_samples=None,
+    feature_space="pixels (64×64)",
+    features=lazy("pgraft.tasks.t2i:feature_extractor"),
+    feature_weights=None,
+    decode=None,  # the pipeline's VAE decodes
+))
+
 # The task the embedded default config runs.
 DEFAULT_TASK = DIGITS.name

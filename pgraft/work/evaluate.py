@@ -49,10 +49,12 @@ def summarize_variant(cfg_tree: dict) -> dict:
     mean, stderr = metrics.mean_and_stderr(rewards)
     frechet, task_metrics = None, {}
     spec = cfg.task.spec()
-    if spec is not None:  # the task's feature extractor: Fréchet distance to its real data
+    if spec is not None:  # the task's feature extractor: Fréchet distance to its real data, where it has some
         extract = spec.features(feature_weights(cfg))
         features = extract(samples)
-        frechet = metrics.frechet_distance_of(features, extract(spec.real_samples(spec.reference_split, cfg.task.seed)))
+        if spec.real_samples is not None:
+            reference = extract(spec.real_samples(spec.reference_split, cfg.task.seed))
+            frechet = metrics.frechet_distance_of(features, reference)
         task_metrics = spec.metrics(samples, cfg.task.seed) if spec.metrics is not None else {}
     else:  # no task, so no feature extractor: diversity in pixel space
         features = samples.reshape(len(samples), -1).astype(np.float64) / 255.0

@@ -40,6 +40,8 @@ def _task_points(cfg: Config):
     if spec is not None:
         if cfg.invert.split not in spec.splits:
             raise InvertError(f"invert.split={cfg.invert.split}: task {spec.name} has the splits {list(spec.splits)}")
+        if spec.real_data is None:
+            raise InvertError(f"task {spec.name} has no real data to invert; set invert.data to a WebDataset location")
         return spec.real_data(cfg.invert.split, cfg.task.seed)
     raise InvertError("invert.data=task needs a built-in task (task.name); set invert.data to a WebDataset location")
 

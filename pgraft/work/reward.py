@@ -139,7 +139,7 @@ def check_reward_config(cfg: Config) -> None:
     from pgraft.rewards import reward_factory
 
     name = cfg.reward.name
-    reward_factory(name)
+    factory = reward_factory(name)
     get_hash(cfg.reward.hash)
     path = reward_model_path(cfg)
     spec = cfg.task.spec()
@@ -147,6 +147,9 @@ def check_reward_config(cfg: Config) -> None:
     if weights is not None and not model_file_exists(path, weights.marker):
         raise ConfigError(f"config error: reward.model_path: no {name} weights ({weights.marker}) at {path!r} "
                           f"(run `pgraft pretrain {spec.name} --out DIR` or set reward.model_path)")
+    check_weights = getattr(factory, "check_weights", None)  # a reward's own cheap check of its weights
+    if check_weights is not None:
+        check_weights(path, dict(cfg.reward.options))
 
 
 class RewardJob:
