@@ -73,13 +73,17 @@ def test_plugins_and_bad_names():
         make_reward("digits_alignment", None, CPU, {})
 
 
-def test_vqascore_without_its_optional_package_says_so():
+def test_vqascore_backends_say_what_they_need():
     import importlib.util
 
-    if importlib.util.find_spec("t2v_metrics"):
-        pytest.skip("t2v_metrics is installed here; this test checks the error when it is not")
-    with pytest.raises(ConfigError, match="needs the optional package t2v_metrics"):
+    with pytest.raises(ConfigError, match="reward.model_path: vqascore needs an image-text-to-text model folder"):
         make_reward("vqascore", None, CPU, {})
+    with pytest.raises(ConfigError, match=r"reward.options.backend: 'clip'; one of \['native', 't2v_metrics'\]"):
+        make_reward("vqascore", None, CPU, {"backend": "clip"})
+    if importlib.util.find_spec("t2v_metrics"):
+        pytest.skip("t2v_metrics is installed here; the rest checks the error when it is not")
+    with pytest.raises(ConfigError, match="reward.options.backend: t2v_metrics is not installed"):
+        make_reward("vqascore", None, CPU, {"backend": "t2v_metrics"})
 
 
 def test_output_length_is_checked():

@@ -179,3 +179,57 @@ def test_composite_runs_finetuned_then_base(tiny_digits, tmp_path):
     torch.testing.assert_close(rollout.latents["x_0"], x, rtol=0, atol=1e-5)
     with pytest.raises(ModelError, match="trained for 10 sampler steps; model.num_inference_steps is 12"):
         load_adapter(model.model_copy(update={"num_inference_steps": 12}))
+
+
+def test_sd2_lora_composite_at_t_matches_a_step_by_step_reference(tiny_sd_factory, tmp_path):
+    """The t2i recipe's sampler (configs/sd2-vqascore.yaml: DDIM leading, guidance, a LoRA
+    composite switching at step k): LoRA UNet with guidance for steps 1..k, the base UNet after,
+    against a hand loop over two separately loaded networks."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from pgraft.models.lora import inject_lora, load_lora, lora_state_dict
+
+    path, switch, targets = tiny_sd_factory("v_prediction"), 6, ["to_q", "to_k", "to_v", "to_out.0"]
+    tuned = inject_lora(UNet2DConditionModel.from_pretrained(path / "unet"), 2, targets)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, weight in tuned.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero (no change): make the adapter change the output
+                weight.normal_(0, 0.5)
+    folder = tmp_path / "model"
+    (folder / "lora").mkdir(parents=True)
+    save_file(lora_state_dict(tuned), folder / "lora" / "adapter.safetensors")
+    (folder / "lora" / "config.json").write_text(json.dumps({"r": 2, "lora_alpha": 2, "target_modules": targets}))
+    (folder / "composite.json").write_text(json.dumps({"kind": "stable_diffusion", "finetuned": "lora",
+                                                       "switch_step": switch, "num_inference_steps": STEPS,
+                                                       "base_model": str(path)}))
+    model = ModelSection(kind="stable_diffusion", path=str(path), scheduler="ddim", timestep_spacing="leading",
+                         num_inference_steps=STEPS, guidance_scale=7.5, device="cpu", finetuned=str(folder))
+    adapter = load_adapter(model)
+    prompts, seeds = ["a red apple", "two cats"], [5, 6]
+    rollout = adapter.rollout(prompts, seeds, [switch])
+    # t of the chosen step: DDIM leading 10/1000 with steps_offset 1 visits 901, 801, …; x_6 is at t = 301.
+    assert rollout.captured_timesteps[f"x_{switch}"] == 301
+
+    base = UNet2DConditionModel.from_pretrained(path / "unet").eval()
+    reference = inject_lora(UNet2DConditionModel.from_pretrained(path / "unet"), 2, targets, init=False).eval()
+    load_lora(reference, lora_state_dict(tuned))
+    pipe = adapter.pipe
+    with torch.no_grad():
+        cond, uncond = pipe.encode_prompt(prompts, "cpu", 1, True)
+        x = initial_noise(seeds, (4, 8, 8)) * pipe.scheduler.init_noise_sigma
+        pipe.scheduler.set_timesteps(STEPS)
+        for i, t in enumerate(pipe.scheduler.timesteps):
+            net = reference if i < switch else base
+            out = net(pipe.scheduler.scale_model_input(torch.cat([x, x]), t), t,
+                      encoder_hidden_states=torch.cat([uncond, cond])).sample
+            out_uncond, out_cond = out.chunk(2)
+            x = pipe.scheduler.step(out_uncond + 7.5 * (out_cond - out_uncond), t, x).prev_sample
+            if i + 1 == switch:
+                torch.testing.assert_close(rollout.latents[f"x_{switch}"], x, rtol=0, atol=1e-5)
+    torch.testing.assert_close(rollout.latents[contract.FINAL_LATENT], x, rtol=0, atol=1e-5)
+    plain = load_adapter(model.model_copy(update={"finetuned": None})).rollout(prompts, seeds, [switch])
+    assert (plain.latents[contract.FINAL_LATENT] - x).abs().max() > 1e-3  # the adapter did change the samples
