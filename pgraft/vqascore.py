@@ -1,4 +1,4 @@
-"""VQAScore (docs/DESIGN.md §8a): the probability that an image-text-to-text model answers "Yes"
+"""VQAScore (docs/DESIGN.md §6c): the probability that an image-text-to-text model answers "Yes"
 to `Does this figure show "{prompt}"? Please answer yes or no.` about an image.
 
 Native and batched: any `transformers` model that `AutoModelForImageTextToText` and

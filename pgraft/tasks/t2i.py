@@ -1,4 +1,4 @@
-"""The `t2i` task (docs/T2I.md): text-to-image with Stable Diffusion 2.x, rewarded by VQAScore.
+"""The `t2i` task (docs/DESIGN.md §6c, docs/T2I.md): text-to-image with Stable Diffusion 2.x, rewarded by VQAScore.
 
 Nothing is trained here: the base (an SD 2.x diffusers folder, ε or v prediction as its scheduler
 says) and the reward's image-text-to-text model come from their makers, from a folder or storage
