@@ -50,7 +50,7 @@ def evaluate(cfg, variant: str, model: str | None, independent) -> dict:
     from stages.evaluate import evaluate_variant
 
     summary = evaluate_variant(cfg, variant, model, progress=False)
-    images = eval_samples(open_storage(cfg.run.uri), 0, variant, per_prompt=10**5)
+    images, _ = eval_samples(open_storage(cfg.run.uri), 0, variant, per_prompt=10**5)
     with torch.no_grad():
         alignment = np.concatenate([prompt_alignment(independent, np.stack(imgs), [p] * len(imgs))
                                     for p, imgs in images.items()])

@@ -199,19 +199,22 @@ def read_round(storage: Storage, state: RoundState) -> RoundData:
                       for name in used})
 
 
-def eval_samples(storage: Storage, round_idx: int, variant: str, per_prompt: int) -> dict[int, list]:
-    """The first `per_prompt` decoded samples (sample_idx order) of each prompt of an evaluation variant."""
+def eval_samples(storage: Storage, round_idx: int, variant: str, per_prompt: int) -> tuple[dict[int, list], dict[int, str]]:
+    """The first `per_prompt` decoded samples (sample_idx order) of each prompt of an evaluation
+    variant, and each prompt's text as the samples record it."""
     from pgraft.shards import DECODED, list_committed, read_shard
 
     variant_storage = open_storage(storage.url(contract.eval_prefix(round_idx, variant)))
     wanted: dict[int, dict[int, np.ndarray]] = {}
+    texts: dict[int, str] = {}
     for sid, record in sorted(list_committed(variant_storage, 0).items()):
         if not any(contract.parse_sample_key(k)[1] < per_prompt for k in record.keys):
             continue
         for sample in read_shard(variant_storage, 0, sid, record, wanted=DECODED):
             if sample.meta.sample_idx < per_prompt and sample.decoded is not None:
                 wanted.setdefault(sample.meta.prompt_id, {})[sample.meta.sample_idx] = sample.decoded
-    return {p: [imgs[i] for i in sorted(imgs)] for p, imgs in sorted(wanted.items())}
+                texts[sample.meta.prompt_id] = sample.meta.prompt
+    return {p: [imgs[i] for i in sorted(imgs)] for p, imgs in sorted(wanted.items())}, texts
 
 
 # HTML --------------------------------------------------------------------------------------
@@ -326,7 +329,7 @@ def _task_show(config: dict):
         return lambda sample: sample
 
 
-def _grid_section(storage: Storage, run: RunState, eval_rows: list[dict], prompts: list[str]) -> str:
+def _grid_section(storage: Storage, run: RunState, eval_rows: list[dict]) -> str:
     rounds = sorted({r["round"] for r in eval_rows})
     if not rounds:
         return ""
@@ -335,12 +338,15 @@ def _grid_section(storage: Storage, run: RunState, eval_rows: list[dict], prompt
     columns = ([("base", first_base.get("reused_from_round", rounds[0]), "base")]
                + [(f"round {r} fine-tuned", r, "finetuned") for r in rounds])
     show = _task_show(run.config)
-    images = {label: {p: [show(sample) for sample in shown] for p, shown in eval_samples(storage, rnd, variant, GRID_SAMPLES).items()}
-              for label, rnd, variant in columns}
+    images, texts = {}, {}
+    for label, rnd, variant in columns:
+        shown, prompt_texts = eval_samples(storage, rnd, variant, GRID_SAMPLES)
+        images[label] = {p: [show(sample) for sample in samples] for p, samples in shown.items()}
+        texts.update(prompt_texts)
     prompt_ids = sorted({p for imgs in images.values() for p in imgs})
     rows = []
     for p in prompt_ids:
-        name = prompts[p] if p < len(prompts) else f"prompt {p}"
+        name = texts.get(p, f"prompt {p}")  # the text the samples were made from (a prompts file's line)
         cells = "".join(f'<td><img class="grid" alt="{html.escape(label)}" src="{_thumbnail_strip(images[label][p])}"></td>'
                         if images[label].get(p) else "<td>n/a</td>" for label, _, _ in columns)
         rows.append(f"<td>{html.escape(name)}</td>{cells}")
@@ -356,15 +362,13 @@ def render_report(uri: str, progress: bool = False) -> str:
                           for st in run.rounds) or "no round started"
         raise ReportError(f"{run.uri} has no finished round yet ({where}); `pgraft status {run.uri}` shows what to rerun")
     storage = open_storage(uri)
-    prompts = run.config.get("generate", {}).get("prompts")
-    prompts = prompts if isinstance(prompts, list) else []
     sections = []
     for st in run.rounds:
         if progress:
             print(f"report: reading round {st.round}")
         sections.append(_round_section(read_round(storage, st)))
     evaluation, eval_rows = _evaluation_section(run)
-    grid = _grid_section(storage, run, eval_rows, prompts)
+    grid = _grid_section(storage, run, eval_rows)
     done = sum(st.complete for st in run.rounds)
     title = f"pgraft run {run.uri}"
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

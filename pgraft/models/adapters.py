@@ -419,8 +419,8 @@ def check_model_folder(model: ModelSection) -> None:
     marker = MODEL_CARD if model.kind in CLASS_KINDS else "model_index.json"
     if not model_file_exists(model.path, marker):
         if not _has_any(model.path):
-            raise ModelError(f"model.path {model.path!r} does not exist (for a built-in task run `pgraft pretrain TASK "
-                             "--out DIR`, or let the round pipeline publish the task's models)")
+            raise ModelError(f"model.path {model.path!r} does not exist (publish the model there; for a task that "
+                             "pretrains, run `pgraft pretrain TASK --out DIR` or let the round pipeline do it)")
         raise ModelError(f"model.path {model.path!r} is not a {model.kind} model folder (no {marker})")
     if model.finetuned and not model_file_exists(model.finetuned, COMPOSITE_CARD):
         raise ModelError(f"model.finetuned {model.finetuned!r} is not a train stage model folder (no {COMPOSITE_CARD})")

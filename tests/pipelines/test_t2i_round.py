@@ -59,6 +59,7 @@ def test_the_sd2_vqascore_config_runs_a_round_on_tiny_models_in_s3(ray_local, s3
         assert variant["frechet_distance"] is None and variant["feature_space"] == "pixels (64×64)"
     page = render_report(cfg.run.uri)
     assert "data:image/png;base64," in page and "vqascore" in page
+    assert "<td>two cats on a sofa</td>" in page  # sample grids are labelled with the prompts file's lines
     assert np.isfinite(rewards["reward"].to_numpy()).all()
 
 
