@@ -71,35 +71,16 @@ def save_sd2(out: Path, smoke: bool) -> Path:
 
 
 def save_vlm(out: Path, smoke: bool) -> Path:
-    """A small random LLaVA-style VLM (a tiny one for --smoke)."""
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-
-    from tiny_models import VLM_CHAT_TEMPLATE, save_tiny_vlm, tiny_vlm_tokenizer
+    """A small random LLaVA-style VLM: a CLIP ViT-B/16 tower at 224 px and an 8-layer Llama (a tiny one for --smoke)."""
+    from tiny_models import save_llava, save_tiny_vlm
 
     if smoke:
         return save_tiny_vlm(out)
-    tokenizer = tiny_vlm_tokenizer()
-    torch.manual_seed(0)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-                                       num_hidden_layers=12, image_size=224, patch_size=16, projection_dim=512),
-        text_config=LlamaConfig(hidden_size=1024, intermediate_size=2816, num_attention_heads=16,
-                                num_key_value_heads=16, num_hidden_layers=8, vocab_size=32000,
-                                max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=3),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), projector_hidden_act="gelu")
-    LlavaForConditionalGeneration(config).save_pretrained(out)
-    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 224},
-                                                      crop_size={"height": 224, "width": 224}),
-                   tokenizer=tokenizer, patch_size=16, vision_feature_select_strategy="default",
-                   num_additional_image_tokens=1, chat_template=VLM_CHAT_TEMPLATE).save_pretrained(out)
-    return out
+    return save_llava(out, dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                                projection_dim=512),
+                      dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=16,
+                           num_hidden_layers=8, vocab_size=32000, max_position_embeddings=2048),
+                      image_size=224, patch_size=16)
 
 
 # Measuring ---------------------------------------------------------------------------------
@@ -164,7 +145,7 @@ def sampling(sd: Path, args, device: torch.device, figures: dict) -> None:
           f"{shown(figures['bare_peak_gib'])}")
     print(f"rollout capturing x_{capture}         {figures['rollout_samples_per_s']:7.2f} samples/s  "
           f"ratio {figures['rollout_ratio']:.3f}  {shown(figures['rollout_peak_gib'])}")
-    del adapter, pipe
+    adapter = pipe = None  # free the GPU memory before the stage loads its own copy
     if device.type == "cuda":
         torch.cuda.empty_cache()
     stage(sd, args, capture, figures)
@@ -260,7 +241,7 @@ def training(sd: Path, args, device: torch.device, mode: str, figures: dict) -> 
     figures[f"{key}_trained_parameters"] = trained
     print(f"DeepSpeed step, {mode:<4}, batch {args.train_batch}, {trained / 1e6:7.1f} M trained   "
           f"{figures[f'{key}_samples_per_s']:7.2f} samples/s  {shown(figures[f'{key}_peak_gib'])}")
-    del engine, model, adapter
+    engine = model = adapter = None  # free the GPU memory before the next measurement
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

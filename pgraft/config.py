@@ -174,7 +174,7 @@ class RewardSection(_Section):
         None, description="Weights the reward needs (default: the task's weights for its own reward, e.g. the "
         "classifier under task.dir), a CLIP folder or hub id for clip_score / aesthetic.", json_schema_extra=WHAT,
     )
-    options: dict[str, Any] = Field(default_factory=dict, description="Reward-specific keyword arguments (e.g. transform: log_prob for digits_alignment; normalise, dtype, backend for vqascore: docs/SELECTION.md).", json_schema_extra=WHAT)
+    options: dict[str, Any] = Field(default_factory=dict, description="Reward-specific keyword arguments (e.g. transform: log_prob, or vqascore's normalise, dtype and backend; docs/SELECTION.md lists them).", json_schema_extra=WHAT)
     hash: str | None = Field(None, description="sample_hash: `exact` (decoded pixels), `perceptual` (64-bit dHash) or a "
                              "plug-in `module:function` (default: the task's).", json_schema_extra=WHAT)
     batch_size: int = Field(256, ge=1, description="Images per reward call.", json_schema_extra=HOW)

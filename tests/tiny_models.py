@@ -147,9 +147,11 @@ def tiny_vlm_tokenizer(whole_answers: bool = True):
                                    unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
 
 
-def save_tiny_vlm(out: Path, seed: int = 0, whole_answers: bool = True) -> Path:
-    """A LLaVA-style image-text-to-text model: a tiny CLIP vision tower, a tiny Llama, an in-memory
-    tokenizer and a chat template, saved as a hub folder (model, processor, tokenizer)."""
+def save_llava(out: Path, vision: dict, text: dict, image_size: int, patch_size: int, seed: int = 0,
+               whole_answers: bool = True) -> Path:
+    """A LLaVA-style image-text-to-text model with random weights: a CLIP vision tower (`vision`:
+    CLIPVisionConfig sizes), a Llama (`text`: LlamaConfig sizes), the in-memory tokenizer and a chat
+    template, saved as a hub folder (model, processor, tokenizer)."""
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -162,17 +164,23 @@ def save_tiny_vlm(out: Path, seed: int = 0, whole_answers: bool = True) -> Path:
     tokenizer = tiny_vlm_tokenizer(whole_answers)
     torch.manual_seed(seed)
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
-                                       image_size=16, patch_size=8, projection_dim=16),
-        text_config=LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                                num_hidden_layers=2, vocab_size=len(tokenizer), max_position_embeddings=512,
-                                bos_token_id=1, eos_token_id=2, pad_token_id=3),
+        vision_config=CLIPVisionConfig(**vision, image_size=image_size, patch_size=patch_size),
+        text_config=LlamaConfig(**{"vocab_size": len(tokenizer), **text}, bos_token_id=1, eos_token_id=2, pad_token_id=3),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"), projector_hidden_act="gelu",
     )
     LlavaForConditionalGeneration(config).save_pretrained(out)
-    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
-                                                                  crop_size={"height": 16, "width": 16}),
-                               tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
+                                                                  crop_size={"height": image_size, "width": image_size}),
+                               tokenizer=tokenizer, patch_size=patch_size, vision_feature_select_strategy="default",
                                num_additional_image_tokens=1, chat_template=VLM_CHAT_TEMPLATE)
     processor.save_pretrained(out)
     return out
+
+
+def save_tiny_vlm(out: Path, seed: int = 0, whole_answers: bool = True) -> Path:
+    """A tiny LLaVA-style VLM: a 1-layer CLIP vision tower on 16 px images, a 2-layer Llama."""
+    return save_llava(out, dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
+                                projection_dim=16),
+                      dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                           num_hidden_layers=2, max_position_embeddings=512),
+                      image_size=16, patch_size=8, seed=seed, whole_answers=whole_answers)

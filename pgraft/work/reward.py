@@ -146,7 +146,8 @@ def check_reward_config(cfg: Config) -> None:
     weights = spec.reward_weights.get(name) if spec is not None else None
     if weights is not None and not model_file_exists(path, weights.marker):
         raise ConfigError(f"config error: reward.model_path: no {name} weights ({weights.marker}) at {path!r} "
-                          f"(run `pgraft pretrain {spec.name} --out DIR` or set reward.model_path)")
+                          f"(publish them there, e.g. `pgraft pretrain {spec.name} --out DIR` for a task that trains "
+                          "them, or set reward.model_path)")
     check_weights = getattr(factory, "check_weights", None)  # a reward's own cheap check of its weights
     if check_weights is not None:
         check_weights(path, dict(cfg.reward.options))

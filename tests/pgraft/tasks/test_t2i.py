@@ -19,6 +19,13 @@ def test_t2i_defaults_come_from_the_spec(tmp_path):
         check_reward_config(cfg)
 
 
+def test_t2i_has_no_real_data_to_invert(tmp_path):
+    from pgraft.work.invert import InvertError, _task_points
+
+    with pytest.raises(InvertError, match="task t2i has no real data to invert; set invert.data to a WebDataset"):
+        _task_points(load_config("configs/sd2-vqascore.yaml", [f"task.dir={tmp_path}"]))
+
+
 def test_t2i_refuses_to_pretrain_and_names_where_models_go():
     with pytest.raises(T2IError, match=r"task t2i does not pretrain: put an SD 2.x diffusers folder at s3://b/t2i/sd2 "
                                        r"and an image-text-to-text model at s3://b/t2i/vqa"):
