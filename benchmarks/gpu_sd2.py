@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_sd2.py                    # CUDA: SD 2 at 512 px, fp16 sampling, bf16 training
     python benchmarks/gpu_sd2.py --smoke            # tiny models on the CPU: checks the script itself
+    python benchmarks/gpu_sd2.py --device cpu --parts vqascore   # one part, the real sizes, on the CPU
 
 Weights are random, built from SD 2's architecture (the 2.x-base UNet, VAE and OpenCLIP-H text
 encoder configs), saved with `save_pretrained` and loaded back through pgraft's adapter: the cost is
@@ -34,6 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
+PARTS = ("sampling", "training", "vqascore")
 PROMPTS = ["a red apple to the left of a green pear", "two cats sleeping on a striped sofa",
            "a lighthouse on a rocky cliff under a stormy sky", "a bowl with exactly five strawberries"]
 
@@ -239,7 +241,7 @@ def training(sd: Path, args, device: torch.device, mode: str, figures: dict) -> 
     figures[f"{key}_samples_per_s"] = args.train_batch / seconds
     figures[f"{key}_peak_gib"] = peak_gib(device)
     figures[f"{key}_trained_parameters"] = trained
-    print(f"DeepSpeed step, {mode:<4}, batch {args.train_batch}, {trained / 1e6:7.1f} M trained   "
+    print(f"DeepSpeed step, {mode:<4}, batch {args.train_batch}, {trained:,} parameters trained   "
           f"{figures[f'{key}_samples_per_s']:7.2f} samples/s  {shown(figures[f'{key}_peak_gib'])}")
     engine = model = adapter = None  # free the GPU memory before the next measurement
     if device.type == "cuda":
@@ -271,28 +273,34 @@ def main() -> None:
     parser.add_argument("--train-batch", type=int, default=8)
     parser.add_argument("--train-steps", type=int, default=5)
     parser.add_argument("--vqa-batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda (cpu with --smoke)")
     parser.add_argument("--out", default=None, help="JSON of the figures (default: print only)")
     args = parser.parse_args()
-    args.device = "cpu" if args.smoke else "cuda"
-    args.dtype = "float32" if args.smoke else "float16"
+    args.device = args.device or ("cpu" if args.smoke else "cuda")
+    args.dtype = "float16" if args.device == "cuda" else "float32"
     if args.smoke:
         args.steps, args.batch, args.train_batch, args.vqa_batches = 10, 2, 2, [1, 4]
-    elif not torch.cuda.is_available():
-        sys.exit("gpu_sd2: no CUDA device (run with --smoke to check the script on the CPU)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu_sd2: no CUDA device (--smoke checks the script on the CPU)")
     device = torch.device(args.device)
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
-    print(f"gpu_sd2: {'tiny models' if args.smoke else 'SD 2 architecture, 512 px'}, {args.device} ({where}), "
+    print(f"gpu_sd2: {'tiny models' if args.smoke else 'real sizes (SD 2 at 512 px, a 256 M VLM)'}, {args.device} ({where}), "
           f"torch {torch.__version__}")
-    figures: dict = {"device": where, "smoke": args.smoke, "batch": args.batch, "steps": args.steps}
+    figures: dict = {"device": where, "smoke": args.smoke, "parts": args.parts, "batch": args.batch, "steps": args.steps}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        sd, vlm = save_sd2(Path(tmp) / "sd2", args.smoke), save_vlm(Path(tmp) / "vlm", args.smoke)
+        sd = save_sd2(Path(tmp) / "sd2", args.smoke) if {"sampling", "training"} & set(args.parts) else None
+        vlm = save_vlm(Path(tmp) / "vlm", args.smoke) if "vqascore" in args.parts else None
         print(f"models built and saved in {time.perf_counter() - start:.0f} s")
-        sampling(sd, args, device, figures)
-        init_single_rank(device)
-        training(sd, args, device, "lora", figures)
-        training(sd, args, device, "full", figures)
-        vqascore(vlm, args, device, figures)
+        if "sampling" in args.parts:
+            sampling(sd, args, device, figures)
+        if "training" in args.parts:
+            init_single_rank(device)
+            training(sd, args, device, "lora", figures)
+            training(sd, args, device, "full", figures)
+        if "vqascore" in args.parts:
+            vqascore(vlm, args, device, figures)
     figures["seconds"] = time.perf_counter() - start
     print(f"total {figures['seconds']:.0f} s")
     if args.out:

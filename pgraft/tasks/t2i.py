@@ -21,7 +21,7 @@ class T2IError(PgraftError):
     """The t2i task cannot do what was asked; the message says what to do instead."""
 
 
-def pretrain(location: str, seed: int, threads: int, **options) -> dict:
+def pretrain(location: str, seed: int = 0, threads: int | None = None, **options) -> dict:
     """The t2i task brings no pretraining: its models are published by their makers."""
     raise T2IError(f"task t2i does not pretrain: put an SD 2.x diffusers folder at {location}/sd2 and an "
                    f"image-text-to-text model at {location}/vqa (or set model.path and reward.model_path), "

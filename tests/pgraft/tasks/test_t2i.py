@@ -29,7 +29,7 @@ def test_t2i_has_no_real_data_to_invert(tmp_path):
 def test_t2i_refuses_to_pretrain_and_names_where_models_go():
     with pytest.raises(T2IError, match=r"task t2i does not pretrain: put an SD 2.x diffusers folder at s3://b/t2i/sd2 "
                                        r"and an image-text-to-text model at s3://b/t2i/vqa"):
-        get_task("t2i").pretrain("s3://b/t2i", 0, 1)
+        get_task("t2i").pretrain("s3://b/t2i", seed=0, progress=False)  # as `pgraft pretrain` calls it
     assert get_task("t2i").real_data is None and get_task("t2i").real_samples is None
 
 
