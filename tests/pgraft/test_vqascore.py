@@ -96,3 +96,14 @@ def test_bad_models_and_images_are_one_line(tiny_vlm, tmp_path):
     with pytest.raises(ValueError, match=r"image 0 is float32 of shape \(8, 8, 3\)"):
         reward([np.zeros((8, 8, 3), np.float32)], ["a"], [{}])
     assert json.loads((tiny_vlm / "config.json").read_text())["model_type"] == "llava"
+
+
+def test_answer_logits_alone_equal_the_full_logits(tiny_vlm):
+    """`logits_to_keep` (only the answer positions' logits) against the full (B, L, V) logits."""
+    from pgraft.vqascore import VQAScorer
+
+    scorer = VQAScorer(str(tiny_vlm), CPU)
+    assert scorer.keeps_logits
+    kept = scorer.scores(images(), PROMPTS)
+    scorer.keeps_logits = False
+    np.testing.assert_allclose(scorer.scores(images(), PROMPTS), kept, rtol=1e-6)
