@@ -110,10 +110,11 @@ class TaskSection(_Section):
 
 
 class ModelSection(_Section):
-    kind: Literal["class_unet", "class_sequence", "stable_diffusion", "sd3"] = Field(
+    kind: Literal["class_unet", "class_sequence", "layout_sequence", "stable_diffusion", "sd3"] = Field(
         "class_unet",
         description="Adapter: class-conditional UNet2DModel (DDPM/DDIM or flow), class-conditional sequence "
-        "transformer over token vectors, StableDiffusionPipeline 2.x, or StableDiffusion3Pipeline (flow matching). "
+        "transformer over token vectors, the same conditioned per position (layouts: a prompt names the elements' "
+        "classes), StableDiffusionPipeline 2.x, or StableDiffusion3Pipeline (flow matching). "
         "Unset in a config with a task: the task's model kind.", json_schema_extra=WHAT,
     )
     path: str | None = Field(None, description="The base model's diffusers folder: a local path or a storage location "

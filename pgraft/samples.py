@@ -46,6 +46,20 @@ def decode_smiles(data: bytes) -> str:
     return value["smiles"]
 
 
+def encode_layout(layout: dict) -> bytes:
+    if not isinstance(layout, dict) or set(layout) != {"classes", "boxes"}:
+        raise TypeError("a layout sample is a dict with 'classes' and 'boxes'")
+    return json.dumps({"classes": list(layout["classes"]), "boxes": [list(map(float, b)) for b in layout["boxes"]]}).encode()
+
+
+def decode_layout(data: bytes) -> dict:
+    value = json.loads(data)
+    if (not isinstance(value, dict) or not isinstance(value.get("classes"), list) or not isinstance(value.get("boxes"), list)
+            or len(value["classes"]) != len(value["boxes"]) or any(len(b) != 4 for b in value["boxes"])):
+        raise ValueError("not a JSON object with as many 'classes' as 4-number 'boxes'")
+    return value
+
+
 @dataclass(frozen=True)
 class SampleKind:
     name: str  # what TaskSpec.sample_kind, a reward's and a hash's sample kind say
@@ -57,9 +71,11 @@ class SampleKind:
 
 IMAGE = SampleKind("image", "png", encode_png, decode_png, stacks=True)
 SMILES = SampleKind("smiles", "smiles.json", encode_smiles, decode_smiles, stacks=False)
+# A page layout: element class names and boxes (x0, y0, x1, y1) on the unit page.
+LAYOUT = SampleKind("layout", "layout.json", encode_layout, decode_layout, stacks=False)
 
 # Dispatch table: sample kind name -> kind.
-SAMPLE_KINDS: dict[str, SampleKind] = {kind.name: kind for kind in (IMAGE, SMILES)}
+SAMPLE_KINDS: dict[str, SampleKind] = {kind.name: kind for kind in (IMAGE, SMILES, LAYOUT)}
 
 # A shard member of a non-image sample may carry a PNG rendering beside it, for viewing only.
 VIEW_EXT = IMAGE.ext

@@ -13,14 +13,14 @@ def _features(weights):
     return lambda samples: np.asarray(samples, dtype=np.float64).reshape(len(samples), -1)
 
 
-def _real(split, seed):
+def _real(split, seed, task_dir=None):
     return np.zeros((4, 2, 2), dtype=np.uint8)
 
 
 TINY = TaskSpec(
     name="tiny", pretrain=_pretrain, pretrain_options={}, base_model="base", reward="jpeg_compressibility",
     rewards={}, reward_weights={"jpeg_compressibility": RewardWeights("nothing", "none.json")}, hash="perceptual",
-    prompts=("a", "b"), real_data=lambda split, seed: (np.zeros((4, 1, 2, 2)), ["a"] * 4), real_samples=_real,
+    prompts=("a", "b"), real_data=lambda split, seed, task_dir=None: (np.zeros((4, 1, 2, 2)), ["a"] * 4), real_samples=_real,
     features=_features, feature_weights=None, decode=lambda x: x,
 )
 

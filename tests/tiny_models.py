@@ -184,3 +184,21 @@ def save_tiny_vlm(out: Path, seed: int = 0, whole_answers: bool = True) -> Path:
                       dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
                            num_hidden_layers=2, max_position_embeddings=512),
                       image_size=16, patch_size=8, seed=seed, whole_answers=whole_answers)
+
+
+def save_tiny_layout(out: Path, seed: int = 0) -> Path:
+    """A randomly initialised layout base (one narrow transformer layer) with the real model card,
+    and a random layout encoder beside it, as `pgraft pretrain layout` lays them out (no corpus)."""
+    import diffusers
+
+    from pgraft.models.sequence import SequenceDenoiser
+    from pgraft.tasks.layout import task
+
+    torch.manual_seed(seed)
+    net = SequenceDenoiser(**task.denoiser_config(width=16, layers=1))
+    train = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="sample",
+                                    clip_sample=False)
+    task.save_base(net, diffusers.DDIMScheduler.from_config(train.config, timestep_spacing="leading"), out / "ddpm",
+                   ["title text", "text text figure"])
+    SequenceDenoiser(**task.encoder_config(width=16, layers=1)).save_pretrained(out / "encoder")
+    return out

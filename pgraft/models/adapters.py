@@ -181,12 +181,12 @@ class ModelAdapter:
     def training_condition(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(condition per prompt, the null condition) as tensors the train stage can hold as
         buffers: what `denoise` takes, computed once (text encoders are not trained)."""
-        raise ModelError(f"model.kind={self.kind}: the train stage supports class_unet, class_sequence and stable_diffusion")
+        raise ModelError(f"model.kind={self.kind}: the train stage supports {', '.join(TRAINABLE_KINDS)}")
 
     def denoise(self, net, x: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """One forward of the trainable network `net` (this adapter's denoiser or a copy) on a
         batch with one condition row per sample."""
-        raise ModelError(f"model.kind={self.kind}: the train stage supports class_unet, class_sequence and stable_diffusion")
+        raise ModelError(f"model.kind={self.kind}: the train stage supports {', '.join(TRAINABLE_KINDS)}")
 
     def _call_pipeline(self, prompts: list[str], latents: torch.Tensor, generators, callback: Callable):
         raise NotImplementedError
@@ -335,6 +335,48 @@ class ClassSequenceAdapter(ClassUNetAdapter):
         return SequenceDenoiser
 
 
+class LayoutSequenceAdapter(ClassSequenceAdapter):
+    """The sequence transformer conditioned per position (the layout task): a prompt names the
+    elements' classes in reading order ("title text figure"), one per position, the rest PAD; the
+    empty prompt is unconditional. The card's task decodes x_0 with the prompts (the classes)."""
+
+    kind = "layout_sequence"
+
+    def _load(self):
+        pipe = super()._load()
+        card = json.loads((self.path / MODEL_CARD).read_text())
+        self.element_classes: list[str] = card["element_classes"]
+        self.pad_class = int(card["pad_class"])
+        self.positions = int(pipe.unet.config.sample_length)
+        return pipe
+
+    def class_ids(self, prompts: list[str]) -> torch.Tensor:
+        rows = []
+        for prompt in prompts:
+            names = prompt.split()
+            unknown = [n for n in names if n not in self.element_classes]
+            if unknown or len(names) > self.positions:
+                why = f"unknown element class {unknown[0]!r}" if unknown else f"{len(names)} elements, more than {self.positions}"
+                raise ModelError(f"prompt {prompt!r}: {why}; a prompt names up to {self.positions} element classes "
+                                 f"of {self.element_classes} in reading order")
+            if not names:
+                rows.append([self.null_class] * self.positions)
+                continue
+            rows.append([self.element_classes.index(n) for n in names] + [self.pad_class] * (self.positions - len(names)))
+        return torch.tensor(rows, dtype=torch.long)
+
+    def training_condition(self, prompts):
+        return self.class_ids(prompts), torch.full((self.positions,), self.null_class, dtype=torch.long)
+
+    def _call_pipeline(self, prompts, latents, generators, callback):
+        x0 = self.pipe(
+            class_labels=self.class_ids(prompts), null_class=self.null_class,
+            num_inference_steps=self.config.num_inference_steps, guidance_scale=self.config.guidance_scale,
+            latents=latents, generator=generators, output_type="latent", callback_on_step_end=callback,
+        )
+        return self.decode(x0, prompts)
+
+
 class _TextPipelineAdapter(ModelAdapter):
     pipeline_class_name = ""
 
@@ -404,13 +446,17 @@ class SD3Adapter(_TextPipelineAdapter):
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     ClassUNetAdapter.kind: ClassUNetAdapter,
     ClassSequenceAdapter.kind: ClassSequenceAdapter,
+    LayoutSequenceAdapter.kind: LayoutSequenceAdapter,
     StableDiffusionAdapter.kind: StableDiffusionAdapter,
     SD3Adapter.kind: SD3Adapter,
 }
 
 
+# The kinds the train stage can tune: their adapters say how to condition and call the network.
+TRAINABLE_KINDS = tuple(kind for kind, cls in ADAPTERS.items() if cls.denoise is not ModelAdapter.denoise)
+
 # The kinds whose folder is a denoiser + scheduler + MODEL_CARD (prompts are classes).
-CLASS_KINDS = (ClassUNetAdapter.kind, ClassSequenceAdapter.kind)
+CLASS_KINDS = (ClassUNetAdapter.kind, ClassSequenceAdapter.kind, LayoutSequenceAdapter.kind)
 
 
 def check_model_folder(model: ModelSection) -> None:

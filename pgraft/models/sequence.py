@@ -5,7 +5,8 @@ It is a diffusers `ModelMixin` with the `UNet2DModel` calling convention
 adapter's X_t capture, the composite sampler and the train stage drive it as they drive the
 digits UNet; `save_pretrained` / `from_pretrained` give it the same folder layout. A sample is
 (sample_length, embed_dim): one embedded token per position (the molecules task embeds SELFIES
-tokens; pgraft/tasks/molecules.py).
+tokens; pgraft/tasks/molecules.py). The condition is one class per sample, or one per position
+(the layout task's element classes; pgraft/tasks/layout/).
 """
 
 from __future__ import annotations
@@ -51,8 +52,11 @@ class SequenceDenoiser(ModelMixin, ConfigMixin):
         t = t.expand(batch) if t.ndim == 0 else t
         emb = self.time_mlp(get_timestep_embedding(t.float(), self.config.width, flip_sin_to_cos=True,
                                                    downscale_freq_shift=0).to(sample.dtype))
-        if class_labels is not None:
+        per_position = class_labels is not None and class_labels.ndim == 2  # a layout's element classes
+        if class_labels is not None and not per_position:  # one class per sample
             emb = emb + self.class_embedding(class_labels.to(sample.device))
         h = self.in_proj(sample) + self.position + emb[:, None, :]
+        if per_position:
+            h = h + self.class_embedding(class_labels.to(sample.device))
         out = self.out_proj(self.norm_out(self.encoder(h)))
         return SequenceDenoiserOutput(sample=out) if return_dict else (out,)

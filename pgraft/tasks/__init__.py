@@ -64,10 +64,10 @@ class TaskSpec:
     reward_weights: Mapping[str, RewardWeights]  # reward name -> its default weights under task.dir
     hash: str  # reward.hash's default (a registered sample_hash, one of `hashes`, or module:function)
     prompts: tuple[str, ...]  # generate.prompts' default
-    # real_data(split, seed) -> (x (N, ...) as the model sees it, prompts): what `pgraft invert` inverts
-    # (None: the task has no real data in model space).
+    # real_data(split, seed, task_dir) -> (x (N, ...) as the model sees it, prompts): what `pgraft invert` inverts
+    # (None: the task has no real data in model space). task_dir: where a task that builds its data keeps it.
     real_data: Callable[[str, int], tuple[Any, list[str]]] | None
-    # real_samples(split, seed) -> decoded samples (N, ...): the reference set of Fréchet distance (None: none,
+    # real_samples(split, seed, task_dir) -> decoded samples (N, ...): the reference set of Fréchet distance (None: none,
     # so the evaluation reports no Fréchet distance).
     real_samples: Callable[[str, int], Any] | None
     # features(weights_folder) -> fn(decoded samples) -> (N, D) float64 features, for Fréchet distance and

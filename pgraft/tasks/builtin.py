@@ -79,5 +79,43 @@ T2I = register_task(TaskSpec(
     decode=None,  # the pipeline's VAE decodes
 ))
 
+LAYOUT = register_task(TaskSpec(
+    name="page_layout",
+    description="page layouts from their element classes (C → S + P), on real typeset pages; docs/DESIGN.md §6d",
+    pretrain=lazy("pgraft.tasks.layout.task:pretrain_and_publish"),
+    pretrain_options={
+        "--source": (str, "/usr/share/doc/texlive-doc/latex", "a folder of PDFs or a COCO .json file (Debian: "
+                     "apt-get install texlive-latex-base-doc)"),
+        "--pages-per-file": (int, 12, "pages read from each PDF, spread over it (the corpus stays varied and quick)"),
+        "--steps": (int, 3000, "optimizer steps of the DDPM base"),
+        "--width": (int, 64, "width of the transformer denoiser"),
+        "--layers": (int, 3, "transformer layers of the denoiser"),
+        "--encoder-steps": (int, 1500, "optimizer steps of the layout encoder (the Fréchet distance's features)"),
+    },
+    base_model="ddpm",
+    model_kind="layout_sequence",
+    sample_kind="layout",
+    reward="layout_quality",
+    rewards={"layout_quality": lazy("pgraft.tasks.layout.task:quality_reward"),
+             "layout_overlap": lazy("pgraft.tasks.layout.task:overlap_reward"),
+             "layout_alignment": lazy("pgraft.tasks.layout.task:alignment_reward")},
+    reward_weights={},
+    hash="layout",
+    hashes={"layout": lazy("pgraft.tasks.layout.task:layout_hash")},
+    # Class sequences common on the texlive manuals' pages (`pgraft pretrain layout` lists the corpus's own).
+    prompts=("text text text", "text text text text text", "text text text text text text",
+             "title text text text text text text text text", "title table text", "figure text text",
+             "text title text title", "title title title text"),
+    real_data=lazy("pgraft.tasks.layout.task:real_data"),
+    real_samples=lazy("pgraft.tasks.layout.task:real_samples"),
+    reference_split="test",
+    feature_space="layout encoder",
+    features=lazy("pgraft.tasks.layout.task:feature_extractor"),
+    feature_weights="encoder",
+    decode=lazy("pgraft.tasks.layout.task:decode"),
+    show=lazy("pgraft.tasks.layout.task:show"),
+    metrics=lazy("pgraft.tasks.layout.task:sample_metrics"),
+))
+
 # The task the embedded default config runs.
 DEFAULT_TASK = DIGITS.name

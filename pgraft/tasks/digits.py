@@ -160,7 +160,7 @@ def real_images(split: str = "test", seed: int = 0) -> tuple[np.ndarray, np.ndar
     return images, y.numpy()
 
 
-def real_data(split: str = "train", seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+def real_data(split: str = "train", seed: int = 0, task_dir: str | None = None) -> tuple[torch.Tensor, list[str]]:
     """The real digits as the models see them, (N, 1, 8, 8) in [-1, 1], with each one's prompt:
     what `pgraft invert` pushes back through a flow model."""
     if split not in ("all", "train", "test"):
@@ -208,7 +208,7 @@ def alignment_reward(model_path: str | None, device: torch.device, transform: st
     return reward_fn
 
 
-def real_samples(split: str = "all", seed: int = 0) -> np.ndarray:
+def real_samples(split: str = "all", seed: int = 0, task_dir: str | None = None) -> np.ndarray:
     """The real digits as decoded samples (N, 8, 8) uint8: the Fréchet distance's reference set."""
     return real_images(split, seed)[0]
 

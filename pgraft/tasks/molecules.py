@@ -195,13 +195,13 @@ def decode(x) -> list[str]:
     return out
 
 
-def real_data(split: str = "train", seed: int = 0):
+def real_data(split: str = "train", seed: int = 0, task_dir: str | None = None):
     """The corpus as the model sees it, (N, MAX_TOKENS, EMBED_DIM), and each one's prompt."""
     smiles = molecules(split, seed)
     return encode(smiles), [PROMPT] * len(smiles)
 
 
-def real_samples(split: str = "test", seed: int = 0) -> list[str]:
+def real_samples(split: str = "test", seed: int = 0, task_dir: str | None = None) -> list[str]:
     """The corpus as decoded samples (canonical SMILES): the FCD's reference set."""
     return molecules(split, seed)
 

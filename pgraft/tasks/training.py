@@ -57,7 +57,8 @@ def train_class_denoiser(net, x: torch.Tensor, y: torch.Tensor, null_class: int,
     bar = progress_bar(steps, f"{label} {kind}", "step", enabled=progress)
     for _ in range(steps):
         idx = torch.randint(0, len(x), (batch_size,), generator=gen)
-        labels = torch.where(torch.rand(batch_size, generator=gen) < label_dropout, null_class, y[idx])
+        drop = torch.rand(batch_size, generator=gen) < label_dropout
+        labels = torch.where(drop.view(-1, *[1] * (y.dim() - 1)), null_class, y[idx])  # y: (N,) or (N, positions)
         model_in, t, target = noise_and_target(kind, x[idx], train_sched, gen)
         loss = F.mse_loss(net(model_in, t, class_labels=labels).sample, target)
         opt.zero_grad()

@@ -53,7 +53,7 @@ def summarize_variant(cfg_tree: dict) -> dict:
         extract = spec.features(feature_weights(cfg))
         features = extract(samples)
         if spec.real_samples is not None:
-            reference = extract(spec.real_samples(spec.reference_split, cfg.task.seed))
+            reference = extract(spec.real_samples(spec.reference_split, cfg.task.seed, cfg.task.dir))
             frechet = metrics.frechet_distance_of(features, reference)
         task_metrics = spec.metrics(samples, cfg.task.seed) if spec.metrics is not None else {}
     else:  # no task, so no feature extractor: diversity in pixel space

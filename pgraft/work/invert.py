@@ -42,7 +42,7 @@ def _task_points(cfg: Config):
             raise InvertError(f"invert.split={cfg.invert.split}: task {spec.name} has the splits {list(spec.splits)}")
         if spec.real_data is None:
             raise InvertError(f"task {spec.name} has no real data to invert; set invert.data to a WebDataset location")
-        return spec.real_data(cfg.invert.split, cfg.task.seed)
+        return spec.real_data(cfg.invert.split, cfg.task.seed, cfg.task.dir)
     raise InvertError("invert.data=task needs a built-in task (task.name); set invert.data to a WebDataset location")
 
 

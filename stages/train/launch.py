@@ -50,9 +50,10 @@ def steps_for_epochs(epochs: float, accepted: int, batch_size: int) -> int:
 
 def check_settings(cfg: Config) -> None:
     """Errors a worker would otherwise meet only after placement and model load."""
-    if cfg.model.kind not in ("class_unet", "class_sequence", "stable_diffusion"):
-        raise TrainError(f"model.kind={cfg.model.kind}: the train stage supports class_unet, class_sequence and "
-                         "stable_diffusion")
+    from pgraft.models.adapters import TRAINABLE_KINDS
+
+    if cfg.model.kind not in TRAINABLE_KINDS:
+        raise TrainError(f"model.kind={cfg.model.kind}: the train stage supports {', '.join(TRAINABLE_KINDS)}")
     if cfg.model.finetuned and cfg.train.mode == "lora":
         raise TrainError("training on top of a fine-tuned composite in train.mode=lora (a later round) is not supported "
                          "yet; use train.mode=full")

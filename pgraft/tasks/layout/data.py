@@ -145,8 +145,16 @@ def _page_elements(page, body: float) -> list[tuple[int, tuple[float, ...]]]:
     return found
 
 
-def extract_pdf(path: str | Path) -> list[Layout]:
-    """The layouts of every page of a PDF (module docstring: the heuristics and their limits)."""
+def pages_to_read(count: int, max_pages: int | None) -> list[int]:
+    """Every page, or `max_pages` of them evenly spread over the document (deterministic)."""
+    if max_pages is None or count <= max_pages:
+        return list(range(count))
+    return sorted({int(i) for i in np.linspace(0, count - 1, max_pages).round()})
+
+
+def extract_pdf(path: str | Path, max_pages: int | None = None) -> list[Layout]:
+    """The layouts of the pages of a PDF, all or `max_pages` spread over it (module docstring: the
+    heuristics and their limits)."""
     import pymupdf
 
     path = Path(path)
@@ -157,7 +165,8 @@ def extract_pdf(path: str | Path) -> list[Layout]:
     layouts = []
     with document:
         body = _body_size(document)
-        for number, page in enumerate(document):
+        for number in pages_to_read(len(document), max_pages):
+            page = document[number]
             found = _page_elements(page, body)
             if not found or len(found) > MAX_ELEMENTS:
                 continue

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 def test_unknown_task_lists_the_known_ones():
-    with pytest.raises(ConfigError, match=r"unknown task 'nope'; known tasks: \['digits', 'molecules', 't2i'\]"):
+    with pytest.raises(ConfigError, match=r"unknown task 'nope'; known tasks: \['digits', 'molecules', 'page_layout', 't2i'\]"):
         get_task("nope")
     with pytest.raises(ConfigError, match="task.name: unknown task 'nope'"):
         load_config(None, ["task.name=nope"])
