@@ -34,10 +34,15 @@ def intersections(boxes: np.ndarray) -> np.ndarray:
     return np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
 
 
+def _pairs(boxes) -> np.ndarray | None:
+    """The boxes as float64, or None when there is no pair to compare (the term is then 0)."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    return boxes if len(boxes) >= 2 else None
+
+
 def overlap(boxes: np.ndarray) -> float:
-    boxes = np.asarray(boxes, np.float64)
-    n = len(boxes)
-    if n < 2:
+    boxes = _pairs(boxes)
+    if boxes is None:
         return 0.0
     inter = intersections(boxes)
     np.fill_diagonal(inter, 0.0)
@@ -51,10 +56,10 @@ def alignment_coordinates(boxes: np.ndarray) -> np.ndarray:
 
 
 def alignment(boxes: np.ndarray) -> float:
-    boxes = np.asarray(boxes, np.float64)
-    n = len(boxes)
-    if n < 2:
+    boxes = _pairs(boxes)
+    if boxes is None:
         return 0.0
+    n = len(boxes)
     coords = alignment_coordinates(boxes)
     distance = np.abs(coords[:, None, :] - coords[None, :, :])  # (N, N, 6)
     distance[np.arange(n), np.arange(n), :] = np.inf

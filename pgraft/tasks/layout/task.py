@@ -72,11 +72,14 @@ def read_source(source: str | Path, pages_per_file: int | None = None) -> tuple[
 
 
 def save_corpus(layouts: list[Layout], record: dict, out: Path) -> None:
+    """Write the corpus whole or not at all (a temporary file renamed into place)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     body = {"classes": list(CLASSES), "record": record,
             "layouts": [{"classes": list(lay.classes), "boxes": [list(b) for b in lay.boxes], "source": lay.source}
                         for lay in layouts]}
-    out.write_text(json.dumps(body))
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text(json.dumps(body))
+    partial.replace(out)
 
 
 @lru_cache(maxsize=4)

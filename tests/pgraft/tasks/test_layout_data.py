@@ -65,3 +65,15 @@ def test_a_file_that_is_not_a_pdf_is_one_line(tmp_path):
     bad.write_bytes(b"not a pdf at all")
     with pytest.raises(LayoutDataError, match=r"bad.pdf: cannot open as a PDF"):
         extract_pdf(bad)
+
+
+def test_an_empty_source_is_one_line_and_writes_no_corpus(tmp_path):
+    from pgraft.tasks.layout.task import LayoutTaskError, pretrain_layout
+
+    (tmp_path / "pdfs").mkdir()
+    with pytest.raises(LayoutTaskError, match=r"no PDFs under .*pdfs \(Debian: apt-get install texlive-latex-base-doc"):
+        pretrain_layout(tmp_path / "out", source=str(tmp_path / "pdfs"), progress=False)
+    empty = coco(tmp_path, [])
+    with pytest.raises(LayoutTaskError, match=r"layout source .*ann.json gave no layout \(an empty corpus\); nothing was written"):
+        pretrain_layout(tmp_path / "out", source=str(empty), progress=False)
+    assert not (tmp_path / "out").exists()
