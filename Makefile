@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_RUN ?= runs/demo
 DEMO_ARGS ?=
 
-.PHONY: venv install install-test chromium demo demo-s3 test bench digits-study inc-study molecules-study clean cluster-up cluster-down
+.PHONY: venv install install-test chromium demo demo-s3 test bench digits-study inc-study molecules-study layout-study clean cluster-up cluster-down
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,10 @@ inc-study: $(VENV)/.installed
 # Dedup GRS on molecules (best-of-8 / threshold, with and without dedup, 3 rounds, 3 seeds) and
 # GRAFT vs P-GRAFT at two t (docs/DESIGN.md §6b): ~30 min on 2 cores; pretrains models/molecules
 # first when missing (~3 min). Writes benchmarks/results/molecules_dedup.{json,md,png}.
+layout-study: $(VENV)/.installed
+	test -f models/page_layout/summary.json || $(VENV)/bin/pgraft pretrain page_layout --out models/page_layout --quiet
+	$(PY) benchmarks/layout_study.py --models models/page_layout
+
 molecules-study: $(VENV)/.installed
 	test -f models/molecules/summary.json || $(VENV)/bin/pgraft pretrain molecules --out models/molecules --quiet
 	$(PY) benchmarks/molecules_dedup.py --models models/molecules

@@ -77,3 +77,19 @@ def test_an_empty_source_is_one_line_and_writes_no_corpus(tmp_path):
     with pytest.raises(LayoutTaskError, match=r"layout source .*ann.json gave no layout \(an empty corpus\); nothing was written"):
         pretrain_layout(tmp_path / "out", source=str(empty), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_layout_prompts_name_known_classes_within_the_length(tmp_path):
+    from pgraft.config import ModelSection
+    from pgraft.models.adapters import ModelError, load_adapter
+    from tiny_models import save_tiny_layout
+
+    adapter = load_adapter(ModelSection(kind="layout_sequence", path=str(save_tiny_layout(tmp_path) / "ddpm"),
+                                        num_inference_steps=2, device="cpu"))
+    ids = adapter.class_ids(["title text", ""])
+    assert ids[0, :3].tolist() == [CLASSES.index("title"), CLASSES.index("text"), len(CLASSES)]  # then PAD
+    assert set(ids[1].tolist()) == {len(CLASSES) + 1}  # the empty prompt: NULL everywhere (unconditional)
+    with pytest.raises(ModelError, match=r"prompt 'title caption': unknown element class 'caption'"):
+        adapter.class_ids(["title caption"])
+    with pytest.raises(ModelError, match=r"17 elements, more than 16"):
+        adapter.class_ids([" ".join(["text"] * 17)])
