@@ -33,7 +33,7 @@ PAD_CLASS = len(CLASSES)  # condition of the rows past the last element
 NULL_CLASS = len(CLASSES) + 1  # the unconditional condition (classifier-free guidance)
 DEFAULT_SOURCE = "/usr/share/doc/texlive-doc/latex"  # Debian: apt-get install texlive-latex-base-doc
 CORPUS = "corpus/layouts.json"
-NUM_PROMPTS = 8  # the default prompts: the corpus's most common class sequences
+NUM_PROMPTS = 8  # how many of the corpus's most common class sequences the summary and the card record
 
 
 class LayoutTaskError(PgraftError):
