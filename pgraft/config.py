@@ -405,6 +405,20 @@ class ClusterSection(_Section):
                               "unit is retried on the restarted actor.", json_schema_extra=HOW)
 
 
+class StorageSection(_Section):
+    outage_s: float = Field(120.0, gt=0, description="How long every storage call rides out an unreachable object "
+                            "store (connections refused, cut or timed out, 5xx answers), retrying with backoff and "
+                            "jitter, before the stage stops with one line saying for how long storage was "
+                            "unreachable. Work in flight is retried, not lost.", json_schema_extra=HOW)
+    lease_ttl_s: float = Field(60.0, gt=0, description="A stage's driver holds a lease on its output in storage and "
+                               "renews it every third of this; a lease not renewed for this long (its driver died) "
+                               "is taken over by the next driver.", json_schema_extra=HOW)
+    lease_wait_s: float = Field(180.0, ge=0, description="How long a second driver of the same stage output waits "
+                                "for a live holder to finish before it stops with one line naming the holder (0: "
+                                "stop at once). A stale lease is taken over sooner, after lease_ttl_s.",
+                                json_schema_extra=HOW)
+
+
 class Config(_Section):
     run: RunSection = Field(default_factory=RunSection, description="Where and with which seed the run lives.", json_schema_extra=WHAT)
     task: TaskSection = Field(default_factory=TaskSection, description="The built-in task, if any.", json_schema_extra=WHAT)
@@ -417,6 +431,8 @@ class Config(_Section):
     corrector: CorrectorSection = Field(default_factory=CorrectorSection, description="The noise corrector (`pgraft "
                                         "train-corrector`).", json_schema_extra=WHAT)
     cluster: ClusterSection = Field(default_factory=ClusterSection, description="Placement and fault tolerance on Ray.", json_schema_extra=HOW)
+    storage: StorageSection = Field(default_factory=StorageSection, description="Riding out object-store outages; "
+                                    "one writer per stage output.", json_schema_extra=HOW)
 
     def train_output(self) -> tuple[str, str]:
         """(selection the train stage reads, its output name under train/)."""
@@ -471,6 +487,15 @@ class Config(_Section):
         if isinstance(out.generate.prompts, str):
             out.generate.prompts = absolute("generate.prompts", out.generate.prompts, must_exist=False, written=False)
         return out
+
+    @model_validator(mode="after")
+    def _apply_storage_settings(self) -> "Config":
+        """Storage calls of every process that loads this config (drivers, actors, train ranks)
+        ride out outages for `storage.outage_s`: they open stores by URI alone."""
+        from pgraft.storage import set_outage_s
+
+        set_outage_s(self.storage.outage_s)
+        return self
 
     @model_validator(mode="after")
     def _defaults_from_task(self) -> "Config":

@@ -2,15 +2,23 @@
 
 `open_storage(uri)` returns a store rooted at `uri`; keys are '/'-separated paths below it.
 Local paths and file:// URIs write atomically (temp file + rename); s3:// goes through boto3
-with the endpoint from the standard AWS_ENDPOINT_URL and botocore's bounded retries with
-exponential backoff. Errors are StorageError with one line naming the URI, never a secret.
+with the endpoint from the standard AWS_ENDPOINT_URL. An object store can stall or drop
+connections for a while (docs/DESIGN.md §7d): every S3 call that fails on the connection, or
+with a 5xx answer, is retried whole, with exponential backoff and full jitter, until storage
+has been unreachable for `outage_s` seconds (`storage.outage_s` of the config, applied to the
+process by `set_outage_s`); only then does it fail, with one line saying for how long storage
+was unreachable. Errors are StorageError with one line naming the URI, never a secret.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
 import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO, Callable
 from urllib.parse import urlparse
@@ -20,6 +28,72 @@ from pgraft.errors import PgraftError
 
 class StorageError(PgraftError):
     """Storage is unreachable, missing, refuses us, or lacks a key; the message says which."""
+
+
+class StorageUnreachable(StorageError):
+    """Storage did not answer for longer than the outage budget (`storage.outage_s`)."""
+
+
+# How long one storage call keeps retrying an unreachable store before it fails (seconds).
+# Processes that load a config take its `storage.outage_s` (pgraft.config applies it);
+# PGRAFT_STORAGE_OUTAGE_S sets it for a process that loads none.
+DEFAULT_OUTAGE_S = 120.0
+_outage_s = float(os.environ.get("PGRAFT_STORAGE_OUTAGE_S", DEFAULT_OUTAGE_S))
+
+
+def set_outage_s(seconds: float) -> None:
+    """How long storage calls of this process ride out an unreachable store."""
+    global _outage_s
+    _outage_s = float(seconds)
+
+
+def outage_s() -> float:
+    return _outage_s
+
+
+def backoff_delays(base: float = 0.25, cap: float = 8.0, rng: random.Random | None = None):
+    """Seconds to wait before each retry: exponential backoff with full jitter (uniform in
+    [0, min(cap, base·2^n)]), so that many workers hit by one outage do not retry in step."""
+    rng = rng or random.Random()
+    attempt = 0
+    while True:
+        yield rng.uniform(0.0, min(cap, base * 2 ** attempt))
+        attempt += 1
+
+
+def ride_out(call: Callable, is_transient: Callable[[BaseException], bool], what: str,
+             budget_s: float | None = None, clock: Callable[[], float] = time.monotonic,
+             sleep: Callable[[float], None] = time.sleep, delays=None):
+    """`call()`, retried while it fails with a transient error, until the store has been
+    unreachable for `budget_s` seconds (the process's `outage_s()` by default): then
+    StorageUnreachable names `what`, the time and the last error. Other errors pass through."""
+    budget = outage_s() if budget_s is None else budget_s
+    first_failure, delays, warned = None, delays or backoff_delays(), False
+    while True:
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - the predicate decides
+            if not is_transient(exc):
+                raise
+            now = clock()
+            first_failure = now if first_failure is None else first_failure
+            waited = now - first_failure
+            if waited >= budget:
+                raise StorageUnreachable(
+                    f"storage unreachable for {waited:.0f} s ({what}: {_error_name(exc)}); gave up after "
+                    f"storage.outage_s={budget:g}; rerun the stage when storage answers again (committed work is kept)"
+                ) from None
+            if not warned:  # one line per call that rides out an outage, not one per retry
+                print(f"storage: {what} unreachable ({_error_name(exc)}); retrying for up to {budget:g} s",
+                      file=sys.stderr, flush=True)
+                warned = True
+            sleep(min(next(delays), max(0.0, budget - waited)))
+
+
+def _error_name(exc: BaseException) -> str:
+    from_boto = getattr(exc, "response", None)
+    code = from_boto.get("Error", {}).get("Code") if isinstance(from_boto, dict) else None
+    return f"{exc.__class__.__name__} {code}" if code else exc.__class__.__name__
 
 
 class Storage:
@@ -38,6 +112,28 @@ class Storage:
 
     def open_read(self, key: str) -> BinaryIO:
         """A streaming binary reader; the caller closes it."""
+        raise NotImplementedError
+
+    def digest(self, key: str) -> tuple[int, str]:
+        """(size, sha256 hex) of an object, streamed: what a commit record is checked against."""
+        with self.open_read(key) as stream:
+            return stream_digest(stream)
+
+    def move(self, key: str, new_key: str) -> None:
+        """Move an object to another key (torn data is moved aside, not deleted)."""
+        self.put_bytes(new_key, self.get_bytes(key))
+        self.delete(key)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Create `key` only if no object is there: True if this call created it."""
+        raise NotImplementedError
+
+    def put_if_unchanged(self, key: str, data: bytes, version: str) -> bool:
+        """Replace `key` only if its version tag is still `version` (see `version_of`): True if replaced."""
+        raise NotImplementedError
+
+    def version_of(self, key: str) -> str | None:
+        """The object's version tag (ETag on S3, content digest locally), None if absent."""
         raise NotImplementedError
 
     def exists(self, key: str) -> bool:
@@ -90,6 +186,15 @@ class Storage:
         probe = ".pgraft-write-probe"
         self.put_bytes(probe, b"ok")
         self.delete(probe)
+
+
+def stream_digest(stream: BinaryIO) -> tuple[int, str]:
+    """(size, sha256 hex) of a binary stream, read in 1 MiB chunks."""
+    sha, size = hashlib.sha256(), 0
+    for chunk in iter(lambda: stream.read(1 << 20), b""):
+        sha.update(chunk)
+        size += len(chunk)
+    return size, sha.hexdigest()
 
 
 def join_key(prefix: str, name: str) -> str:
@@ -176,6 +281,45 @@ class LocalStorage(Storage):
     def local_path(self, key):
         return str(self._path(key))
 
+    def move(self, key, new_key):
+        target = self._path(new_key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self._path(key), target)
+
+    # Conditional writes. Creation is atomic (a hard link fails where a file exists); a replace
+    # compares and swaps under an flock of a sidecar file: atomic between processes of one host
+    # (and on file systems whose flock is shared, such as most NFS v4 mounts).
+    def put_if_absent(self, key, data):
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.link(tmp, target)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def put_if_unchanged(self, key, data, version):
+        import fcntl
+
+        target = self._path(key)
+        with open(target.parent / f".{target.name}.lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.version_of(key) != version:
+                return False
+            self.put_bytes(key, data)
+            return True
+
+    def version_of(self, key):
+        try:
+            return hashlib.sha256(self._path(key).read_bytes()).hexdigest()
+        except FileNotFoundError:
+            return None
+
 
 # S3 -------------------------------------------------------------------------------------
 
@@ -252,15 +396,18 @@ class S3Storage(Storage):
         return StorageError(f"S3 error on {target}{self._where()}: {exc.__class__.__name__}")
 
     def _call(self, key: str, fn: Callable):
+        """`fn()`, riding out an unreachable store (`ride_out`), with boto's errors as one line."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            return fn()
+            return ride_out(fn, _transient, f"{self.url(key)}{self._where()}")
         except (ClientError, BotoCoreError) as exc:
             raise self._translate(exc, key) from None
+        except StorageError:
+            raise
         except Exception as exc:  # s3transfer wraps client errors
-            cause = exc.__cause__ or exc.__context__
-            if isinstance(cause, (ClientError, BotoCoreError)):
+            cause = _boto_cause(exc)
+            if cause is not None:
                 raise self._translate(cause, key) from None
             raise
 
@@ -274,25 +421,41 @@ class S3Storage(Storage):
         self._call(key, lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data))
 
     def get_bytes(self, key):
-        with self.open_read(key) as body:
-            return body.read()
+        # The body is read inside the retried call: a connection cut mid-body is fetched again.
+        return self._call(key, lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read())
 
     def open_read(self, key):
         response = self._call(key, lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key)))
         return response["Body"]
 
+    def digest(self, key):
+        # Fetched and hashed inside one retried call: a body cut mid-stream is hashed again from the start.
+        return self._call(key, lambda: stream_digest(self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]))
+
+    def download_prefix(self, prefix, folder):
+        # One retried download per object (s3transfer writes a temp file and renames it).
+        strip = len(prefix.rstrip("/")) + 1 if prefix.strip("/") else 0
+        root = Path(folder).resolve()
+        for key in self.list(prefix):
+            target = (root / key[strip:].lstrip("/")).resolve()
+            if root not in target.parents:  # a key like "../x" must never write outside the folder
+                raise StorageError(f"{self.url(key)}: key leaves the target folder; refusing to download it")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._call(key, lambda key=key, target=target: self.client.download_file(self.bucket, self._key(key),
+                                                                                      str(target)))
+
     def exists(self, key):
-        from botocore.exceptions import BotoCoreError, ClientError
+        return self._call(key, lambda: self._head(key) is not None)
+
+    def _head(self, key):
+        from botocore.exceptions import ClientError
 
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-            return True
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(key))
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
-                return False
-            raise self._translate(exc, key) from None
-        except BotoCoreError as exc:  # unreachable endpoint, missing credentials
-            raise self._translate(exc, key) from None
+                return None
+            raise
 
     def list(self, prefix=""):
         full = self._key(prefix).rstrip("/")
@@ -309,6 +472,40 @@ class S3Storage(Storage):
 
     def delete(self, key):
         self._call(key, lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))
+
+    def move(self, key, new_key):
+        self._call(key, lambda: self.client.copy_object(Bucket=self.bucket, Key=self._key(new_key),
+                                                        CopySource={"Bucket": self.bucket, "Key": self._key(key)}))
+        self.delete(key)
+
+    # Conditional writes (S3's If-None-Match / If-Match on PUT, on AWS since 2024; moto has them).
+    # A PUT retried after a cut may find its own first attempt: callers compare the content.
+    def put_if_absent(self, key, data):
+        return self._conditional(key, lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
+                                                                     IfNoneMatch="*"))
+
+    def put_if_unchanged(self, key, data, version):
+        return self._conditional(key, lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
+                                                                     IfMatch=version))
+
+    def _conditional(self, key, put) -> bool:
+        from botocore.exceptions import ClientError
+
+        def attempt():
+            try:
+                put()
+                return True
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in {"PreconditionFailed", "412", "ConditionalRequestConflict",
+                                                                 "NoSuchKey", "404"}:
+                    return False
+                raise
+
+        return self._call(key, attempt)
+
+    def version_of(self, key):
+        head = self._call(key, lambda: self._head(key))
+        return head["ETag"] if head is not None else None
 
     def manifest(self, prefix=""):
         full = self._key(prefix).rstrip("/")
@@ -334,7 +531,43 @@ class S3Storage(Storage):
         if self.endpoint:
             parsed = urlparse(self.endpoint)
             kwargs = {"endpoint_override": parsed.netloc, "scheme": parsed.scheme or "https"}
-        return fs.S3FileSystem(region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"), **kwargs)
+        # pgraft's own reads go through boto3 (ride_out); pyarrow's filesystem, for users' readers,
+        # retries with its own strategy, given about one attempt per 5 s of the outage budget.
+        retry = fs.AwsStandardS3RetryStrategy(max_attempts=max(3, int(outage_s() // 5)))
+        return fs.S3FileSystem(region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"), retry_strategy=retry, **kwargs)
+
+
+# Server answers worth waiting out: the store is overloaded or restarting, not refusing us.
+_TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout",
+                    "RequestTimeTooSkewed"}
+
+
+def _boto_cause(exc: BaseException):
+    """The botocore error behind `exc` (s3transfer wraps them), or None."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    for candidate in (exc, exc.__cause__, exc.__context__):
+        if isinstance(candidate, (ClientError, BotoCoreError)):
+            return candidate
+    return None
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether an S3 call's failure means "not reachable now": a connection refused, reset,
+    closed mid-body or timed out, or a 5xx answer."""
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, IncompleteReadError
+
+    try:
+        from botocore.exceptions import ResponseStreamingError
+    except ImportError:  # older botocore
+        ResponseStreamingError = HTTPClientError
+    cause = _boto_cause(exc)
+    if isinstance(cause, ClientError):
+        return str(cause.response.get("Error", {}).get("Code", "")) in _TRANSIENT_CODES
+    if isinstance(cause, (ConnectionError, HTTPClientError, IncompleteReadError, ResponseStreamingError)):
+        return True
+    # A body read cut mid-stream surfaces from urllib3 as ProtocolError / IncompleteRead.
+    return exc.__class__.__name__ in {"ProtocolError", "IncompleteRead", "ReadTimeoutError", "ConnectionResetError"}
 
 
 def _local(uri: str) -> Storage:

@@ -71,14 +71,7 @@ def table_fingerprint(part_keys: list[str], digests: list[str]) -> str:
 
 def fingerprint_parts(storage: Storage, part_keys: list[str]) -> str:
     """The table fingerprint without holding the parts in memory (streams each part)."""
-    digests = []
-    for key in part_keys:
-        digest = hashlib.sha256()
-        with storage.open_read(key) as stream:
-            for chunk in iter(lambda: stream.read(1 << 20), b""):
-                digest.update(chunk)
-        digests.append(digest.hexdigest())
-    return table_fingerprint(part_keys, digests)
+    return table_fingerprint(part_keys, [storage.digest(key)[1] for key in part_keys])
 
 
 def read_reward_table(storage: Storage, part_keys: list[str], columns: list[str] | None = None,
