@@ -40,13 +40,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pgraft import contract  # noqa: E402
-from pgraft.tables import arrow_schema  # noqa: E402
+from pgraft.storage import LocalStorage  # noqa: E402
+from pgraft.tables import arrow_schema, commit_reward_part  # noqa: E402
 
 
 def write_table(run: Path, rows: int, per_prompt: int, part_rows: int = 100_000, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
-    prefix = run / contract.rewards_prefix(0, "synthetic")
-    prefix.mkdir(parents=True, exist_ok=True)
+    store = LocalStorage(str(run))
     for part, lo in enumerate(range(0, rows, part_rows)):
         idx = np.arange(lo, min(lo + part_rows, rows))
         prompt, sample = idx // per_prompt, idx % per_prompt
@@ -63,7 +63,7 @@ def write_table(run: Path, rows: int, per_prompt: int, part_rows: int = 100_000,
             "reward_name": pa.array(["synthetic"] * len(idx)),
             "sample_hash": pc.utf8_lpad(pa.array(hash_src).cast(pa.string()), 16, "0"),  # fixed width, like dHash
         }, schema=arrow_schema(contract.REWARD_COLUMNS))
-        pq.write_table(table, prefix / f"part-{part:06d}.parquet", compression="zstd")
+        commit_reward_part(store, contract.reward_part_key(0, "synthetic", part), table)
 
 
 DUCKDB_SAME_WORK = """

@@ -131,15 +131,17 @@ def register_checkpoint(storage: Storage, checkpoints: str, tag: str, step: int,
 
 
 def save_and_report(engine, step: int, metrics: dict, fingerprint: str) -> None:
-    """Save this rank's part of the checkpoint after `step` steps into the run's storage; once
-    every rank's files are there (a barrier), rank 0 registers it. Every rank calls this at the
-    same steps."""
+    """Save this rank's part of the checkpoint after `step` steps into the run's storage, with
+    the sha256 of each of its files (`digests-rank<r>.json`, written last); once every rank's
+    files are there (a barrier), rank 0 registers it. Every rank calls this at the same steps."""
     ctx = _context()
     tag = CHECKPOINT_TAG.format(step)
     scratch = tempfile.mkdtemp(prefix="pgraft-ckpt-")
     try:
         engine.save_checkpoint(scratch, tag=tag, client_state={"step": step, "fingerprint": fingerprint})
         ctx.storage.upload_folder(scratch, f"{ctx.checkpoints}/{tag}")
+        ctx.storage.put_bytes(f"{ctx.checkpoints}/{tag}/{DIGESTS.format(ctx.rank)}",
+                              json.dumps(folder_digests(scratch), indent=1, sort_keys=True).encode())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     torch.distributed.barrier()
@@ -147,20 +149,72 @@ def save_and_report(engine, step: int, metrics: dict, fingerprint: str) -> None:
         register_checkpoint(ctx.storage, ctx.checkpoints, tag, step, {**metrics, "step": step}, ctx.keep)
 
 
+DIGESTS = "digests-rank{}.json"  # in a checkpoint's folder: {relative path: sha256} of one rank's files
+
+
+def folder_digests(folder: str) -> dict[str, str]:
+    """{relative path: sha256} of every file under a local folder."""
+    from pathlib import Path
+
+    from pgraft.storage import stream_digest
+
+    root = Path(folder)
+    out = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                out[path.relative_to(root).as_posix()] = stream_digest(f)[1]
+    return out
+
+
+def check_checkpoint_files(folder: str, world: int) -> str | None:
+    """Why a downloaded checkpoint folder is not whole (None when it is): every rank's digest
+    file must be there and every file it names must match. A checkpoint written before
+    digests existed (no digest file at all) is taken as it is."""
+    from pathlib import Path
+
+    found = sorted(Path(folder).glob(DIGESTS.format("*")))
+    if not found:
+        return None
+    if len(found) < world:
+        return f"digests of {len(found)} of {world} ranks"
+    have = folder_digests(folder)
+    for digest_file in found:
+        for name, sha in json.loads(digest_file.read_text()).items():
+            if have.get(name) != sha:
+                return f"{name} is {'missing' if name not in have else 'torn (sha256 differs)'}"
+    return None
+
+
 def resume(engine, fingerprint: str, steps: int, where: str, name_key: str) -> int:
-    """Load the newest registered checkpoint on every rank; the step to continue from (0: none).
-    A checkpoint of other data or settings, or one past `steps`, is refused, not continued."""
+    """Load the newest whole registered checkpoint on every rank; the step to continue from (0:
+    none). A torn or unloadable checkpoint is skipped, with a warning, for the one before it
+    (every rank decides alike: they read the same objects). A checkpoint of other data or
+    settings, or one past `steps`, is refused, not continued."""
     ctx = _context()
-    record = read_checkpoint_record(ctx.storage, ctx.checkpoints)
-    if not record:
+    client = None
+    for entry in reversed(read_checkpoint_record(ctx.storage, ctx.checkpoints)):
+        scratch = tempfile.mkdtemp(prefix="pgraft-ckpt-")
+        try:
+            # The whole folder on every rank, so each finds its own ZeRO shards.
+            ctx.storage.download_prefix(f"{ctx.checkpoints}/{entry['tag']}", scratch)
+            problem = check_checkpoint_files(scratch, ctx.world)
+            if problem is None:
+                try:
+                    _, client = engine.load_checkpoint(scratch, tag=entry["tag"])
+                    problem = None if client is not None else "DeepSpeed found nothing to load"
+                except Exception as exc:  # noqa: BLE001 - a corrupt file fails in torch.load or DeepSpeed: skip it
+                    problem = f"it does not load ({exc.__class__.__name__})"
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        if problem is None:
+            break
+        client = None
+        if ctx.rank == 0:
+            print(f"warning: checkpoint {ctx.storage.url(ctx.checkpoints)}/{entry['tag']} is corrupt ({problem}); "
+                  "skipping it for the one before", file=sys.stderr, flush=True)
+    if client is None:
         return 0
-    scratch = tempfile.mkdtemp(prefix="pgraft-ckpt-")
-    try:
-        # The whole folder on every rank, so each finds its own ZeRO shards.
-        ctx.storage.download_prefix(f"{ctx.checkpoints}/{record[-1]['tag']}", scratch)
-        _, client = engine.load_checkpoint(scratch)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     step = int(client["step"])
     if client.get("fingerprint") != fingerprint:
         raise TrainError(f"{where} holds checkpoints of a run with other data or other settings; "

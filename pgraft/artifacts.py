@@ -128,7 +128,7 @@ class RewardTable(Artifact):
         return contract.reward_part_key(self.round, self.table, shard_id)
 
     def state(self, keys: set[str], shards: int, generated: bool) -> State:
-        parts = sum(1 for k in keys if k.startswith(self.prefix + "/") and contract.part_shard_id(k) is not None)
+        parts = len(contract.committed_parts(k for k in keys if k.startswith(self.prefix + "/")))
         return State(self.kind, self.table, COMPLETE if generated and parts >= shards else PARTIAL, f"{parts}/{shards} parts")
 
     @staticmethod

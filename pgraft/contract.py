@@ -102,6 +102,20 @@ def shard_id_of(key: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def lease_key(round_idx: int, stage: str) -> str:
+    """The lease a stage's driver holds while it writes that round's output (pgraft.lease)."""
+    return f"leases/{round_prefix(round_idx)}/{stage}.json"
+
+
+TORN_DIR = "torn"  # at the run's root: objects that failed their commit check, moved aside by the rerun
+
+
+def torn_key(key: str, stamp: str) -> str:
+    """Where a torn object goes: `torn/<its key>.<stamp>`, outside every folder a stage reads
+    (no shard or part pattern matches it), kept for a post-mortem rather than deleted."""
+    return f"{TORN_DIR}/{key}.{stamp}"
+
+
 def generate_plan_key(round_idx: int) -> str:
     """What a round's generate stage set out to write ({"units", "samples"}), written before any
     shard, so that `pgraft status` can tell a half-generated round from a finished one."""
@@ -225,6 +239,29 @@ def reward_part_key(round_idx: int, table: str, shard_id: int) -> str:
     return f"{rewards_prefix(round_idx, table)}/part-{shard_id:06d}.parquet"
 
 
+def part_record_key(part_key: str) -> str:
+    """A reward part's commit record (`part-NNNNNN.json` beside its `.parquet`): written after
+    the part, so a part counts as scored only once its bytes are recorded."""
+    return part_key[: -len(".parquet")] + ".json"
+
+
+@dataclass
+class PartRecord:
+    """The commit record of one reward part."""
+
+    part: str  # e.g. "part-000017.parquet"
+    rows: int
+    bytes: int
+    sha256: str  # of the part's bytes: a rerun redoes a part that no longer matches
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str = "part record") -> "PartRecord":
+        return record_from_json(cls, data, where, "valid part record", "delete it to score that shard again")
+
+
 def accepted_key(round_idx: int, selection: str) -> str:
     """The single accepted file of selections made before accepted parts (still read)."""
     return f"{filter_prefix(round_idx, selection)}/accepted.parquet"
@@ -250,6 +287,17 @@ _PART_RE = re.compile(r"part-(\d{6})\.parquet$")
 def part_shard_id(key: str) -> int | None:
     m = _PART_RE.search(key)
     return int(m.group(1)) if m else None
+
+
+def committed_parts(keys) -> dict[int, str]:
+    """Among `keys`: the reward parts whose commit record is there too, by shard id."""
+    keys = set(keys)
+    parts = {}
+    for key in sorted(keys):
+        shard_id = part_shard_id(key)
+        if shard_id is not None and part_record_key(key) in keys:
+            parts[shard_id] = key
+    return parts
 
 
 # Parquet schemas (pyarrow types by name, so this module stays import-light).

@@ -132,7 +132,7 @@ def read_shard_bytes_at(storage: Storage, prefix: str, shard_id: int, record: Co
         if len(data) != record.bytes or hashlib.sha256(data).hexdigest() != record.sha256:
             raise ShardError(
                 f"{storage.url(key)} does not match its commit record (size {len(data)} vs {record.bytes}); "
-                f"the shard is torn or was replaced: delete {contract.commit_key_at(prefix, shard_id)} and {rerun}"
+                f"the shard is torn or was replaced: {rerun} (the rerun moves it aside and writes it again)"
             )
     return data
 

@@ -65,6 +65,21 @@ def guarded(name: str, fn: Callable[[], Any]) -> int:
     return result if isinstance(result, int) else 0  # a command's own exit code (status: 1 = incomplete)
 
 
+def run_stage(spec: StageSpec, cfg, progress: bool = True, **flags):
+    """Run a stage holding the lease on its output (pgraft.lease): a second driver of the same
+    stage, round and run waits for this one, or stops with one line naming it. Every driver
+    (the `pgraft` command line, `python -m stages.<name>`, the round pipeline) runs stages here."""
+    from pgraft import contract
+    from pgraft.lease import Lease
+    from pgraft.storage import open_storage
+
+    section = cfg.storage
+    storage = open_storage(cfg.with_absolute_paths().run.uri)
+    with Lease(storage, contract.lease_key(cfg.run.round, spec.name), f"{spec.name} round {cfg.run.round} of "
+               f"{storage.uri}", section.lease_ttl_s, section.lease_wait_s):
+        return spec.run(cfg, progress=progress, **flags)
+
+
 def stage_main(spec: StageSpec, argv: list[str] | None = None) -> int:
     """`pgraft <stage>` and `python -m stages.<stage>`: load the config, run, print the summary."""
     from pgraft.config import load_config
@@ -74,6 +89,6 @@ def stage_main(spec: StageSpec, argv: list[str] | None = None) -> int:
     def run() -> None:
         cfg = load_config(args.config, args.overrides)
         flags = {flag.keyword: getattr(args, flag.keyword) for flag in spec.flags}
-        print(spec.run(cfg, progress=not args.quiet, **flags).render())
+        print(run_stage(spec, cfg, progress=not args.quiet, **flags).render())
 
     return guarded(spec.name, run)

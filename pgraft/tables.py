@@ -20,7 +20,9 @@ import pyarrow.parquet as pq
 
 from pgraft import contract
 from pgraft.errors import PgraftError
-from pgraft.storage import Storage
+from pgraft.commits import drop_torn, whole
+from pgraft.contract import PartRecord
+from pgraft.storage import Storage, stream_digest
 
 
 class MissingSelection(PgraftError):
@@ -31,11 +33,36 @@ def arrow_schema(columns: dict[str, str]) -> pa.Schema:
     return pa.schema([(name, getattr(pa, kind)()) for name, kind in columns.items()])
 
 
-def write_parquet(storage: Storage, key: str, table: pa.Table) -> None:
+def write_parquet(storage: Storage, key: str, table: pa.Table) -> tuple[int, str]:
+    """Write `table` to `key`; returns the (size, sha256) of the bytes written."""
     with tempfile.TemporaryDirectory(prefix="pgraft-parquet-") as tmp:
         local = Path(tmp) / "part.parquet"
         pq.write_table(table, local, compression="zstd")
         storage.put_file(local, key)
+        with open(local, "rb") as f:
+            return stream_digest(f)
+
+
+def commit_reward_part(storage: Storage, key: str, table: pa.Table) -> PartRecord:
+    """Write one reward part, then its commit record: the part counts once the record exists."""
+    size, sha256 = write_parquet(storage, key, table)
+    record = PartRecord(part=Path(key).name, rows=table.num_rows, bytes=size, sha256=sha256)
+    storage.put_bytes(contract.part_record_key(key), record.to_json())
+    return record
+
+
+def scored_parts(storage: Storage, round_idx: int, name: str) -> tuple[dict[int, str], list[int]]:
+    """The reward parts of a table that count as scored, by shard id, and the ids of torn ones:
+    a part counts once its commit record exists and its bytes match it. A torn part (and its
+    record) is moved aside under torn/; a part without a record (its write was cut short, or an
+    older pgraft wrote it) is left to be written again. Both are redone by the rerun."""
+    parts = list_reward_parts(storage, round_idx, name)
+    records = {sid: PartRecord.from_json(storage.get_bytes(contract.part_record_key(key)),
+                                         storage.url(contract.part_record_key(key)))
+               for sid, key in parts.items()}
+    torn = drop_torn(storage, records, lambda sid: (parts[sid], contract.part_record_key(parts[sid])),
+                     lambda sid: whole(storage, parts[sid], records[sid].bytes, records[sid].sha256), "reward part")
+    return {sid: parts[sid] for sid in records}, torn
 
 
 def read_parquet(storage: Storage, key: str) -> pa.Table:
@@ -49,12 +76,8 @@ class RewardTable:
 
 
 def list_reward_parts(storage: Storage, round_idx: int, name: str) -> dict[int, str]:
-    parts = {}
-    for key in storage.list(contract.rewards_prefix(round_idx, name)):
-        shard_id = contract.part_shard_id(key)
-        if shard_id is not None:
-            parts[shard_id] = key
-    return parts
+    """The committed parts of a reward table (a part with its commit record), by shard id."""
+    return contract.committed_parts(storage.list(contract.rewards_prefix(round_idx, name)))
 
 
 def fingerprint_line(key: str, sha256: str) -> bytes:

@@ -105,6 +105,7 @@ def run_round_pipeline(cfg: Config, progress: bool = True) -> list[dict]:
 
 def _run_round(cfg: Config, rnd: int, storage, driver_node: str, progress: bool) -> dict:
     """One round's stages in order; its record (wall time and nodes per stage) is written to storage and returned."""
+    from pgraft.stagespec import run_stage
     from stages import get_stage
 
     round_cfg = cfg.model_copy(deep=True)
@@ -117,7 +118,7 @@ def _run_round(cfg: Config, rnd: int, storage, driver_node: str, progress: bool)
         if not stage.applies(round_cfg):
             continue
         start = time.perf_counter()
-        summary = stage.run(round_cfg, progress=progress)
+        summary = run_stage(stage, round_cfg, progress=progress)  # holding the lease on the stage's output
         seconds = time.perf_counter() - start
         print(summary.headline(), flush=True)  # one line per finished stage: job logs stay readable
         record["stages"][name] = {"seconds": round(seconds, 2),

@@ -26,6 +26,7 @@ import cluster
 from pgraft import contract
 from pgraft.config import Config, first_difference, identity
 from pgraft.models.adapters import check_flow_model, check_model_folder
+from pgraft.commits import drop_torn_shards
 from pgraft.shards import list_committed_at
 from pgraft.storage import Storage, open_storage
 from pgraft.tables import read_parquet
@@ -111,6 +112,7 @@ def run_invert(cfg: Config, progress: bool = True) -> contract.InversionSummary:
     units = plan_units(cfg)
     record_settings(storage, cfg, name)
     committed = list_committed_at(storage, contract.inversion_shards_prefix(name))
+    drop_torn_shards(storage, contract.inversion_shards_prefix(name), committed)  # torn ones are redone below
     spec = cluster.WorkerSpec(InvertWorker, (cfg.model_dump(mode="json"),), cfg.model.device, "model.device",
                               cfg.invert.num_workers, cfg.invert.resources, 1, cfg.cluster.placement_timeout_s,
                               cfg.cluster.max_restarts, cfg.invert.cpus_per_worker)

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import yaml
 
 from pgraft import contract
+from pgraft.commits import drop_torn_shards
 from pgraft.config import Config, ConfigError, config_to_yaml, first_difference, identity
 from pgraft.contract import CommitRecord, SampleMeta
 from pgraft.errors import PgraftError
@@ -63,11 +64,13 @@ class GenerateSummary:
     device_seconds: float = 0.0  # in rollouts, summed over actors
     device_idle_fraction: float = 0.0  # per actor, first rollout start to last commit; mean over actors
     working_seconds: float = 0.0  # per actor, first rollout start to last commit (no start-up); mean over actors
+    torn: int = 0  # committed shards whose bytes no longer matched their record: moved aside and redone now
 
     def headline(self) -> str:
         """One line for job logs (the round pipeline prints one per finished stage)."""
+        torn = f", {self.torn} torn ones redone" if self.torn else ""
         return (f"generate round {self.round}: {self.units} shards ({self.written} written now, {self.skipped} already "
-                f"there), {self.samples_written} samples in {self.seconds:.1f} s on {self.workers} worker(s)")
+                f"there{torn}), {self.samples_written} samples in {self.seconds:.1f} s on {self.workers} worker(s)")
 
     def render(self) -> str:
         rate = self.samples_written / self.seconds if self.seconds > 0 else 0.0
@@ -253,9 +256,11 @@ class GenerateJob:
         storage.put_bytes(contract.generate_plan_key(rnd), json.dumps(
             {"units": len(self.units), "samples": len(prompts) * cfg.generate.samples_per_prompt}).encode())
         self.committed = list_committed(storage, rnd)
+        # A rerun checks what earlier runs committed: a torn shard is moved aside and redone.
+        torn = drop_torn_shards(storage, contract.generate_prefix(rnd), self.committed)
         self.summary = GenerateSummary(run_uri=storage.uri, round=rnd, units=len(self.units), skipped=0, written=0,
                                        samples_written=0, bytes_written=0, seconds=0.0, workers=0,
-                                       shard_prefix=storage.url(contract.generate_prefix(rnd)))
+                                       shard_prefix=storage.url(contract.generate_prefix(rnd)), torn=len(torn))
         self.clocks: dict[str | None, ActorClock] = defaultdict(ActorClock)  # by actor id
 
     def is_committed(self, unit: WorkUnit) -> bool:

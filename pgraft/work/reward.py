@@ -21,7 +21,7 @@ from pgraft.hashing import get_hash
 from pgraft.models.fetch import child, fetch_model, is_remote, model_file_exists
 from pgraft.shards import DECODED, list_committed, read_shard
 from pgraft.storage import open_storage
-from pgraft.tables import arrow_schema, list_reward_parts, write_parquet
+from pgraft.tables import arrow_schema, commit_reward_part, scored_parts
 from pgraft.work.spec import Finished, WorkerSpec
 
 
@@ -42,17 +42,20 @@ class RewardSummary:
     reward_mean: float | None
     table_prefix: str
     nodes: list[str] = field(default_factory=list)  # Ray node ids the parts were scored on
+    torn: int = 0  # scored parts whose bytes no longer matched their record: moved aside and redone now
 
     def headline(self) -> str:
         mean = "n/a" if self.reward_mean is None else f"{self.reward_mean:.4f}"
-        return (f"reward round {self.round}: table {self.table}, {self.shards} parts ({self.written} written now), "
+        torn = f", {self.torn} torn ones redone" if self.torn else ""
+        return (f"reward round {self.round}: table {self.table}, {self.shards} parts ({self.written} written now{torn}), "
                 f"{self.rows_written} rows scored in {self.seconds:.1f} s, mean reward of new rows {mean}")
 
     def render(self) -> str:
         mean = "n/a" if self.reward_mean is None else f"{self.reward_mean:.4f}"
         return "\n".join([
             f"reward: {self.table} for round {self.round} of {self.run_uri}",
-            f"  parts    {self.shards} shards, {self.skipped} already scored, {self.written} written now",
+            f"  parts    {self.shards} shards, {self.skipped} already scored, {self.written} written now"
+            + (f" ({self.torn} torn: moved aside under torn/ and redone)" if self.torn else ""),
             f"  rows     {self.rows_written} scored in {self.seconds:.1f} s; mean reward of new rows {mean}",
             f"  table at {self.table_prefix}/ (read it with DuckDB: SELECT * FROM '{self.table_prefix}/*.parquet')",
         ])
@@ -128,7 +131,7 @@ class RewardWorker:
         table = pa.table(columns, schema=arrow_schema(contract.REWARD_COLUMNS))
         for name, parts in extra.items():
             table = table.append_column(name, pa.array(np.concatenate(parts)))
-        write_parquet(self.storage, contract.reward_part_key(rnd, self.table, shard_id), table)
+        commit_reward_part(self.storage, contract.reward_part_key(rnd, self.table, shard_id), table)
         finite = table["reward"].to_numpy()
         finite = finite[np.isfinite(finite)]
         return {"rows": table.num_rows, "reward_sum": float(finite.sum()), "finite": int(len(finite))}
@@ -167,11 +170,11 @@ class RewardJob:
         if not committed:
             raise RewardError(f"no committed shards in round {rnd} of {storage.uri}; run `pgraft generate` first")
         self.cfg, self.table = cfg, table
-        self.done = list_reward_parts(storage, rnd, table)
+        self.done, torn = scored_parts(storage, rnd, table)  # a rerun redoes torn parts
         self.units = [(sid, vars(rec)) for sid, rec in sorted(committed.items())]
         self.summary = RewardSummary(run_uri=storage.uri, round=rnd, table=table, shards=len(committed), skipped=0,
                                      written=0, rows_written=0, seconds=0.0, reward_mean=None,
-                                     table_prefix=storage.url(contract.rewards_prefix(rnd, table)))
+                                     table_prefix=storage.url(contract.rewards_prefix(rnd, table)), torn=len(torn))
         self.reward_sum, self.finite = 0.0, 0
 
     def is_committed(self, unit: tuple[int, dict]) -> bool:

@@ -119,6 +119,18 @@ def test_resume_redoes_only_the_uncommitted_unit(ray_local, tiny_digits, tmp_pat
     again = run_generate(cfg, progress=False)  # nothing left to do: no Ray work, nothing rewritten
     assert (again.written, again.skipped, again.workers) == (0, 5, 0)
 
+    # A torn shard (a node died mid-write on a store without atomic puts; a replaced object):
+    # the rerun moves it and its record aside under torn/ and writes it again, byte-identical.
+    torn_path = store.local_path(contract.shard_key(0, 1))
+    with open(torn_path, "r+b") as f:
+        f.truncate(os.path.getsize(torn_path) // 2)
+    redone = run_generate(cfg, progress=False)
+    assert (redone.written, redone.skipped, redone.torn) == (1, 4, 1)
+    assert "1 torn ones redone" in redone.headline()
+    assert shard_bytes(store) == before
+    aside = store.list(contract.TORN_DIR)
+    assert sorted(k.rsplit(".", 1)[0] for k in aside) == [f"torn/{contract.commit_key(0, 1)}", f"torn/{contract.shard_key(0, 1)}"]
+
 
 def test_generate_to_s3(ray_local, tiny_digits, s3_uri, tmp_path):
     cfg = small_config(tiny_digits, s3_uri)

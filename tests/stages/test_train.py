@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -163,9 +164,17 @@ def test_killed_driver_rerun_resumes_to_the_same_weights(run_dir, tiny_digits, c
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything it started
     driver.wait()
     assert not (run_dir / "round-000/train/long/model").exists()
+    # The newest registered checkpoint is torn (half of one file): the rerun skips it, with a
+    # warning, for the one before, and still ends at the same weights.
+    checkpoints = run_dir / "round-000/train/long/checkpoints"
+    newest = json.loads((checkpoints / "registered.json").read_text())["checkpoints"][-1]["tag"]
+    states = next((checkpoints / newest / newest).glob("mp_rank_00_model_states.pt"))
+    states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resumed at step" in again.stdout
+    assert re.search(rf"warning: checkpoint \S+/{newest} is corrupt \(\S+ is torn \(sha256 differs\)\); skipping it "
+                     "for the one before", again.stdout + again.stderr), again.stdout[-2000:] + again.stderr[-2000:]
     tuned = unet_weights(run_dir, "long")
     assert all(torch.equal(straight_weights[k], tuned[k]) for k in tuned)
 
