@@ -98,3 +98,31 @@ def watch_rig(state: Path, timeout: float = 600) -> dict:
 
     threading.Thread(target=remember, daemon=True).start()
     return seen
+
+
+class OutageWhen:
+    """A thread that waits until `condition()` holds, then takes the store away through the
+    fault proxy for `seconds` (every connection cut, new ones too). `fired` is when (monotonic)."""
+
+    def __init__(self, condition, proxy, seconds: float, timeout: float = 300.0):
+        import threading
+
+        self.condition, self.proxy, self.seconds, self.timeout = condition, proxy, seconds, timeout
+        self.fired: float | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import time
+
+        deadline = time.time() + self.timeout
+        while time.time() < deadline:
+            if self.condition():
+                self.proxy.outage(self.seconds, mode="cut")
+                self.fired = time.monotonic()
+                return
+            time.sleep(0.02)
+
+    def join(self) -> float | None:
+        self.thread.join(timeout=5)
+        return self.fired

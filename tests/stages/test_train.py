@@ -159,20 +159,20 @@ def test_killed_driver_rerun_resumes_to_the_same_weights(run_dir, tiny_digits, c
     driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     deadline = time.time() + 300
-    while not checkpoint_registered(run_dir, "long", 25)() and time.time() < deadline and driver.poll() is None:
+    while not checkpoint_registered(run_dir, "long", 50)() and time.time() < deadline and driver.poll() is None:
         time.sleep(0.05)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything it started
     driver.wait()
     assert not (run_dir / "round-000/train/long/model").exists()
-    # The newest registered checkpoint is torn (half of one file): the rerun skips it, with a
-    # warning, for the one before, and still ends at the same weights.
+    # The newest registered checkpoint (step 50) is torn (half of one file): the rerun skips it,
+    # with a warning, for the one before (step 25), and still ends at the same weights.
     checkpoints = run_dir / "round-000/train/long/checkpoints"
     newest = json.loads((checkpoints / "registered.json").read_text())["checkpoints"][-1]["tag"]
     states = next((checkpoints / newest / newest).glob("mp_rank_00_model_states.pt"))
     states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "resumed at step" in again.stdout
+    assert "resumed at step 25" in again.stdout  # from step 25: step 50's checkpoint was skipped
     assert re.search(rf"warning: checkpoint \S+/{newest} is corrupt \(\S+ is torn \(sha256 differs\)\); skipping it "
                      "for the one before", again.stdout + again.stderr), again.stdout[-2000:] + again.stderr[-2000:]
     tuned = unet_weights(run_dir, "long")
