@@ -80,7 +80,11 @@ def os_error_message(exc: OSError) -> str:
     directory', which names nothing (os.getcwd after the working directory was removed), so: the
     file(s) the error carries; else, when the working directory is gone, that; else where it was
     raised (function, file:line)."""
-    reason = exc.strerror or str(exc) or exc.__class__.__name__
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, OSError):  # Ray's wrapper of a worker's error (an OSError itself, its text a traceback)
+        exc = cause
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    reason = exc.strerror or (lines[-1] if lines else exc.__class__.__name__)
     names = [os.fsdecode(n) if isinstance(n, (str, bytes, os.PathLike)) else str(n)
              for n in (exc.filename, exc.filename2) if n is not None]
     if names:

@@ -34,6 +34,14 @@ def test_an_error_that_names_nothing_says_where_it_was_raised():
     assert os_error_message(OSError("the disk said no")) == "the disk said no"  # no traceback, no place to name
 
 
+def test_an_error_from_a_ray_worker_is_its_own_line_not_the_remote_traceback():
+    from ray.exceptions import RayTaskError
+
+    cause = raised(PermissionError(errno.EACCES, "Permission denied", "/mnt/run/round-000"))
+    wrapped = RayTaskError("generate", "Traceback (most recent call last):\n  ...\nPermissionError: ...", cause)
+    assert os_error_message(wrapped.as_instanceof_cause()) == "Permission denied: '/mnt/run/round-000'"
+
+
 def test_a_removed_working_directory_is_named(tmp_path, monkeypatch):
     gone = tmp_path / "gone"
     gone.mkdir()
