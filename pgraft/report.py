@@ -219,6 +219,11 @@ def eval_samples(storage: Storage, round_idx: int, variant: str, per_prompt: int
 
 # HTML --------------------------------------------------------------------------------------
 
+def _text(value) -> str:
+    """Any value read from the run (names, prompts, keys, methods) as HTML text: never markup."""
+    return html.escape(str(value))
+
+
 def _fmt(value, places: int = 4) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
@@ -258,7 +263,7 @@ def _round_section(rd: RoundData) -> str:
         else:  # a stage run by hand: its own summary's time, where it records one
             seconds = _cell((s.summary or {}).get("seconds"), f"round{rnd}.{s.stage}.{s.name}.seconds" if s.summary
                             and "seconds" in s.summary else None, 1)
-        rows.append(f"<td>{html.escape(s.stage)}</td><td>{html.escape(s.name or '-')}</td><td>{s.state}</td>"
+        rows.append(f"<td>{html.escape(s.stage)}</td><td>{html.escape(s.name or '-')}</td><td>{_text(s.state)}</td>"
                     f"{seconds}<td>{html.escape(s.detail)}</td>")
     out.append(f"<p>Samples planned: <span data-figure='round{rnd}.generate.samples'>{rd.samples}</span></p>")
     out.append(_table(["stage", "name", "state", "wall time (s)", "what exists"], rows))
@@ -268,7 +273,7 @@ def _round_section(rd: RoundData) -> str:
         for s in selections:
             fig = f"round{rnd}.filter.{s['name']}"
             params = ", ".join(f"{k}={v}" for k, v in s["parameters"].items())
-            rows.append(f"<td>{html.escape(s['name'])}</td><td>{s['method']}</td><td>{html.escape(params)}</td>"
+            rows.append(f"<td>{_text(s['name'])}</td><td>{_text(s['method'])}</td><td>{html.escape(params)}</td>"
                         + _cell(s["rows_considered"], f"{fig}.rows_considered") + _cell(s["rows_accepted"], f"{fig}.rows_accepted")
                         + _cell(s["acceptance_rate"], f"{fig}.acceptance_rate") + _cell(s["kl"], f"{fig}.kl")
                         + _cell(s["kl_empirical"], f"{fig}.kl_empirical"))
@@ -295,20 +300,20 @@ def _evaluation_section(run: RunState) -> tuple[str, list[dict]]:
         for s in st.of("evaluate"):
             if s.state == COMPLETE:
                 for variant, v in s.summary["variants"].items():
-                    rows.append({"round": st.round, "variant": variant, **v})
+                    rows.append({**v, "round": st.round, "variant": variant})  # where it sits, whatever its keys say
     if not rows:
         return "<h2>Evaluation</h2><p>No round has been evaluated (train.eval_samples_per_prompt = 0?).</p>", rows
     cells = []
     for r in rows:
         fig = f"round{r['round']}.eval.{r['variant']}"
-        cells.append(f"<td>{r['round']}</td><td>{r['variant']}</td>" + _cell(r["samples"], f"{fig}.samples")
+        cells.append(f"<td>{_text(r['round'])}</td><td>{_text(r['variant'])}</td>" + _cell(r["samples"], f"{fig}.samples")
                      + _cell(r["reward_mean"], f"{fig}.reward_mean") + _cell(r["reward_stderr"], f"{fig}.reward_stderr")
                      + _cell(r["frechet_distance"], f"{fig}.frechet_distance") + _cell(r["diversity"], f"{fig}.diversity"))
     body = _table(["round", "variant", "samples", "mean reward", "s.e.", "Fréchet distance", "diversity"], cells)
     # The task's own figures (TaskSpec.metrics: validity, novelty, … for molecules), one column each.
     names = list(dict.fromkeys(name for r in rows for name in r.get("task_metrics", {})))
     if names:
-        cells = [f"<td>{r['round']}</td><td>{html.escape(r['variant'])}</td>"
+        cells = [f"<td>{_text(r['round'])}</td><td>{_text(r['variant'])}</td>"
                  + "".join(_cell(r.get("task_metrics", {}).get(name), f"round{r['round']}.eval.{r['variant']}.task_metrics.{name}")
                            for name in names) for r in rows]
         body += "<h3>The task's metrics</h3>" + _table(["round", "variant"] + [n.replace("_", " ") for n in names], cells)

@@ -10,14 +10,17 @@ so no stage imports the command line or another stage.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from pgraft.errors import PgraftError
 
-# Errors that are the user's to fix: shown as one line, no traceback.
-USER_ERRORS = (PgraftError, FileNotFoundError)
+# Errors that are the user's to fix: shown as one line, no traceback. Every OSError counts (a file
+# missing, a permission refused, a working directory removed): its line says what failed.
+USER_ERRORS = (PgraftError, OSError)
 
 
 @dataclass(frozen=True)
@@ -55,12 +58,55 @@ def stage_parser(spec: StageSpec, parser: argparse.ArgumentParser | None = None)
     return parser
 
 
+def _working_directory_gone() -> bool:
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return True
+    return False
+
+
+def raised_at(exc: BaseException) -> str:
+    """The innermost frame of `exc`'s traceback as 'function (file:line)'; '' without a traceback."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    frame = frames[-1]
+    return f"{frame.name} ({os.path.basename(frame.filename)}:{frame.lineno})"
+
+
+def os_error_message(exc: OSError) -> str:
+    """What an OSError failed on, in one line. Its bare text can be just '[Errno 2] No such file or
+    directory', which names nothing (os.getcwd after the working directory was removed), so: the
+    file(s) the error carries; else, when the working directory is gone, that; else where it was
+    raised (function, file:line)."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, OSError):  # Ray's wrapper of a worker's error (an OSError itself, its text a traceback)
+        exc = cause
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    reason = exc.strerror or (lines[-1] if lines else exc.__class__.__name__)
+    names = [os.fsdecode(n) if isinstance(n, (str, bytes, os.PathLike)) else str(n)
+             for n in (exc.filename, exc.filename2) if n is not None]
+    if names:
+        return f"{reason}: " + " -> ".join(repr(n) for n in names)
+    where = raised_at(exc)
+    if isinstance(exc, FileNotFoundError) and _working_directory_gone():
+        return (f"the working directory no longer exists ({reason}" + (f", in {where}" if where else "")
+                + "); run the command from a folder that exists")
+    return f"{reason} (in {where})" if where else reason
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line a user error is shown as."""
+    return os_error_message(exc) if isinstance(exc, OSError) else str(exc)
+
+
 def guarded(name: str, fn: Callable[[], Any]) -> int:
     """Run a command; a user error is one line on stderr and exit code 2."""
     try:
         result = fn()
     except USER_ERRORS as exc:
-        print(f"pgraft {name}: error: {exc}", file=sys.stderr)
+        print(f"pgraft {name}: error: {error_line(exc)}", file=sys.stderr)
         return 2
     return result if isinstance(result, int) else 0  # a command's own exit code (status: 1 = incomplete)
 

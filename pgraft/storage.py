@@ -197,6 +197,15 @@ def stream_digest(stream: BinaryIO) -> tuple[int, str]:
     return size, sha.hexdigest()
 
 
+def without_credentials(url: str) -> str:
+    """`url` as it may be shown: an endpoint such as http://key:secret@host:9000 carries
+    credentials in its user part, which no message or record repeats."""
+    parsed = urlparse(url)
+    if parsed.username is None and parsed.password is None:
+        return url
+    return parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl()
+
+
 def join_key(prefix: str, name: str) -> str:
     """`prefix/name` for keys, with no leading slash when the prefix is empty (the root)."""
     return f"{prefix.strip('/')}/{name}" if prefix.strip("/") else name
@@ -370,7 +379,7 @@ class S3Storage(Storage):
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _where(self) -> str:
-        return f" at endpoint {self.endpoint}" if self.endpoint else ""
+        return f" at endpoint {without_credentials(self.endpoint)}" if self.endpoint else ""
 
     def _translate(self, exc: Exception, key: str) -> StorageError:
         """Map boto errors to one line; credentials are named by variable, never by value."""
@@ -390,7 +399,8 @@ class S3Storage(Storage):
                 return StorageError(f"{target} does not exist")
             return StorageError(f"S3 error on {target}{self._where()}: {code}")
         if isinstance(exc, EndpointConnectionError):
-            return StorageError(f"cannot reach S3 endpoint {self.endpoint or '(AWS default)'} for {target}")
+            shown = without_credentials(self.endpoint) if self.endpoint else "(AWS default)"
+            return StorageError(f"cannot reach S3 endpoint {shown} for {target}")
         if isinstance(exc, NoCredentialsError):
             return StorageError(f"no S3 credentials found for {target}; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
         return StorageError(f"S3 error on {target}{self._where()}: {exc.__class__.__name__}")

@@ -152,6 +152,94 @@ def test_no_finished_round_and_not_a_run_are_one_line(two_round_run, tmp_path, c
     assert not (run_dir / "report.html").exists()
 
 
+# Strings a run's data may hold that would be markup, and run, if the page inserted them as HTML.
+HOSTILE_PROMPT = "<script>document.title='pwned'</script><b>x</b>"
+HOSTILE_TABLE = "<img src=x onerror=document.title=1>"
+HOSTILE_SELECTION = "<svg onload=document.title=2>"
+HOSTILE_REWARD = "<iframe srcdoc=3>"
+HOSTILE_METHOD = "<object data=4>"
+HOSTILE_VARIANT = "<embed src=5>"
+
+
+class Dom(HTMLParser):
+    """The tags, attribute names, <title> and text of a page as the browser built it."""
+
+    def __init__(self, page: str):
+        super().__init__()
+        self.tags, self.attributes, self.title, self.text, self._in_title = set(), set(), "", "", False
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.add(tag)
+        self.attributes |= {name for name, _ in attrs}
+        self._in_title = tag == "title"
+
+    def handle_endtag(self, tag):
+        self._in_title = False
+
+    def handle_data(self, data):
+        self.text += data
+        if self._in_title:
+            self.title += data
+
+
+def rewrite_eval_prompts(run_dir: Path, prompt: str, scratch: Path) -> None:
+    """Every evaluation sample of the run now records `prompt` as its prompt (shards rewritten and
+    recommitted): the text the sample grid shows."""
+    import dataclasses
+
+    from pgraft.shards import commit_shard, list_committed, read_shard, write_shard
+
+    for variant in sorted(p.parent.parent for p in run_dir.glob("round-*/eval/*/round-000/generate")):
+        storage = open_storage(str(variant))
+        for shard_id, record in list_committed(storage, 0).items():
+            samples = read_shard(storage, 0, shard_id, record)
+            for sample in samples:
+                sample.meta = dataclasses.replace(sample.meta, prompt=prompt)
+            tar = scratch / f"shard-{shard_id}.tar"
+            commit_shard(storage, tar, write_shard(samples, tar, 0), 0, shard_id)
+
+
+def edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def test_strings_from_the_run_are_shown_as_text_and_never_run(two_round_run, tmp_path):
+    """A prompt, a reward table, a selection, a config value and summary fields that hold markup
+    are text on the page: no script runs, no element is made from them."""
+    import yaml
+
+    from stages.filter import run_filter
+
+    cfg, _ = two_round_run
+    run_dir = shutil.copytree(cfg.run.uri, tmp_path / "run")
+    shutil.copytree(run_dir / "round-000/rewards/digits_alignment", run_dir / "round-000/rewards" / HOSTILE_TABLE)
+    other = cfg.model_copy(deep=True)
+    other.run.uri, other.run.round, other.reward.table, other.filter.name = str(run_dir), 0, HOSTILE_TABLE, HOSTILE_SELECTION
+    run_filter(other, progress=False)
+    rewrite_eval_prompts(run_dir, HOSTILE_PROMPT, tmp_path)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["reward"]["name"] = HOSTILE_REWARD
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    # Summaries are files in storage too: whatever they say is shown as text.
+    edit_json(run_dir / "round-000/filter" / HOSTILE_SELECTION / "summary.json",
+              lambda s: s.update(method=HOSTILE_METHOD))
+    # A variant of its own, whose figures name a round of their own (the page keeps the round it is in).
+    edit_json(run_dir / "round-001/eval/summary.json",
+              lambda s: s["variants"].update({HOSTILE_VARIANT: {**s["variants"]["finetuned"], "round": HOSTILE_VARIANT}}))
+    out = tmp_path / "report.html"
+    assert main(["report", str(run_dir), "--out", str(out), "--quiet"]) == 0
+
+    dom = Dom(chromium("--dump-dom", out.as_uri(), tmp_path=tmp_path).stdout)
+    assert dom.title == f"pgraft run {run_dir}"  # no script set it
+    assert not dom.tags & {"script", "svg", "iframe", "b", "object", "embed"}
+    assert not {name for name in dom.attributes if name.startswith("on")}
+    for hostile in (HOSTILE_PROMPT, HOSTILE_TABLE, HOSTILE_SELECTION, HOSTILE_REWARD, HOSTILE_METHOD, HOSTILE_VARIANT):
+        assert hostile in dom.text, hostile
+
+
 def test_threshold_sweep_is_the_empirical_tail():
     rewards = np.array([0.1, 0.2, 0.2, 0.5, 0.9])
     taus, acceptance, kl = threshold_sweep(rewards, points=5)
