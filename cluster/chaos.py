@@ -42,25 +42,32 @@ def rig_matches(rig: LoopbackCluster, marker: str) -> list:
     return found
 
 
-def kill_driver(rig: LoopbackCluster, marker: str = "pipelines/pgraft_round.py") -> int | None:
-    """SIGKILL the rig's job driver (its entrypoint's command line contains `marker`); its pid, or None."""
+def kill_driver(rig: LoopbackCluster, marker: str = "pipelines/pgraft_round.py") -> list[int]:
+    """SIGKILL the rig's job driver: every process whose command line contains `marker` (Ray's
+    job supervisor starts the entrypoint through a shell: the shell and the Python driver under
+    it both go, as when a node dies). Returns the pids killed."""
+    killed = []
     for proc in rig_matches(rig, marker):
-        if "ray job submit" in " ".join(proc.info["cmdline"] or []):
+        if "job submit" in " ".join(proc.info["cmdline"] or []):
             continue  # the client on this side, not the driver
-        os.kill(proc.info["pid"], signal.SIGKILL)
-        return proc.info["pid"]
-    return None
+        try:
+            os.kill(proc.info["pid"], signal.SIGKILL)
+            killed.append(proc.info["pid"])
+        except ProcessLookupError:
+            continue
+    return killed
 
 
 @dataclass
 class ChaosMonkey:
     """Every `every_s` seconds (±50 %, drawn from `seed`), SIGKILL one live process of a role
-    drawn from `roles` among those that have a live process then."""
+    drawn from `roles` among those that have a live process then; at most `max_kills`."""
 
     rig: LoopbackCluster
     seed: int = 0
     every_s: float = 20.0
     roles: tuple[str, ...] = tuple(ROLES)
+    max_kills: int | None = None
     kills: list[tuple[float, str, int]] = field(default_factory=list)
 
     def __post_init__(self):
@@ -81,6 +88,8 @@ class ChaosMonkey:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every_s * self._rng.uniform(0.5, 1.5)):
+            if self.max_kills is not None and len(self.kills) >= self.max_kills:
+                return
             live = {role: rig_matches(self.rig, ROLES[role]) for role in self.roles}
             live = {role: procs for role, procs in live.items() if procs}
             if not live:
@@ -133,6 +142,16 @@ def compare_runs(a, b) -> dict[str, list[str]]:
     return diffs
 
 
+def move_run(root, src: str, dst: str) -> int:
+    """Move every object under `src/` to `dst/` within one store: the undisturbed run moves
+    aside so that the disturbed one runs at the same run.uri (samples and model cards record
+    locations, so runs at two URIs differ in those bytes by design). Returns the count moved."""
+    keys = root.list(src)
+    for key in keys:
+        root.move(key, dst + key[len(src):])
+    return len(keys)
+
+
 def count_samples(store) -> tuple[int, int]:
     """(samples in committed shards of every round, distinct ones): equal when each exists once."""
     from pgraft.commits import list_committed
@@ -143,3 +162,51 @@ def count_samples(store) -> tuple[int, int]:
         keys += [f"{rnd}/{k}" for rec in list_committed(store, rnd).values() for k in rec.keys]
         rnd += 1
     return len(keys), len(set(keys))
+
+
+@dataclass
+class ChaosRun:
+    """What `run_with_chaos` saw: the job's final log, how many submissions it took, the kills."""
+
+    returncode: int
+    log: str
+    submissions: int
+    driver_kills: list[float]  # seconds since the first submission
+    worker_kills: list[tuple[float, str, int]]
+    seconds: float
+
+
+def run_with_chaos(rig: LoopbackCluster, entrypoint: list[str], working_dir: str, monkey: ChaosMonkey | None = None,
+                   kill_driver_when=None, driver_marker: str = "pipelines/pgraft_round.py", timeout: float = 1800,
+                   max_submissions: int = 3) -> ChaosRun:
+    """`ray job submit` the entrypoint on the rig while `monkey` kills workers; once
+    `kill_driver_when()` holds (checked every 0.1 s), the job driver is SIGKILLed, once, and
+    the same command is submitted again when the job has failed, as a user would."""
+    from cluster.loopback import submit_job
+
+    start = time.monotonic()
+    driver_kills: list[float] = []
+    stop_watch = threading.Event()
+
+    def watch() -> None:
+        while kill_driver_when is not None and not stop_watch.wait(0.1):
+            if kill_driver_when() and kill_driver(rig, driver_marker):
+                driver_kills.append(round(time.monotonic() - start, 1))
+                return
+
+    watcher = threading.Thread(target=watch, name="driver-killer", daemon=True)
+    watcher.start()
+    if monkey is not None:
+        monkey.start()
+    submissions, done = 0, None
+    try:
+        while submissions < max_submissions:
+            submissions += 1
+            done = submit_job(rig, entrypoint, working_dir=working_dir, timeout=timeout)
+            if done.returncode == 0 or not driver_kills or submissions > len(driver_kills):
+                break  # finished, or failed for another reason than our kill
+    finally:
+        stop_watch.set()
+        kills = monkey.stop() if monkey is not None else []
+    return ChaosRun(done.returncode, done.stdout + done.stderr, submissions, driver_kills, kills,
+                    round(time.monotonic() - start, 1))
