@@ -174,8 +174,12 @@ class Storage:
             if root not in target.parents:  # a key like "../x" must never write outside the folder
                 raise StorageError(f"{self.url(key)}: key leaves the target folder; refusing to download it")
             target.parent.mkdir(parents=True, exist_ok=True)
-            with self.open_read(key) as src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
+            self.download(key, target)
+
+    def download(self, key: str, target: Path) -> None:
+        """One object to a local file."""
+        with self.open_read(key) as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
 
     def arrow_location(self, key: str):
         """(pyarrow filesystem or None, path) for readers such as Ray Data and pyarrow.parquet."""
@@ -270,8 +274,8 @@ class LocalStorage(Storage):
         keys = []
         for dirpath, _, files in os.walk(base):
             for name in files:
-                if name.endswith(".tmp") and name.startswith("."):
-                    continue  # an interrupted atomic write, never a real object
+                if name.startswith(".") and name.endswith((".tmp", ".lock")):
+                    continue  # an interrupted atomic write or a conditional write's lock file, never a real object
                 rel = Path(dirpath, name).relative_to(self.root)
                 keys.append(rel.as_posix())
         return sorted(keys)
@@ -442,17 +446,9 @@ class S3Storage(Storage):
         # Fetched and hashed inside one retried call: a body cut mid-stream is hashed again from the start.
         return self._call(key, lambda: stream_digest(self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]))
 
-    def download_prefix(self, prefix, folder):
-        # One retried download per object (s3transfer writes a temp file and renames it).
-        strip = len(prefix.rstrip("/")) + 1 if prefix.strip("/") else 0
-        root = Path(folder).resolve()
-        for key in self.list(prefix):
-            target = (root / key[strip:].lstrip("/")).resolve()
-            if root not in target.parents:  # a key like "../x" must never write outside the folder
-                raise StorageError(f"{self.url(key)}: key leaves the target folder; refusing to download it")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self._call(key, lambda key=key, target=target: self.client.download_file(self.bucket, self._key(key),
-                                                                                      str(target)))
+    def download(self, key, target):
+        # Retried whole: s3transfer writes a temp file and renames it, so a cut leaves nothing half-written.
+        self._call(key, lambda: self.client.download_file(self.bucket, self._key(key), str(target)))
 
     def exists(self, key):
         return self._call(key, lambda: self._head(key) is not None)

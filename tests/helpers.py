@@ -38,41 +38,54 @@ def two_round_config(uri, tiny_digits, classifier_dir, *extra):
     ])
 
 
-class KillWhen:
-    """A thread that waits until `condition()` holds, then SIGKILLs one process whose command
-    line (a Ray worker's process title, e.g. `ray::GenerateWorker`) contains `marker`: a real
-    lost worker, with no hook in the code under test. `killed` names the pid it killed."""
+class When:
+    """A thread that waits until `condition()` holds (polled every 20 ms, up to `timeout` s),
+    then calls `act()` once; `result` is what `act` returned (None until then)."""
 
-    def __init__(self, condition, marker: str, timeout: float = 300.0):
+    def __init__(self, condition, act, timeout: float = 300.0):
         import threading
 
-        self.condition, self.marker, self.timeout = condition, marker, timeout
-        self.killed: int | None = None
+        self.condition, self.act, self.timeout = condition, act, timeout
+        self.result = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        import signal
         import time
+
+        deadline = time.time() + self.timeout
+        while time.time() < deadline and self.result is None:
+            if self.condition():
+                self.result = self.act()
+            time.sleep(0.02)
+
+    def join(self):
+        self.thread.join(timeout=5)
+        return self.result
+
+
+class KillWhen(When):
+    """Once `condition()` holds, SIGKILL one process whose command line (a Ray worker's process
+    title, e.g. `ray::GenerateWorker`) contains `marker`: a real lost worker, with no hook in
+    the code under test. `join()` returns the pid it killed."""
+
+    def __init__(self, condition, marker: str, timeout: float = 300.0):
+        self.marker = marker
+        super().__init__(condition, self._kill, timeout)
+
+    def _kill(self) -> int | None:
+        import signal
 
         import psutil
 
-        deadline = time.time() + self.timeout
-        while time.time() < deadline:
-            if self.condition():
-                # The newest match: older processes with the same title may be idle leftovers.
-                matches = [p for p in psutil.process_iter(["pid", "cmdline", "create_time"])
-                           if self.marker in " ".join(p.info["cmdline"] or [])]
-                if matches:
-                    newest = max(matches, key=lambda p: p.info["create_time"])
-                    os.kill(newest.info["pid"], signal.SIGKILL)
-                    self.killed = newest.info["pid"]
-                    return
-            time.sleep(0.05)
-
-    def join(self) -> int | None:
-        self.thread.join(timeout=5)
-        return self.killed
+        # The newest match: older processes with the same title may be idle leftovers.
+        matches = [p for p in psutil.process_iter(["pid", "cmdline", "create_time"])
+                   if self.marker in " ".join(p.info["cmdline"] or [])]
+        if not matches:
+            return None  # not started yet: look again
+        newest = max(matches, key=lambda p: p.info["create_time"])
+        os.kill(newest.info["pid"], signal.SIGKILL)
+        return newest.info["pid"]
 
 
 def watch_rig(state: Path, timeout: float = 600) -> dict:
@@ -100,29 +113,15 @@ def watch_rig(state: Path, timeout: float = 600) -> dict:
     return seen
 
 
-class OutageWhen:
-    """A thread that waits until `condition()` holds, then takes the store away through the
-    fault proxy for `seconds` (every connection cut, new ones too). `fired` is when (monotonic)."""
+class OutageWhen(When):
+    """Once `condition()` holds, take the store away through the fault proxy for `seconds`
+    (every connection cut, new ones too). `join()` returns when it began (monotonic)."""
 
     def __init__(self, condition, proxy, seconds: float, timeout: float = 300.0):
-        import threading
+        def take_away() -> float:
+            import time
 
-        self.condition, self.proxy, self.seconds, self.timeout = condition, proxy, seconds, timeout
-        self.fired: float | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+            proxy.outage(seconds, mode="cut")
+            return time.monotonic()
 
-    def _run(self) -> None:
-        import time
-
-        deadline = time.time() + self.timeout
-        while time.time() < deadline:
-            if self.condition():
-                self.proxy.outage(self.seconds, mode="cut")
-                self.fired = time.monotonic()
-                return
-            time.sleep(0.02)
-
-    def join(self) -> float | None:
-        self.thread.join(timeout=5)
-        return self.fired
+        super().__init__(condition, take_away, timeout)
