@@ -63,7 +63,7 @@ class FaultProxy:
             was_refusing = self.fault.mode == "refuse"
             self.fault = Fault(mode, delay_s, cut_after)
             if mode == "refuse" and not was_refusing:
-                self._listener.close()  # a closed port: connects fail with ECONNREFUSED
+                _close_listener(self._listener)  # a closed port: connects fail with ECONNREFUSED
             elif was_refusing and mode != "refuse":
                 self._listener = self._listen(self.port)
                 threading.Thread(target=self._accept_loop, name="fault-proxy-accept", daemon=True).start()
@@ -84,7 +84,7 @@ class FaultProxy:
         if self._restore is not None:
             self._restore.cancel()
         with self._lock:
-            self._listener.close()
+            _close_listener(self._listener)
             self._cut_all()
 
     def __enter__(self) -> FaultProxy:
@@ -109,7 +109,7 @@ class FaultProxy:
             except OSError:
                 return  # closed: refusing, or shut down
             self.connections += 1
-            if self.fault.mode == "cut" and self.fault.cut_after == 0:
+            if self.fault.mode == "refuse" or self.fault.mode == "cut" and self.fault.cut_after == 0:
                 _reset(client)
                 self.cut += 1
                 continue
@@ -148,6 +148,16 @@ class FaultProxy:
                 with self._lock:
                     self._conns.discard(sock)
                 _reset(sock)
+
+
+def _close_listener(sock: socket.socket) -> None:
+    """Stop listening now. close() alone leaves the port open while another thread is blocked in
+    accept() on it (Linux keeps the socket until that call returns); shutdown wakes it."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
 
 
 def _reset(sock: socket.socket) -> None:

@@ -240,9 +240,13 @@ def reward_part_key(round_idx: int, table: str, shard_id: int) -> str:
 
 
 def part_record_key(part_key: str) -> str:
-    """A reward part's commit record (`part-NNNNNN.json` beside its `.parquet`): written after
-    the part, so a part counts as scored only once its bytes are recorded."""
-    return part_key[: -len(".parquet")] + ".json"
+    """A reward part's commit record (`_part-NNNNNN.json` beside its `.parquet`): written after
+    the part, so a part counts as scored only once its bytes are recorded. The leading `_`
+    keeps it out of what Parquet readers gather from the folder (pyarrow, Spark and others
+    skip `_` and `.` names)."""
+    folder, _, name = part_key.rpartition("/")
+    record = "_" + name[: -len(".parquet")] + ".json"
+    return f"{folder}/{record}" if folder else record
 
 
 @dataclass

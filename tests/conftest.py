@@ -21,41 +21,31 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("PGRAFT_S3_MAX_ATTEMPTS", "2")
 os.environ.setdefault("PGRAFT_S3_CONNECT_TIMEOUT", "2")
 
-from cluster.local_s3 import TEST_CREDENTIALS, free_port, start_moto  # noqa: E402,F401 (tests import them from here)
+from cluster.local_s3 import TEST_CREDENTIALS, free_port, start_moto  # noqa: E402,F401 (tests import them from here)  # noqa: F401 (tests import free_port from here)
 
 
 @pytest.fixture(scope="session")
-def _s3_server():
-    """A moto S3 server process on 127.0.0.1 behind a fault proxy (cluster/fault_proxy.py,
-    passing everything unless a test takes the store away); the proxy's endpoint goes into
-    the standard env vars, set before Ray starts so that Ray's workers inherit them."""
-    from cluster.fault_proxy import FaultProxy
-
+def s3_endpoint():
+    """A moto S3 server process on 127.0.0.1; its endpoint goes into the standard env vars,
+    set before Ray starts so that Ray's workers inherit them."""
     os.environ.update(TEST_CREDENTIALS)
-    proc, moto_endpoint = start_moto()
-    host, port = moto_endpoint.rsplit("//", 1)[1].split(":")
-    proxy = FaultProxy(host, int(port))
-    os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint
-    yield proxy, moto_endpoint
-    proxy.close()
+    proc, endpoint = start_moto()
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    yield endpoint
     proc.terminate()
     proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint(_s3_server):
-    """The S3 endpoint every test process and Ray worker uses (through the fault proxy)."""
-    return _s3_server[0].endpoint
-
-
 @pytest.fixture
-def s3_faults(_s3_server):
-    """The fault proxy in front of the S3 server, with moto's own endpoint as `.direct` (for a
-    test's own look at storage while the store is away); passing again after the test."""
-    proxy, direct = _s3_server
-    proxy.direct = direct
-    yield proxy
-    proxy.set_mode("pass")
+def s3_faults(s3_endpoint):
+    """A fault proxy (cluster/fault_proxy.py) in front of the S3 server, passing everything
+    until the test takes the store away; `.direct` is the server's own endpoint."""
+    from cluster.fault_proxy import FaultProxy
+
+    host, port = s3_endpoint.rsplit("//", 1)[1].split(":")
+    with FaultProxy(host, int(port)) as proxy:
+        proxy.direct = s3_endpoint
+        yield proxy
 
 
 @pytest.fixture

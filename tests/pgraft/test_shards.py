@@ -90,7 +90,7 @@ def test_torn_shard_is_caught(tmp_path):
     path = store.local_path(contract.shard_key(0, 0))
     with open(path, "r+b") as f:
         f.truncate(record.bytes // 2)
-    with pytest.raises(ShardError, match="torn or was replaced: delete round-000/generate/shard-000000.json"):
+    with pytest.raises(ShardError, match="torn or was replaced: rerun generate \\(the rerun moves it aside"):
         read_shard(store, 0, 0, record)
 
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 from pgraft import contract
 from pgraft.config import config_to_yaml, load_config
 from pgraft.storage import open_storage
-from pgraft.tables import arrow_schema, write_parquet
+from pgraft.tables import arrow_schema, commit_reward_part
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "marked-secret-4c1e"  # must never be printed or stored
@@ -28,8 +28,8 @@ def tiny_reward_table(uri: str, table: str) -> None:
     rows = [{"key": contract.sample_key(p, s), "shard": "shard-000000", "round": 0, "prompt_id": p,
              "prompt": f"prompt {p}", "sample_idx": s, "seed": s, "reward": 0.1 * (p + s), "reward_name": table,
              "sample_hash": f"{p}-{s}"} for p in range(2) for s in range(4)]
-    write_parquet(open_storage(uri), contract.reward_part_key(0, table, 0),
-                  pa.Table.from_pylist(rows, schema=arrow_schema(contract.REWARD_COLUMNS)))
+    commit_reward_part(open_storage(uri), contract.reward_part_key(0, table, 0),
+                       pa.Table.from_pylist(rows, schema=arrow_schema(contract.REWARD_COLUMNS)))
 
 
 def pgraft(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -53,11 +53,12 @@ def test_no_command_prints_or_stores_a_credential(s3_uri, monkeypatch):
         pgraft("status", s3_uri),
         pgraft("filter", *filter_args, "--set", "run.uri=s3://no-such-bucket-4c1e/run"),
         # Credentials in the endpoint's user part: the endpoint is named, its user part is not.
-        pgraft("status", s3_uri, AWS_ENDPOINT_URL=f"http://user:{SECRET}@127.0.0.1:{free_port()}"),
+        pgraft("status", s3_uri, AWS_ENDPOINT_URL=f"http://user:{SECRET}@127.0.0.1:{free_port()}",
+               PGRAFT_STORAGE_OUTAGE_S="1"),  # give up on the unreachable endpoint after 1 s
     ]
     assert [r.returncode for r in results] == [0, 1, 2, 2]  # status: 1 = the round is incomplete
     assert "S3 bucket 'no-such-bucket-4c1e' does not exist" in results[2].stderr
-    assert "cannot reach S3 endpoint http://127.0.0.1:" in results[3].stderr
+    assert "storage unreachable for " in results[3].stderr and " at endpoint http://127.0.0.1:" in results[3].stderr
     for result in results:
         assert SECRET not in result.stdout + result.stderr, result.args
     stored = {key: run.get_bytes(key) for key in run.list("")}

@@ -188,8 +188,10 @@ def test_bad_s3_endpoint_and_missing_bucket(tiny_digits, s3_endpoint, monkeypatc
     with pytest.raises(StorageError, match="bucket 'pgraft-missing' does not exist"):
         run_generate(small_config(tiny_digits, "s3://pgraft-missing/run"), progress=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
-    with pytest.raises(StorageError, match="cannot reach S3 endpoint"):
-        run_generate(small_config(tiny_digits, "s3://bucket/run"), progress=False)
+    with pytest.raises(StorageError, match=r"storage unreachable for \d+ s \(s3://bucket/run/\S+ at endpoint "
+                                           r"http://127.0.0.1:\d+: EndpointConnectionError\); gave up after "
+                                           r"storage.outage_s=1;"):
+        run_generate(small_config(tiny_digits, "s3://bucket/run", "storage.outage_s=1"), progress=False)
 
 
 def test_cli_against_ray_start_head_cluster(tiny_digits, tmp_path):

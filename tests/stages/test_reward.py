@@ -47,7 +47,7 @@ def test_reward_resumes_per_shard(ray_local, tiny_digits, classifier_dir, tmp_pa
     summary = run_reward(cfg, progress=False)
     assert (summary.written, summary.skipped) == (1, 8)
     after = snapshot(parts)
-    redone = ("part-000004.parquet", "part-000004.json")  # the part and its commit record
+    redone = ("part-000004.parquet", "_part-000004.json")  # the part and its commit record
     assert {k: v for k, v in after.items() if k not in redone} == {k: v for k, v in before.items() if k not in redone}
     import io
 
@@ -56,12 +56,12 @@ def test_reward_resumes_per_shard(ray_local, tiny_digits, classifier_dir, tmp_pa
     # A part whose bytes no longer match its commit record is moved aside and scored again;
     # a part whose record never got written (cut short between the two) is scored again too.
     (parts / "part-000002.parquet").write_bytes(b"torn")
-    os.remove(parts / "part-000006.json")
+    os.remove(parts / "_part-000006.json")
     summary = run_reward(cfg, progress=False)
     assert (summary.written, summary.skipped, summary.torn) == (2, 7, 1)
     assert {k: v[0] for k, v in snapshot(parts).items()} == {k: v[0] for k, v in before.items()}
     assert [p.name.rsplit(".", 1)[0] for p in sorted((tmp_path / "run" / "torn").rglob("*.*"))] == \
-        ["part-000002.json", "part-000002.parquet"]
+        ["_part-000002.json", "part-000002.parquet"]
 
 
 def test_failing_plugin_names_shard_and_key_and_writes_nothing_for_it(ray_local, tiny_digits, classifier_dir, tmp_path):
