@@ -21,7 +21,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("PGRAFT_S3_MAX_ATTEMPTS", "2")
 os.environ.setdefault("PGRAFT_S3_CONNECT_TIMEOUT", "2")
 
-from cluster.local_s3 import TEST_CREDENTIALS, free_port, start_moto  # noqa: E402,F401 (tests import them from here)  # noqa: F401 (tests import free_port from here)
+from cluster.local_s3 import TEST_CREDENTIALS, free_port, start_moto  # noqa: E402,F401 (tests import them from here)
 
 
 @pytest.fixture(scope="session")
