@@ -8,7 +8,7 @@ one-off kill of the job driver, and the comparison of a disturbed run with an un
 
 Only processes of the given rig are touched (they carry its marker in their environment), so
 chaos never reaches another Ray on the same machine. benchmarks/chaos_round.py and
-tests/pipelines/test_chaos_round.py drive these.
+tests/pipelines/test_cluster_round.py drive these.
 """
 
 from __future__ import annotations
