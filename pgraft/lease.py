@@ -165,5 +165,12 @@ class Lease:
         self._beating.start()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.release()
+            return
+        try:  # the stage failed: its error is the one to show, not a second one from releasing
+            self.release()
+        except PgraftError as exc:
+            print(f"lease: warning: could not release {self.where} ({exc}); the next driver takes it over after "
+                  f"{self.ttl_s:g} s", file=sys.stderr, flush=True)
