@@ -6,8 +6,10 @@ third of `storage.lease_ttl_s` with a compare-and-swap on the object's version (
 an flock'd compare locally), and deletes it when the stage ends. A second driver of the same
 stage output finds the lease taken and waits, up to `storage.lease_wait_s`, then stops with
 one line naming the holder. A lease that nobody renews (its driver was killed) is taken over:
-when the waiter has seen it unchanged for `lease_ttl_s`, or when its last renewal is more than
-two TTLs old by the waiter's clock (a margin for clock skew between nodes).
+at once when its holder ran on the waiter's host and its process is gone (a resubmitted job's
+driver runs on the same head node), when the waiter has seen it unchanged for `lease_ttl_s`,
+or when its last renewal is more than two TTLs old by the waiter's clock (a margin for clock
+skew between nodes).
 
 Outages: every storage call rides out an unreachable store (pgraft.storage); a waiter does not
 count time it spent blocked in a storage call as time the holder failed to renew.
@@ -64,6 +66,18 @@ class Holder:
             return cls(**json.loads(data))
         except (ValueError, TypeError):
             return None  # unreadable: treated as a lease nobody renews
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (a reused pid reads as alive: the TTL
+    then decides)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 class Lease:
@@ -127,6 +141,8 @@ class Lease:
     def _stale(self, current: Holder | None, unchanged_s: float) -> bool:
         if current is None or unchanged_s >= self.ttl_s:
             return True
+        if current.host == self.holder.host and not _pid_alive(current.pid):
+            return True  # its driver ran on this host and is gone (a resubmitted job's driver lands on the same head)
         return time.time() - current.renewed > 2 * self.ttl_s  # by the wall clock, with a TTL of margin for skew
 
     def _body(self) -> bytes:

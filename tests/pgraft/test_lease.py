@@ -49,9 +49,9 @@ def test_a_renewed_lease_is_waited_for_and_two_drivers_never_overlap(store):
 
     def driver():
         try:
-            with Lease(store, "lease.json", "filter round 0", ttl_s=0.6, wait_s=30):
+            with Lease(store, "lease.json", "filter round 0", ttl_s=2.0, wait_s=30):
                 begin = time.monotonic()
-                time.sleep(1.5)  # longer than the TTL: only the renewals keep the lease
+                time.sleep(2.5)  # longer than the TTL: only the renewals keep the lease
                 spans.append((begin, time.monotonic()))
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
@@ -85,3 +85,17 @@ def test_the_waiter_does_not_count_its_own_stalled_calls_against_the_holder():
                        sleep=lambda s: clock.__setitem__(0, clock[0] + s))
         with pytest.raises(LeaseHeld):
             waiter.acquire()  # 20 s of stalled looks: never long enough unchanged to take over
+
+
+def test_a_lease_whose_driver_on_this_host_is_gone_is_taken_over_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    store = LocalStorage(str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = Lease(store, "lease.json", "generate round 0", ttl_s=600)
+    dead.holder.pid = int(gone.stdout)  # a driver of this host that has exited
+    dead.acquire()
+    start = time.monotonic()
+    with Lease(store, "lease.json", "generate round 0", ttl_s=600, wait_s=30) as taker:
+        assert taker.took_over.pid == int(gone.stdout) and time.monotonic() - start < 5
