@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_RUN ?= runs/demo
 DEMO_ARGS ?=
 
-.PHONY: venv install install-test chromium demo demo-s3 test bench digits-study inc-study molecules-study layout-study clean cluster-up cluster-down
+.PHONY: venv install install-test chromium demo demo-s3 lint test test-fast test-services bench digits-study inc-study molecules-study layout-study clean cluster-up cluster-down
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -20,10 +20,13 @@ $(VENV)/.torch: $(VENV)/.created
 	$(PIP) install -q "$(TORCH_SPEC)"
 	touch $@
 
-# DeepSpeed's setup.py imports torch, so it builds against the torch already installed.
+# DeepSpeed's setup.py imports torch, so it builds against the torch already installed. Its CPU
+# communication op is built here, once, rather than by the first train rank of every run
+# (cluster/deepspeed_ops.py: a build killed half-way is redone, never waited on).
 $(VENV)/.installed: $(VENV)/.torch pyproject.toml
 	$(PIP) install -q --no-build-isolation "deepspeed>=0.15"
 	$(PIP) install -q -e ".[test]"
+	$(PY) -m cluster.deepspeed_ops
 	touch $@
 
 venv: $(VENV)/.created
@@ -46,10 +49,21 @@ chromium:
 	@command -v chromium > /dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium > /dev/null; } \
 	  || { echo "make test needs Debian's chromium (apt-get install chromium, as root)"; exit 1; }
 
-# lint-imports: the layers (pipelines -> stages -> cluster -> pgraft) and independent stages, pyproject.toml.
-test: $(VENV)/.installed chromium
+# Tiers (README, "Developing"). test-fast: the unit tier, which starts no service (no Ray, S3 server,
+# loopback rig, DeepSpeed or browser; tests/conftest.py refuses any start), in a few minutes.
+# test-services: every test that starts one. test: lint-imports (the layers pipelines -> stages ->
+# cluster -> pgraft, independent stages), then the unit tier, so a broken unit fails early, then the rest.
+PYTEST_ARGS ?=
+lint: $(VENV)/.installed
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q --durations=25 tests
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q --tier unit --durations=10 $(PYTEST_ARGS) tests
+
+test-services: $(VENV)/.installed chromium
+	$(PY) -m pytest -q --tier services --durations=25 $(PYTEST_ARGS) tests
+
+test: lint test-fast test-services
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/generate_overhead.py

@@ -104,6 +104,9 @@ def join_group() -> tuple[int, int, torch.device]:
     device = torch.device(ctx.device)
     if device.type != "cuda":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        from cluster.deepspeed_ops import ensure_built
+
+        ensure_built()  # built at install time; else built here once, never waiting on a dead builder's lock
     else:
         torch.cuda.set_device(device)
     return ctx.rank, ctx.world, device

@@ -79,6 +79,23 @@ class RunSection(_Section):
     round: int = Field(0, ge=0, description="The round a single-stage command (e.g. `pgraft generate`) works on.", json_schema_extra=PER_ROUND)
 
 
+def checked_pretrain_options(spec: "TaskSpec", options: dict) -> dict:
+    """`task.pretrain_options` as the task's pretraining takes them (each cast to its flag's type);
+    an option it does not take is one line naming the key and the ones it does."""
+    takes = {flag.lstrip("-").replace("-", "_"): kind for flag, (kind, _, _) in spec.pretrain_options.items()}
+    takes.pop("bases", None)  # the pipeline asks for the base the run samples from
+    out = {}
+    for key, value in options.items():
+        if key not in takes:
+            raise ValueError(f"task.pretrain_options.{key} is not an option of the {spec.name} task's pretraining; "
+                             f"it takes {', '.join(sorted(takes)) or 'none'}")
+        try:
+            out[key] = takes[key](value)
+        except (TypeError, ValueError):
+            raise ValueError(f"task.pretrain_options.{key} takes a {takes[key].__name__}, not {value!r}") from None
+    return out
+
+
 class TaskSection(_Section):
     name: str | None = Field(
         default_factory=lambda: DEFAULT_TASK,
@@ -93,6 +110,12 @@ class TaskSection(_Section):
     pretrain: bool = Field(True, description="The round pipeline pretrains the task's models into task.dir (in a Ray "
                            "task) when they are missing; false: the models named by model.path and reward.model_path "
                            "must exist.", json_schema_extra=HOW)
+    pretrain_options: dict[str, Any] = Field(
+        default_factory=dict, description="Options of that pretraining, as `pgraft pretrain <task> --help` lists them "
+        "(a flag's dashes as underscores: {ddpm_steps: 400, width: 16}); unset ones take the flag's default. "
+        "task.dir's summary.json records them: models made with other values are refused, not mixed.",
+        json_schema_extra=WHAT,
+    )
 
     @field_validator("name")
     @classmethod
@@ -520,6 +543,8 @@ class Config(_Section):
                 if spec is None and key not in no_task:
                     raise ValueError(f"{key} is required when task.name is null")
                 setattr(getattr(self, section), name, default() if spec else no_task[key]())
+        if spec is not None:
+            self.task.pretrain_options = checked_pretrain_options(spec, self.task.pretrain_options)
         if spec is not None:  # a reward or hash for another sample kind than the task's: say so now
             from pgraft.hashing import hash_takes
             from pgraft.rewards import reward_takes

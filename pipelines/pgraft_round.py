@@ -13,6 +13,7 @@ died resumes where the round stopped; earlier rounds are never deleted.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -30,19 +31,64 @@ from pgraft.errors import PgraftError  # noqa: E402
 STAGES = ("generate", "reward", "filter", "train", "evaluate")
 
 
+def base_to_pretrain(cfg: Config) -> str | None:
+    """Which of the task's base models (TaskSpec.bases) the run samples from: the one whose folder
+    under task.dir is model.path (None: the task has no choice of bases, or the run brings its own)."""
+    from pgraft.models.fetch import child, is_remote
+
+    spec = cfg.task.spec()
+    for base in spec.bases if spec is not None else ():
+        here = child(cfg.task.dir, base)
+        if is_remote(here) or is_remote(cfg.model.path):
+            same = here.rstrip("/") == cfg.model.path.rstrip("/")
+        else:
+            same = Path(here).expanduser().absolute() == Path(cfg.model.path).expanduser().absolute()
+        if same:
+            return base
+    return None
+
+
+def check_pretrain_options(cfg: Config) -> None:
+    """task.dir's models must have been made with the task.pretrain_options the config asks for
+    (those its summary.json records); otherwise one line, rather than a run on other models."""
+    from pgraft.models.fetch import is_remote, local_folder
+    from pgraft.storage import open_storage
+
+    store = open_storage(cfg.task.dir if is_remote(cfg.task.dir) else str(local_folder(cfg.task.dir)))
+    summary = json.loads(store.get_bytes("summary.json"))
+    made_with = summary.get("pretrain_options", summary)  # earlier sets recorded some options at the top level
+    for key, wanted in cfg.task.pretrain_options.items():
+        if key in made_with and made_with[key] != wanted:
+            raise ConfigError(f"config error: task.pretrain_options.{key}: the models in {cfg.task.dir} were pretrained "
+                              f"with {key}={made_with[key]!r}, not {wanted!r}; point task.dir at another folder (or "
+                              "delete this one) to pretrain them anew")
+
+
 def publish_task_models(cfg: Config, progress: bool = True) -> None:
     """Pretrain the task's models in a Ray task (TaskSpec.pretrain) and publish them to
-    `task.dir`, once: every node then fetches them from there (the driver trains nothing)."""
+    `task.dir`, once: every node then fetches them from there (the driver trains nothing). Only
+    the base model the run samples from is trained; a later run that samples from another base
+    of the task adds it to the same task.dir."""
     import cluster
+    from pgraft.models.adapters import MODEL_CARD
     from pgraft.models.fetch import model_file_exists
 
     spec = cfg.task.spec()
-    # summary.json is written last, locally and in storage: its presence means a whole set of models.
-    if spec is None or not cfg.task.pretrain or model_file_exists(cfg.task.dir, "summary.json"):
+    if spec is None or not cfg.task.pretrain:
         return
-    print(f"pretraining the {spec.name} task in a Ray task, published to {cfg.task.dir} (once; fetched afterwards)")
+    base = base_to_pretrain(cfg)
+    # summary.json is written last, locally and in storage: its presence means a whole set of models.
+    have_set = model_file_exists(cfg.task.dir, "summary.json")
+    if have_set:
+        check_pretrain_options(cfg)
+        if base is None or model_file_exists(cfg.task.dir, f"{base}/{MODEL_CARD}"):
+            return
+    options = dict(cfg.task.pretrain_options, **({"bases": base} if base is not None else {}))
+    pretrain = functools.partial(spec.pretrain, **options) if options else spec.pretrain
+    what = f" ({base} base" + (", added to the published set)" if have_set else ")") if base else ""
+    print(f"pretraining the {spec.name} task{what} in a Ray task, published to {cfg.task.dir} (once; fetched afterwards)")
     placement = cluster.plan_placement(1, "cpu", "task", cfg.generate.resources)
-    summary = cluster.run_task(spec.pretrain, (cfg.task.dir, cfg.task.seed, placement.threads), placement,
+    summary = cluster.run_task(pretrain, (cfg.task.dir, cfg.task.seed, placement.threads), placement,
                                "task pretraining", cfg.cluster.placement_timeout_s)
     shown = ", ".join(f"{k} {v:.3f}" for k, v in summary.items()
                       if ("alignment" in k or "accuracy" in k or k.startswith("base_")) and isinstance(v, float))

@@ -23,6 +23,66 @@ os.environ.setdefault("PGRAFT_S3_CONNECT_TIMEOUT", "2")
 
 from cluster.local_s3 import TEST_CREDENTIALS, free_port, start_moto  # noqa: E402,F401 (tests import them from here)
 
+# --- Tiers (README, "Developing") ----------------------------------------------------------------
+# A marker names what a test starts. Fixtures that start a service mark their users here, so a new
+# test that asks for `s3_uri` or `ray_local` is in the right tier without remembering to say so;
+# a test that starts one another way (a subprocess, the loopback rig, a train stage) says so
+# with `pytestmark` or a decorator.
+SERVICE_MARKERS = {
+    "ray": "starts a local Ray (or a pgraft process that does)",
+    "s3": "starts the moto S3 server process on loopback",
+    "cluster": "starts the two-node loopback Ray rig (ray start --head + ray start --address)",
+    "deepspeed": "starts DeepSpeed process groups (train rank actors)",
+    "browser": "starts headless Chromium",
+}
+FIXTURE_MARKERS = {"s3_endpoint": ("s3",), "ray_local": ("ray",), "_ray_session_shutdown": ("ray",),
+                   "two_round_run": ("ray", "deepspeed")}
+# What a unit-tier test may not start, told by the command line of the process it tries to start.
+SERVICE_COMMANDS = {"gcs_server": "ray", "raylet": "ray", "moto.server": "s3", "chromium": "browser"}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--tier", choices=("all", "unit", "services"), default="all",
+                     help="unit: only tests that start no service (no Ray, S3 server, rig, DeepSpeed or browser), "
+                          "and refuse any start; services: only the tests that start one; all: both")
+
+
+def pytest_configure(config):
+    for name, meaning in SERVICE_MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {meaning}")
+    if config.getoption("--tier") == "unit":
+        sys.addaudithook(_refuse_service_starts)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture in item.fixturenames:
+            for marker in FIXTURE_MARKERS.get(fixture, ()):
+                item.add_marker(marker)
+    tier = config.getoption("--tier")
+    if tier == "all":
+        return
+    keep, drop = [], []
+    for item in items:
+        starts_service = any(item.get_closest_marker(name) for name in SERVICE_MARKERS)
+        (keep if starts_service == (tier == "services") else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def _refuse_service_starts(event: str, args: tuple) -> None:
+    """Audit hook of the unit tier: a test that tries to start a service fails at once, naming
+    the marker it lacks (so a mis-marked test cannot slow the fast tier down unnoticed)."""
+    if event != "subprocess.Popen":
+        return
+    argv = args[1]
+    command = " ".join(map(str, argv)) if isinstance(argv, (list, tuple)) else str(argv)
+    for needle, marker in SERVICE_COMMANDS.items():
+        if needle in command:
+            raise RuntimeError(f"the unit tier starts no services, but this test starts {needle} ({command[:120]}); "
+                               f"mark it `@pytest.mark.{marker}`")
+
 
 @pytest.fixture(scope="session")
 def s3_endpoint():

@@ -67,7 +67,9 @@ class When:
 class KillWhen(When):
     """Once `condition()` holds, SIGKILL one process whose command line (a Ray worker's process
     title, e.g. `ray::GenerateWorker`) contains `marker`: a real lost worker, with no hook in
-    the code under test. `join()` returns the pid it killed."""
+    the code under test. Only this test process's own descendants are candidates (the workers of
+    the Ray it started), so a suite never kills a study's or another suite's workers. `join()`
+    returns the pid it killed."""
 
     def __init__(self, condition, marker: str, timeout: float = 300.0):
         self.marker = marker
@@ -76,16 +78,29 @@ class KillWhen(When):
     def _kill(self) -> int | None:
         import signal
 
-        import psutil
-
-        # The newest match: older processes with the same title may be idle leftovers.
-        matches = [p for p in psutil.process_iter(["pid", "cmdline", "create_time"])
-                   if self.marker in " ".join(p.info["cmdline"] or [])]
+        matches = own_processes(self.marker)
         if not matches:
             return None  # not started yet: look again
+        # The newest match: older processes with the same title may be idle leftovers.
         newest = max(matches, key=lambda p: p.info["create_time"])
         os.kill(newest.info["pid"], signal.SIGKILL)
         return newest.info["pid"]
+
+
+def own_processes(marker: str) -> list:
+    """Live descendants of this process whose command line contains `marker` (psutil processes
+    with `info` holding pid, cmdline and create_time)."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            proc.info = proc.as_dict(["pid", "cmdline", "create_time"])
+        except psutil.Error:
+            continue  # gone meanwhile
+        if marker in " ".join(proc.info["cmdline"] or []):
+            found.append(proc)
+    return found
 
 
 def watch_rig(state: Path, timeout: float = 600) -> dict:

@@ -88,6 +88,10 @@ class TaskSpec:
     metrics: Callable[[Any, int], dict] | None = None
     hashes: Mapping[str, Callable] = field(default_factory=dict)  # sample_hash functions the task brings, by name
     description: str = ""
+    # The base models `pretrain` can make, each a folder under task.dir. When set, `pretrain` takes
+    # `bases="a,b"` and makes only those, and the round pipeline asks for the one the run samples
+    # from (model.path); empty: `pretrain` makes everything it makes.
+    bases: tuple[str, ...] = ()
 
 
 # The parts a task must declare (those without a default); those in MAY_BE_NONE may be None.

@@ -13,8 +13,13 @@ DIGITS = register_task(TaskSpec(
         "--flow-steps": (int, 500, "optimizer steps of the rectified-flow base (0: none)"),
         "--classifier-epochs": (int, 30, "epochs of the reward classifier"),
         "--eval-samples-per-digit": (int, 50, "samples per digit for the base's alignment (0 skips it)"),
+        "--width": (int, 32, "channels of the UNet's first block (the second has twice as many)"),
+        "--layers-per-block": (int, 2, "ResNet layers in each of the UNet's blocks"),
+        "--bases": (str, "ddpm,flow", "the base models to train, comma-separated (a run's pretraining asks for "
+                    "the one it samples from)"),
     },
     base_model="ddpm",
+    bases=("ddpm", "flow"),
     reward="digits_alignment",
     rewards={"digits_alignment": lazy("pgraft.tasks.digits:alignment_reward")},
     reward_weights={"digits_alignment": RewardWeights("classifier", "model.safetensors")},

@@ -72,10 +72,16 @@ def train_class_denoiser(net, x: torch.Tensor, y: torch.Tensor, null_class: int,
 
 
 def publish(location: str, build, folders: tuple[str, ...], threads: int | None = None, **options) -> dict:
-    """Run `build(out_folder, **options)` (it writes `folders` and `summary.json` under the folder
-    and returns the summary) on this node, for a local `location` in place; for a storage
-    location in a scratch folder, then upload each folder and `summary.json` last (it marks the
-    set complete)."""
+    """Run `build(out_folder, **options)` (it writes some of `folders` and `summary.json` under the
+    folder and returns the summary) on this node, and publish the result to `location`.
+
+    A fresh local `location` is built in place; otherwise the build goes to a scratch folder and
+    each folder is uploaded (storage) or copied (local), `summary.json` last: it marks the set
+    complete. Where `location` already holds a set (a run asks for a base the first pretraining
+    did not make), folders already published are kept as they are, and the summary gains the new
+    figures without losing the old ones."""
+    import json
+    import shutil
     import tempfile
     from pathlib import Path
 
@@ -85,13 +91,23 @@ def publish(location: str, build, folders: tuple[str, ...], threads: int | None 
     if threads:
         torch.set_num_threads(threads)
     options.setdefault("progress", False)
-    if not is_remote(location):
+    store = open_storage(location)
+    before = json.loads(store.get_bytes("summary.json")) if store.exists("summary.json") else None
+    if not is_remote(location) and before is None:
         return build(location, **options)
     with tempfile.TemporaryDirectory(prefix="pgraft-pretrain-") as scratch:
         summary = build(scratch, **options)
-        store = open_storage(location)
         for name in folders:
-            if (Path(scratch) / name).is_dir():
+            if not (Path(scratch) / name).is_dir() or before is not None and store.list(name):
+                continue  # not built, or published before (kept: runs may already have used it)
+            if is_remote(location):
                 store.upload_folder(Path(scratch) / name, name)
-        store.put_file(Path(scratch) / "summary.json", "summary.json")
-    return summary
+            else:
+                shutil.copytree(Path(scratch) / name, Path(location) / name)
+        if before is None:
+            store.put_file(Path(scratch) / "summary.json", "summary.json")
+            return summary
+    merged = {**summary, **before}  # the published folders' own figures stay; the new base's are added
+    merged["bases"] = sorted(set(before.get("bases", [])) | set(summary.get("bases", [])))
+    store.put_bytes("summary.json", json.dumps(merged, indent=1).encode())
+    return merged

@@ -9,27 +9,48 @@ import pytest
 import cluster
 
 
-def tenfold_worker():
-    """A plain worker class (defined here, so Ray ships it by value)."""
+def tenfold_worker(rebuild_waits_for_calls: int = 0):
+    """A plain worker class (defined here, so Ray ships it by value). With
+    `rebuild_waits_for_calls`, a rebuild inside a call (a kept pool's next job) holds until that
+    many calls are in flight on its actor, so the others are seen to wait for it (up to 30 s)."""
 
     class Tenfold:
         def __init__(self, offset: int):
-            import time
-
             import torch
 
-            time.sleep(0.2)  # a load that takes a while, as a model's does
+            if rebuild_waits_for_calls and calls_in_flight() >= 1:
+                wait_until(lambda: calls_in_flight() >= rebuild_waits_for_calls, 30.0)
             self.offset, self.threads = offset, torch.get_num_threads()
 
         def __call__(self, unit: int):
-            import time
-
-            time.sleep(0.05)
             if unit < 0:
                 raise ValueError(f"cannot take unit {unit}")
             return unit * 10 + self.offset, self.threads
 
     return Tenfold
+
+
+def calls_in_flight() -> int:
+    """Threads of this actor process inside a `WorkerActor.run` call (running or waiting for the
+    worker's rebuild)."""
+    import sys
+
+    count = 0
+    for frame in sys._current_frames().values():
+        while frame is not None:
+            if frame.f_code.co_name == "run" and frame.f_code.co_filename.endswith("executor.py"):
+                count += 1
+                break
+            frame = frame.f_back
+    return count
+
+
+def wait_until(condition, timeout: float) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def spec(num_workers: int = 2, worker: type | None = None, offset: int = 1, calls_per_actor: int = 1,
@@ -91,7 +112,7 @@ def test_a_failed_unit_is_its_own_error_and_closes_the_pool(ray_local):
 
 
 def test_keep_warm_runs_the_next_job_of_a_worker_class_on_the_same_actors(ray_local):
-    worker = tenfold_worker()
+    worker = tenfold_worker(rebuild_waits_for_calls=2)
     with cluster.keep_warm():
         first = cluster.execute(spec(worker=worker, offset=1, calls_per_actor=2), range(4), progress=False)
         assert sorted(d.value[0] for d in first) == [1, 11, 21, 31]

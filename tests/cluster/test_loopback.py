@@ -11,6 +11,9 @@ import pytest
 
 from cluster import loopback
 
+# What these tests start (README, "Developing"): the tier they run in.
+pytestmark = [pytest.mark.cluster, pytest.mark.ray]
+
 JOB = textwrap.dedent("""
     import json, os, sys
     import ray

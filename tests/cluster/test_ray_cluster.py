@@ -62,6 +62,7 @@ def test_unplaceable_custom_resource_names_what_is_missing(ray_local):
         cluster.reserve(placement, "test actors", 1)
 
 
+@pytest.mark.ray
 def test_cuda_on_a_local_ray_without_gpus_fails_at_once(tiny_digits, tmp_path):
     """A Ray that pgraft starts itself has no autoscaler: no waiting for a GPU that never comes."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -89,7 +90,9 @@ def test_run_pool_keeps_calls_per_actor_in_flight_and_returns_each_item_once(ray
             with self.lock:
                 self.running += 1
                 self.most = max(self.most, self.running)
-            time.sleep(0.1)  # long enough for the pool's second call to arrive while this one runs
+            deadline = time.monotonic() + 30  # hold until a second call runs beside this one (or fail below)
+            while self.most < 2 and time.monotonic() < deadline:
+                time.sleep(0.005)
             with self.lock:
                 self.running -= 1
             return {"item": item, "actor": ray.get_runtime_context().get_actor_id(), "most": self.most}

@@ -1,17 +1,11 @@
-"""The trainer's group of rank actors on a real local Ray: checkpoints are registered only once
-written and the oldest are dropped; two ranks join one gloo group; a rank failing without a user
-error restarts the whole group up to `max_failures` times, then stops with one line; a user
-error stops it at once; inside `keep_warm` the next fit of the same shape reuses the ranks. (The DeepSpeed runs themselves are in tests/stages/test_train.py.)"""
-
 from __future__ import annotations
-
-import pytest
 
 from cluster.train_group import TrainerSpec, fit, read_checkpoint_record, register_checkpoint
 from pgraft.config import TrainerSection
 from pgraft.errors import TrainError
 from pgraft.storage import open_storage
 
+import pytest
 
 def test_a_registered_checkpoint_is_named_and_the_oldest_past_keep_are_deleted(tmp_path):
     storage = open_storage(str(tmp_path))
@@ -54,6 +48,7 @@ def spec(root: str, fail: str, workers: int, max_failures: int) -> TrainerSpec:
                        open_storage(root), "train/t", 30, "train workers")
 
 
+@pytest.mark.deepspeed
 def test_two_ranks_join_one_group_and_a_crash_restarts_it_until_max_failures(ray_local, tmp_path):
     root = str(tmp_path)
     fit(spec(root, "none", 2, 0))
@@ -68,12 +63,14 @@ def test_two_ranks_join_one_group_and_a_crash_restarts_it_until_max_failures(ray
     assert len(open_storage(crash).list("attempts/rank0")) == 2  # the first try and one restart
 
 
+@pytest.mark.deepspeed
 def test_a_user_error_stops_the_group_at_once(ray_local, tmp_path):
     with pytest.raises(TrainError, match=r"^train.lr=-1 is not a learning rate$"):
         fit(spec(str(tmp_path), "user", 1, 2))
     assert len(open_storage(str(tmp_path)).list("attempts/rank0")) == 1  # no restart
 
 
+@pytest.mark.deepspeed
 def test_inside_keep_warm_the_next_fit_of_the_same_shape_runs_on_the_same_ranks(ray_local, tmp_path):
     import cluster
 

@@ -12,7 +12,7 @@ from pgraft.lease import Holder, Lease, LeaseHeld
 from pgraft.storage import LocalStorage, open_storage
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
 def store(request, tmp_path):
     if request.param == "local":
         return LocalStorage(str(tmp_path))
@@ -49,9 +49,13 @@ def test_a_renewed_lease_is_waited_for_and_two_drivers_never_overlap(store):
 
     def driver():
         try:
-            with Lease(store, "lease.json", "filter round 0", ttl_s=2.0, wait_s=30):
+            with Lease(store, "lease.json", "filter round 0", ttl_s=2.0, wait_s=30) as lease:
                 begin = time.monotonic()
-                time.sleep(2.5)  # longer than the TTL: only the renewals keep the lease
+                # Held through more than a TTL of renewals (one each TTL/3): only they keep the lease.
+                deadline = begin + 60
+                while lease.holder.beats < 4 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert lease.holder.beats >= 4 and time.monotonic() - begin > 2.0
                 spans.append((begin, time.monotonic()))
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)

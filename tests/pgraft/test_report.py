@@ -85,6 +85,7 @@ def check_figures(shown: dict[str, str], expected: dict[str, float]) -> None:
         assert float(text) == pytest.approx(value, abs=0.51 * 10**-decimals), path
 
 
+@pytest.mark.browser
 def test_the_page_renders_in_chromium_and_shows_the_summaries_figures(two_round_run, tmp_path):
     cfg, _ = two_round_run
     out = tmp_path / "report.html"
@@ -206,6 +207,7 @@ def edit_json(path: Path, change) -> None:
     path.write_text(json.dumps(data))
 
 
+@pytest.mark.browser
 def test_strings_from_the_run_are_shown_as_text_and_never_run(two_round_run, tmp_path):
     """A prompt, a reward table, a selection, a config value and summary fields that hold markup
     are text on the page: no script runs, no element is made from them."""

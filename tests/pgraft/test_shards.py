@@ -31,7 +31,7 @@ def make_samples(n=3, seed=0):
     return samples
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
 def test_round_trip_is_exact(where, tmp_path, request):
     uri = str(tmp_path / "run") if where == "local" else request.getfixturevalue("s3_uri")
     store = open_storage(uri)

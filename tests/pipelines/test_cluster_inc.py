@@ -1,9 +1,3 @@
-"""Inverse Noise Correction as a user runs it on a cluster: `ray job submit` of the invert,
-train-corrector and generate stages on the two-node loopback rig (CPU-less head, a worker node
-with the `gpu_node` resource), base model, run and corrector on a moto S3 server. Every
-inversion, the corrector's training and the corrected sampling run on the worker node; the
-head fetches no model."""
-
 from __future__ import annotations
 
 import json
@@ -14,6 +8,7 @@ import textwrap
 import uuid
 from pathlib import Path
 
+import pytest
 import boto3
 
 from cluster import loopback
@@ -21,6 +16,9 @@ from helpers import watch_rig
 from pgraft import contract
 from pgraft.shards import list_committed, read_shard
 from pgraft.storage import open_storage
+
+# What these tests start (README, "Developing"): the tier they run in.
+pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.deepspeed]
 
 REPO = Path(__file__).resolve().parents[2]
 PIN = "{gpu_node: 1}"

@@ -1,19 +1,3 @@
-"""The README's cluster commands, run as written from a fresh shell (`eval "$(make -s
-cluster-up)"`, `ray job submit --working-dir . -- python pipelines/pgraft_round.py`, `make
-cluster-down`): a real two-node Ray cluster on loopback (a CPU-less head, a worker node with 2
-CPUs and 8 units of a `gpu_node` resource standing in for a GPU node type) with the run and the
-models on a moto S3 server. The job finishes a round; the driver ran on the head and every
-stage's work on the worker node; the head fetched no model and the worker node fetched each
-once; the job log, `pgraft status` and `pgraft report` read well.
-
-Then, on the same rig, the test-sized chaos round (benchmarks/chaos_round.py is the full one,
-two rounds): the undisturbed run moves aside and the same command runs again at the same
-run.uri while a seeded chaos loop SIGKILLs a generate, reward or evaluation actor or a train
-rank every ~8 s (6 at most), and the job driver is killed once, during the reward stage, and
-the command submitted again. The round finishes; every sample exists once; shards, reward
-tables, accepted rows, the evaluation and the weights are byte-identical to the undisturbed
-run's."""
-
 from __future__ import annotations
 
 import json
@@ -25,12 +9,16 @@ import sys
 import uuid
 from pathlib import Path
 
+import pytest
 import boto3
 
 from cluster import loopback
 from cluster.chaos import ChaosMonkey, compare_runs, count_samples, move_run, run_with_chaos
 from pgraft import contract
 from pgraft.storage import open_storage
+
+# What these tests start (README, "Developing"): the tier they run in.
+pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.deepspeed]
 
 REPO = Path(__file__).resolve().parents[2]
 PIN = "{gpu_node: 1}"

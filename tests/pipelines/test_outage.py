@@ -1,11 +1,3 @@
-"""An object-store outage in the middle of a stage is ridden out (storage.outage_s). A round
-(generate → reward → filter → train) runs in its own process with its own local Ray, its S3
-traffic through a fault proxy in front of the moto server; the proxy cuts every connection,
-and every new one, for OUTAGE_S seconds three times: once a shard is committed, once a reward
-part is written, and once a train checkpoint's first object is uploaded. The round finishes
-in one run, without a rerun, and every committed shard and reward part matches its record.
-(benchmarks/outage.py takes the store away for 40 s per stage.)"""
-
 from __future__ import annotations
 
 import json
@@ -14,11 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import OutageWhen
 from pgraft import contract
 from pgraft.commits import list_committed, whole
 from pgraft.storage import open_storage
 from pgraft.tables import scored_parts
+
+# What these tests start (README, "Developing"): the tier they run in.
+pytestmark = [pytest.mark.ray, pytest.mark.deepspeed]
 
 REPO = Path(__file__).resolve().parents[2]
 OUTAGE_S = 3.0

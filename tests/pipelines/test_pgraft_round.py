@@ -76,6 +76,7 @@ def test_a_round_whose_previous_round_has_no_model_is_one_line(ray_local, tiny_d
     assert not (tmp_path / "run/round-001").exists()
 
 
+@pytest.mark.deepspeed
 def test_one_pgraft_round_raises_the_reward_of_fresh_samples(ray_local, tmp_path):
     """Method check, docs/DESIGN.md §6 at small scale: a briefly trained digits base, 640 samples,
     best-of-8, P-GRAFT at step 15 of 20 (t = 200). Statistic: Welch's one-sided t-test on the
@@ -105,6 +106,7 @@ def test_one_pgraft_round_raises_the_reward_of_fresh_samples(ray_local, tmp_path
     assert np.isfinite(after).all()
 
 
+@pytest.mark.deepspeed
 def test_one_molecules_round_through_every_stage(ray_local, tiny_molecules, tmp_path):
     """A round of the molecules config on a tiny random model: SMILES in the shards (with RDKit
     views), canonical-SMILES hashes and QED in the reward table, best-of-8 after dedup, a trained
@@ -138,6 +140,7 @@ def test_one_molecules_round_through_every_stage(ray_local, tiny_molecules, tmp_
     assert "round0.eval.finetuned.task_metrics.novelty" in page and "internal diversity" in page
 
 
+@pytest.mark.deepspeed
 def test_one_layout_round_through_every_stage(ray_local, tmp_path):
     """A round of the layout config on a tiny random model and a corpus built from a COCO file the
     test writes: layouts in the shards, quality terms in the reward table, best-of-4, a trained

@@ -29,6 +29,7 @@ def tiny_t2i_config(s3_uri, prompts_file, *extra):
     ])
 
 
+@pytest.mark.deepspeed
 def test_the_sd2_vqascore_config_runs_a_round_on_tiny_models_in_s3(ray_local, s3_uri, tiny_sd_factory, tmp_path):
     from tiny_models import save_tiny_vlm
 

@@ -194,6 +194,8 @@ def test_bad_s3_endpoint_and_missing_bucket(tiny_digits, s3_endpoint, monkeypatc
         run_generate(small_config(tiny_digits, "s3://bucket/run", "storage.outage_s=1"), progress=False)
 
 
+@pytest.mark.cluster
+@pytest.mark.ray
 def test_cli_against_ray_start_head_cluster(tiny_digits, tmp_path):
     """`ray start --head` (and a worker node) in their own processes, token auth on; the CLI
     joins through RAY_ADDRESS, and its actors run on the worker node."""

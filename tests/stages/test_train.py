@@ -95,6 +95,7 @@ def test_epochs_set_the_steps_from_the_accepted_count():
     assert steps_for_epochs(0.01, 4, 64) == 1  # never zero steps
 
 
+@pytest.mark.deepspeed
 def test_train_exports_a_model_the_generate_stage_samples_from(run_dir, tiny_digits, classifier_dir):
     cfg = stage_config(tiny_digits, run_dir, classifier_dir, *TRAIN, "train.steps=4", "train.checkpoint_every=2")
     summary = run_train(cfg, progress=False)
@@ -124,6 +125,7 @@ def test_train_exports_a_model_the_generate_stage_samples_from(run_dir, tiny_dig
     assert again.seconds == summary.seconds
 
 
+@pytest.mark.deepspeed
 def test_a_kept_train_group_trains_the_weights_of_a_fresh_one(run_dir, tiny_digits, classifier_dir):
     import cluster
     from cluster import executor
@@ -141,6 +143,7 @@ def test_a_kept_train_group_trains_the_weights_of_a_fresh_one(run_dir, tiny_digi
     assert all(torch.equal(fresh[k], kept[k]) for k in fresh)
 
 
+@pytest.mark.deepspeed
 def test_killed_train_worker_resumes_to_the_same_weights(run_dir, tiny_digits, classifier_dir, straight_weights):
     cfg = stage_config(tiny_digits, run_dir, classifier_dir, *TRAIN, *LONG, "train.name=long")
     killer = KillWhen(checkpoint_registered(run_dir, "long", 25), "ray::TrainRank")
@@ -151,6 +154,7 @@ def test_killed_train_worker_resumes_to_the_same_weights(run_dir, tiny_digits, c
     assert all(torch.equal(straight_weights[k], tuned[k]) for k in tuned)
 
 
+@pytest.mark.deepspeed
 def test_killed_driver_rerun_resumes_to_the_same_weights(run_dir, tiny_digits, classifier_dir, straight_weights):
     args = [f"run.uri={run_dir}", f"model.path={tiny_digits}", "model.num_inference_steps=6", "model.device=cpu",
             *TRAIN, *LONG, "train.name=long"]
@@ -184,6 +188,7 @@ def test_killed_driver_rerun_resumes_to_the_same_weights(run_dir, tiny_digits, c
     assert all(torch.equal(straight_weights[k], tuned[k]) for k in tuned)
 
 
+@pytest.mark.deepspeed
 def test_two_train_ranks_with_gloo_and_zero1(run_dir, tiny_digits, classifier_dir):
     cfg = stage_config(tiny_digits, run_dir, classifier_dir, *TRAIN, "train.name=ddp", "train.steps=3",
                        "train.zero_stage=1", "train.num_workers=2")
@@ -197,6 +202,7 @@ def test_two_train_ranks_with_gloo_and_zero1(run_dir, tiny_digits, classifier_di
     assert len(shards) == 2, shards
 
 
+@pytest.mark.deepspeed
 def test_lora_trains_adapters_and_the_composite_switches_them_off(run_dir, tiny_digits, classifier_dir):
     cfg = stage_config(tiny_digits, run_dir, classifier_dir, *TRAIN, "train.name=lora", "train.mode=lora",
                        "train.steps=3", "train.lr=1e-2")
@@ -234,6 +240,7 @@ def test_lora_trains_adapters_and_the_composite_switches_them_off(run_dir, tiny_
     ("other model", ("model.path=OTHER",), "the shards come from model .* the config names .*other"),
     ("empty selection", ("train.selection=empty",), "selection 'empty' is empty"),
 ])
+@pytest.mark.deepspeed
 def test_bad_input_is_a_one_line_error(run_dir, tiny_digits, classifier_dir, case, extra, message, tmp_path):
     from tiny_models import save_tiny_digits
 
@@ -249,6 +256,7 @@ def test_bad_input_is_a_one_line_error(run_dir, tiny_digits, classifier_dir, cas
         run_train(cfg, progress=False)
 
 
+@pytest.mark.deepspeed
 def test_more_workers_than_the_cluster_can_hold_is_one_line(run_dir, tiny_digits, classifier_dir):
     cfg = stage_config(tiny_digits, run_dir, classifier_dir, *TRAIN, "train.num_workers=4",
                        "cluster.placement_timeout_s=2")
@@ -258,6 +266,7 @@ def test_more_workers_than_the_cluster_can_hold_is_one_line(run_dir, tiny_digits
     assert not (run_dir / "round-000/train/bo4-t3").exists()
 
 
+@pytest.mark.deepspeed
 def test_other_settings_under_the_same_name_are_refused_not_mixed(run_dir, tiny_digits, classifier_dir):
     cfg = stage_config(tiny_digits, run_dir, classifier_dir, *TRAIN, "train.name=fp", "train.steps=2",
                        "train.checkpoint_every=1")

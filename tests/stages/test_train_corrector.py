@@ -56,6 +56,7 @@ def write_synthetic_inversion(uri, model_path, count=400, unconverged=20, seed=0
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "flow"])
+@pytest.mark.deepspeed
 def test_corrector_learns_the_shift_and_scale_of_its_inverse_noises(ray_local, tiny_digits_flow, tmp_path, kind):
     cfg = corrector_config(tiny_digits_flow, tmp_path / "run", f"corrector.kind={kind}")
     write_synthetic_inversion(cfg.run.uri, cfg.model.path)
@@ -78,6 +79,7 @@ def test_corrector_learns_the_shift_and_scale_of_its_inverse_noises(ray_local, t
                                              f"corrector.name={kind}-synthetic", "corrector.ridge=0.5"), progress=False)
 
 
+@pytest.mark.deepspeed
 def test_unconverged_inversions_only_when_asked(ray_local, tiny_digits_flow, tmp_path):
     cfg = corrector_config(tiny_digits_flow, tmp_path / "run", "corrector.kind=gaussian",
                            "corrector.include_unconverged=true")
@@ -93,6 +95,7 @@ def test_unconverged_inversions_only_when_asked(ray_local, tiny_digits_flow, tmp
                             progress=False)
 
 
+@pytest.mark.deepspeed
 def test_invert_train_corrector_generate_end_to_end(ray_local, tiny_digits, tiny_digits_flow, tmp_path):
     from tiny_models import save_tiny_digits
 

@@ -1,0 +1,81 @@
+"""DeepSpeed's CPU communication op, built once per environment and never waited on forever.
+
+On a CPU node DeepSpeed JIT-builds `deepspeed_shm_comm` (C++, ~40 s on 2 cores) the first time a
+process group starts. torch guards that build with a bare lock file (`FileBaton`: created with
+O_EXCL, removed when the build ends) that records no owner: a builder killed mid-build leaves it
+behind, and every later start on the node then waits on it forever.
+
+`ensure_built()` closes that hole. Every pgraft process builds under an `flock` on a sidecar file
+in the same folder; the kernel drops an flock when its holder dies. So a pgraft process holding
+the flock that still finds torch's lock file knows the builder that left it is gone, and clears
+it before building. `make install` and the Docker image run `python -m cluster.deepspeed_ops` so
+that nodes start with the op built; `cluster.train_group.join_group` calls `ensure_built()`
+before any DeepSpeed start, so a node without the prebuilt op builds it once, safely.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+OP_NAME = "deepspeed_shm_comm"
+# torch's own lock file in the op's build folder (torch.utils.file_baton.FileBaton).
+TORCH_LOCK = "lock"
+# Our sidecar: held with flock for the whole build; it holds the holder's pid, for people.
+BUILDER_LOCK = "pgraft-builder.lock"
+
+
+def build_directory(name: str = OP_NAME) -> Path:
+    """Where torch builds (and later loads) the op: TORCH_EXTENSIONS_DIR or its default."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return Path(_get_build_directory(name, verbose=False))
+
+
+@contextmanager
+def builder_lock(folder: Path, clear_stale: bool = True):
+    """Hold the build folder's flock; with it held, a torch lock file left there is stale (its
+    builder died: a live pgraft builder would hold the flock) and is removed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / BUILDER_LOCK, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            stale = folder / TORCH_LOCK
+            if clear_stale and stale.exists():
+                stale.unlink(missing_ok=True)
+                print(f"deepspeed ops: removed a stale build lock {stale} (its builder is gone)", file=sys.stderr)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_built(verbose: bool = False) -> float:
+    """Build (or load the built) CPU shared-memory op in this process; seconds it took."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not builder.is_compatible(verbose=False):
+        return 0.0  # this accelerator has no such op (CUDA nodes use NCCL)
+    start = time.perf_counter()
+    with builder_lock(build_directory(builder.name)):
+        builder.load(verbose=verbose)
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    seconds = ensure_built(verbose=False)
+    print(f"deepspeed ops: {OP_NAME} ready in {build_directory()} ({seconds:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

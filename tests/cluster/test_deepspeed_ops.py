@@ -1,0 +1,73 @@
+"""DeepSpeed's CPU op: built under a lock the kernel releases, so a builder killed half-way
+leaves nothing that makes the next DeepSpeed start on the node wait forever."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.deepspeed_ops import BUILDER_LOCK, OP_NAME, TORCH_LOCK, builder_lock
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_a_torch_lock_found_under_the_builder_lock_is_stale_and_removed(tmp_path, capsys):
+    folder = tmp_path / OP_NAME
+    folder.mkdir()
+    (folder / TORCH_LOCK).touch()  # what a builder killed mid-build leaves
+    with builder_lock(folder):
+        assert not (folder / TORCH_LOCK).exists()
+        assert (folder / BUILDER_LOCK).read_text().strip() == str(os.getpid())
+    assert "removed a stale build lock" in capsys.readouterr().err
+
+
+def test_the_builder_lock_is_exclusive_between_processes(tmp_path):
+    """A second process waits for the first's flock (so it never takes a live build's lock for
+    a stale one), and gets it as soon as the holder is gone."""
+    folder = tmp_path / OP_NAME
+    hold = ("import sys, time; from pathlib import Path; from cluster.deepspeed_ops import builder_lock\n"
+            "with builder_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(folder)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (folder / TORCH_LOCK).touch()  # the live holder's build in progress
+        take = ("import sys; from pathlib import Path; from cluster.deepspeed_ops import builder_lock\n"
+                "with builder_lock(Path(sys.argv[1])):\n    print('taken', flush=True)")
+        taker = subprocess.Popen([sys.executable, "-c", take, str(folder)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        with pytest.raises(subprocess.TimeoutExpired):
+            taker.wait(timeout=3)  # waits on the live holder
+        assert (folder / TORCH_LOCK).exists()  # a live build's lock is left alone
+        holder.kill()
+        assert taker.communicate(timeout=60)[0].strip() == "taken"
+        assert not (folder / TORCH_LOCK).exists()  # its holder is gone: cleared
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.deepspeed
+def test_a_build_killed_half_way_does_not_hang_the_next_start(tmp_path):
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "extensions"))
+    lock = tmp_path / "extensions" / OP_NAME / TORCH_LOCK
+    cmd = [sys.executable, "-m", "cluster.deepspeed_ops"]
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lock.exists(), "the build never took torch's lock"
+    os.killpg(first.pid, signal.SIGKILL)  # the builder and its compiler, mid-build
+    first.wait()
+    assert lock.exists()  # left behind: before, every later start waited on it forever
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "removed a stale build lock" in again.stderr and f"{OP_NAME} ready" in again.stdout
+    assert not lock.exists()
+    built = list((tmp_path / "extensions" / OP_NAME).glob(f"{OP_NAME}*.so"))
+    assert built, "no built op"
