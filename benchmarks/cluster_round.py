@@ -32,7 +32,7 @@ PIN = "{gpu_node: 1}"
 
 
 def run_once(rig, run_uri: str, task_dir: str, args, cache: Path) -> dict:
-    sets = [f"run.uri={run_uri}", f"task.dir={task_dir}", "model.device=auto",
+    sets = [f"run.uri={run_uri}", f"task.dir={task_dir}", "task.pretrain=false", "model.device=auto",
             f"generate.samples_per_prompt={args.samples_per_prompt}", "generate.capture_steps=[15]",
             f"generate.resources={PIN}", f"reward.resources={PIN}", f"train.resources_per_worker={PIN}",
             "train.t_step=15", "train.epochs=null", f"train.steps={args.train_steps}", "train.checkpoint_every=25",

@@ -133,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     py, cli, s = [args.python], [args.python, "-m", cli_module], str(STAGE)
     commands = [
         ("round", py + ["pipelines/pgraft_round.py", "--config", "configs/digits.yaml", "--set", f"run.uri={s}/run",
-                        "--set", f"task.dir={s}/models/digits", "--set", "run.rounds=1", "--quiet"]),
+                        "--set", f"task.dir={s}/models/digits", "--set", "task.pretrain=false", "--set", "run.rounds=1",
+                        "--quiet"]),
     ] + [(stage, cli + [stage, "--config", "configs/digits-inc.yaml", "--set", f"run.uri={s}/inc", "--set",
                         f"task.dir={s}/models/digits", "--set", f"model.path={s}/models/digits/flow"] + INC_SMALL)
          for stage in ("invert", "train-corrector")]

@@ -52,7 +52,8 @@ def run_round(models: str, run: Path, scale: int, rounds: int, repo: Path = REPO
     """Whole-process seconds of the round pipeline of the checkout `repo`, and each round's
     pipeline.json; on a local Ray the process starts, or on the loopback cluster `rig`."""
     command = [sys.executable, "pipelines/pgraft_round.py", "--config", "configs/digits.yaml", "--quiet",
-               "--set", f"run.uri={run}", "--set", f"task.dir={models}", "--set", f"run.rounds={rounds}",
+               "--set", f"run.uri={run}", "--set", f"task.dir={models}", "--set", "task.pretrain=false",
+               "--set", f"run.rounds={rounds}",
                "--set", f"generate.samples_per_prompt={128 * scale}"]
     command += [arg for item in sets for arg in ("--set", item)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray, started by the process

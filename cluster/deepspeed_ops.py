@@ -5,6 +5,11 @@ process group starts. torch guards that build with a bare lock file (`FileBaton`
 O_EXCL, removed when the build ends) that records no owner: a builder killed mid-build leaves it
 behind, and every later start on the node then waits on it forever.
 
+The op is built per Python environment (`<sys.prefix>/torch_extensions`, unless
+TORCH_EXTENSIONS_DIR says otherwise): torch's default folder in the home directory is shared by
+every environment of the user, and two environments' builds differ (their sources' paths), so
+each start in one rebuilt the op the other had just built (~40 s each time).
+
 `ensure_built()` closes that hole. Every pgraft process builds under an `flock` on a sidecar file
 in the same folder; the kernel drops an flock when its holder dies. So a pgraft process holding
 the flock that still finds torch's lock file knows the builder that left it is gone, and clears
@@ -27,6 +32,20 @@ OP_NAME = "deepspeed_shm_comm"
 TORCH_LOCK = "lock"
 # Our sidecar: held with flock for the whole build; it holds the holder's pid, for people.
 BUILDER_LOCK = "pgraft-builder.lock"
+
+
+def use_environment_folder() -> None:
+    """Point torch's JIT builds of this process at this environment's own folder, unless
+    TORCH_EXTENSIONS_DIR is set (or the environment is read-only: torch's default then)."""
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        return
+    folder = Path(sys.prefix) / "torch_extensions"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return
+    if os.access(folder, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(folder)
 
 
 def build_directory(name: str = OP_NAME) -> Path:
@@ -60,6 +79,7 @@ def builder_lock(folder: Path, clear_stale: bool = True):
 def ensure_built(verbose: bool = False) -> float:
     """Build (or load the built) CPU shared-memory op in this process; seconds it took."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    use_environment_folder()
     from deepspeed.accelerator import get_accelerator
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.deepspeed_ops import BUILDER_LOCK, OP_NAME, TORCH_LOCK, builder_lock
+from cluster.deepspeed_ops import BUILDER_LOCK, OP_NAME, TORCH_LOCK, builder_lock, use_environment_folder
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,6 +25,17 @@ def test_a_torch_lock_found_under_the_builder_lock_is_stale_and_removed(tmp_path
         assert not (folder / TORCH_LOCK).exists()
         assert (folder / BUILDER_LOCK).read_text().strip() == str(os.getpid())
     assert "removed a stale build lock" in capsys.readouterr().err
+
+
+def test_each_python_environment_builds_into_its_own_folder_unless_told_otherwise(tmp_path, monkeypatch):
+    """Two environments sharing torch's folder in the home directory would rebuild each other's op."""
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv"))
+    use_environment_folder()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "venv" / "torch_extensions")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
+    use_environment_folder()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "mine")
 
 
 def test_the_builder_lock_is_exclusive_between_processes(tmp_path):
@@ -59,9 +70,9 @@ def test_a_build_killed_half_way_does_not_hang_the_next_start(tmp_path):
     first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     deadline = time.monotonic() + 300
-    while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
+    while not compiling(first.pid) and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert lock.exists(), "the build never took torch's lock"
+    assert lock.exists() and compiling(first.pid), "the build never got to compiling under torch's lock"
     os.killpg(first.pid, signal.SIGKILL)  # the builder and its compiler, mid-build
     first.wait()
     assert lock.exists()  # left behind: before, every later start waited on it forever
@@ -71,3 +82,13 @@ def test_a_build_killed_half_way_does_not_hang_the_next_start(tmp_path):
     assert not lock.exists()
     built = list((tmp_path / "extensions" / OP_NAME).glob(f"{OP_NAME}*.so"))
     assert built, "no built op"
+
+
+def compiling(pid: int) -> bool:
+    """Whether the process `pid` has a C++ compiler running below it."""
+    import psutil
+
+    try:
+        return any("cc1plus" in child.name() for child in psutil.Process(pid).children(recursive=True))
+    except psutil.Error:
+        return False

@@ -1,3 +1,8 @@
+"""The trainer's group of rank actors on a real local Ray: checkpoints are registered only once
+written and the oldest are dropped; two ranks join one gloo group; a rank failing without a user
+error restarts the whole group up to `max_failures` times, then stops with one line; a user
+error stops it at once; inside `keep_warm` the next fit of the same shape reuses the ranks. (The DeepSpeed runs themselves are in tests/stages/test_train.py.)"""
+
 from __future__ import annotations
 
 from cluster.train_group import TrainerSpec, fit, read_checkpoint_record, register_checkpoint

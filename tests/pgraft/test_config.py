@@ -28,6 +28,10 @@ def test_yaml_and_dotted_overrides(tmp_path):
     ("nosection.x=1", "config error: nosection: unknown key"),
     ("run.seed", "is not of the form key.path=value"),
     ("run.seed.x=1", "config error: run.seed: Input should be a valid integer"),
+    ("task.pretrain_options={wdth: 16}", "config error: task.pretrain_options.wdth: task.pretrain_options.wdth is not an "
+                                         "option of the digits task's pretraining; it takes classifier_epochs, ddpm_steps"),
+    ("task.pretrain_options.width=wide", "config error: task.pretrain_options.width: task.pretrain_options.width takes "
+                                         "a int, not 'wide'"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as info:

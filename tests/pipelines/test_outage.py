@@ -1,3 +1,12 @@
+"""An object-store outage in the middle of a stage is ridden out (storage.outage_s). A round
+(generate → reward → filter → train) runs in its own driver process, a job of the session's
+Ray whose workers alone (by the job's runtime env) send their S3 traffic through a fault proxy
+in front of the moto server, so no other test's traffic crosses it; the proxy cuts every connection,
+and every new one, for OUTAGE_S seconds three times: once a shard is committed, once a reward
+part is written, and once a train checkpoint's first object is uploaded. The round finishes
+in one run, without a rerun, and every committed shard and reward part matches its record.
+(benchmarks/outage.py takes the store away for 40 s per stage.)"""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +29,8 @@ REPO = Path(__file__).resolve().parents[2]
 OUTAGE_S = 3.0
 
 
-def test_a_round_rides_out_a_storage_outage_in_generate_reward_and_train(tiny_digits, classifier_dir, s3_uri,
-                                                                         s3_faults):
+def test_a_round_rides_out_a_storage_outage_in_generate_reward_and_train(ray_local, tiny_digits, classifier_dir,
+                                                                         s3_uri, s3_faults):
     look = open_storage(s3_uri)  # the test's own look goes to the server directly, past the proxy
     sets = [f"run.uri={s3_uri}", "task.pretrain=false", f"model.path={tiny_digits}", "model.num_inference_steps=6",
             "model.device=cpu", "generate.prompts=[a handwritten digit 1, a handwritten digit 2, a handwritten digit 3]",
@@ -40,8 +49,12 @@ def test_a_round_rides_out_a_storage_outage_in_generate_reward_and_train(tiny_di
 
     outages = [OutageWhen(triggers[0], s3_faults, OUTAGE_S, timeout=600)]
     outages += [OutageWhen(chain(i), s3_faults, OUTAGE_S, timeout=600) for i in (1, 2)]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
-    env["AWS_ENDPOINT_URL"] = s3_faults.endpoint
+    # The driver joins the session's Ray as a job of its own; the job's runtime env points its
+    # workers (and only them) at the proxy, as `ray job submit --runtime-env-json` would.
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, RAY_AUTH_MODE="token",
+               AWS_ENDPOINT_URL=s3_faults.endpoint,
+               RAY_JOB_CONFIG_JSON_ENV_VAR=json.dumps({"runtime_env": {"env_vars": {
+                   "AWS_ENDPOINT_URL": s3_faults.endpoint}}}))
     done = subprocess.run([sys.executable, "pipelines/pgraft_round.py", "--quiet",
                            *[x for s in sets for x in ("--set", s)]], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)

@@ -14,11 +14,19 @@ from scipy import stats
 from helpers import two_round_config
 from pgraft import contract
 from pgraft.config import load_config
-from pgraft.errors import PgraftError
+from pgraft.errors import ConfigError, PgraftError
 from pgraft.shards import list_committed, read_shard
 from pgraft.storage import open_storage
 from pgraft.tasks.digits import pretrain_digits
 from pipelines.pgraft_round import run_round_pipeline
+
+# The method check's sizes (README, "Developing"): the base's pretraining steps, and the fresh
+# samples per prompt of each evaluated variant (10 prompts). Measured on the embedded default's
+# denoiser at seeds 0 and 1 (500 samples a variant): effect sizes d = 0.45 and 0.25. The smallest
+# count with power ≥ 0.99 at p < 1e-3 for the weaker one is 2·((3.09 + 2.33) / 0.25)² = 940 a
+# variant, hence 100 per prompt (at seed 0, which the test runs, 500 gave p = 1.6e-12).
+BASE_STEPS = 400
+EVAL_PER_PROMPT = 100
 
 
 def test_two_rounds_second_samples_from_the_first_model(two_round_run):
@@ -78,19 +86,22 @@ def test_a_round_whose_previous_round_has_no_model_is_one_line(ray_local, tiny_d
 
 @pytest.mark.deepspeed
 def test_one_pgraft_round_raises_the_reward_of_fresh_samples(ray_local, tmp_path):
-    """Method check, docs/DESIGN.md §6 at small scale: a briefly trained digits base, 640 samples,
-    best-of-8, P-GRAFT at step 15 of 20 (t = 200). Statistic: Welch's one-sided t-test on the
-    prompt alignment of 500 fresh samples from the composite sampler against 500 from the
-    base (fresh seeds, never used in training), drawn and scored by the evaluate stage's actors;
+    """Method check, docs/DESIGN.md §6 at small scale: the embedded default's digits denoiser,
+    briefly trained (BASE_STEPS), 640 samples, best-of-8, P-GRAFT at step 15 of 20 (t = 200),
+    200 steps at lr 3e-4. Statistic: Welch's one-sided t-test on the prompt alignment of
+    10 × EVAL_PER_PROMPT fresh samples from the composite sampler against as many from the base
+    (fresh seeds, never used in training), drawn and scored by the evaluate stage's actors;
     required p < 1e-3."""
     models = tmp_path / "models"
-    pretrain_digits(models, seed=0, ddpm_steps=200, flow_steps=0, classifier_epochs=20, eval_samples_per_digit=0,
-                    progress=False)
     cfg = load_config("configs/digits.yaml", [
-        f"run.uri={tmp_path / 'run'}", f"task.dir={models}",
+        f"run.uri={tmp_path / 'run'}", f"task.dir={models}", f"task.pretrain_options.ddpm_steps={BASE_STEPS}",
         "generate.samples_per_prompt=64", "generate.capture_steps=[15]", "filter.n=8",
-        "train.t_step=15", "train.epochs=null", "train.steps=200", "train.lr=1e-4", "train.eval_samples_per_prompt=50",
+        "train.t_step=15", "train.epochs=null", "train.steps=200", "train.lr=3e-4",
+        f"train.eval_samples_per_prompt={EVAL_PER_PROMPT}",
     ])
+    # The embedded default's denoiser (task.pretrain_options), briefly trained.
+    pretrain_digits(models, seed=0, flow_steps=0, classifier_epochs=20, eval_samples_per_digit=0, progress=False,
+                    bases="ddpm", **cfg.task.pretrain_options)
     run_round_pipeline(cfg, progress=False)
     store = open_storage(cfg.run.uri)
 
@@ -99,7 +110,7 @@ def test_one_pgraft_round_raises_the_reward_of_fresh_samples(ray_local, tmp_path
         return duckdb.sql(f"SELECT reward FROM '{table}/*.parquet' ORDER BY key").fetchnumpy()["reward"]
 
     base, after = rewards("base"), rewards("finetuned")
-    assert len(base) == len(after) == 500
+    assert len(base) == len(after) == 10 * EVAL_PER_PROMPT
     test = stats.ttest_ind(after, base, equal_var=False, alternative="greater")
     print(f"base {base.mean():.3f} → P-GRAFT {after.mean():.3f}, Welch p = {test.pvalue:.2e}")
     assert after.mean() > base.mean() and test.pvalue < 1e-3
@@ -188,3 +199,30 @@ def test_one_layout_round_through_every_stage(ray_local, tmp_path):
         assert variant["frechet_distance"] > 0 and variant["feature_space"] == "layout encoder"
     page = render_report(cfg.run.uri)
     assert "<td>title text text</td>" in page and "round0.eval.finetuned.task_metrics.alignment" in page
+
+
+def test_the_pipeline_pretrains_only_the_base_the_run_samples_from(tmp_path):
+    from pipelines.pgraft_round import base_to_pretrain
+
+    task = tmp_path / "models"
+    assert base_to_pretrain(load_config("configs/digits.yaml", [f"task.dir={task}"])) == "ddpm"  # model.path's default
+    assert base_to_pretrain(load_config("configs/digits.yaml", [f"task.dir={task}"]).with_absolute_paths()) == "ddpm"
+    assert base_to_pretrain(load_config("configs/digits.yaml", [f"task.dir={task}", f"model.path={task}/flow/"])) == "flow"
+    assert base_to_pretrain(load_config(None, ["task.dir=s3://b/models", "model.path=s3://b/models/flow"])) == "flow"
+    assert base_to_pretrain(load_config(None, [f"task.dir={task}", f"model.path={tmp_path / 'mine'}"])) is None
+
+
+def test_models_pretrained_with_other_options_are_refused_not_mixed(tmp_path):
+    from pipelines.pgraft_round import check_pretrain_options
+
+    (tmp_path / "summary.json").write_text(json.dumps({"pretrain_options": {"width": 32, "ddpm_steps": 800}}))
+    cfg = load_config("configs/digits.yaml", [f"task.dir={tmp_path}"])  # the embedded default asks for width 16
+    with pytest.raises(ConfigError, match=r"^config error: task.pretrain_options.width: the models in \S+ were "
+                                          r"pretrained with width=32, not 16; point task.dir at another folder"):
+        check_pretrain_options(cfg)
+    check_pretrain_options(load_config(None, [f"task.dir={tmp_path}", "task.pretrain_options={width: 32}"]))
+    # A set from before summaries recorded their options: the keys it has at the top level count.
+    (tmp_path / "summary.json").write_text(json.dumps({"ddpm_steps": 800, "flow_steps": 500}))
+    check_pretrain_options(load_config(None, [f"task.dir={tmp_path}", "task.pretrain_options={ddpm_steps: 800}"]))
+    with pytest.raises(ConfigError, match="ddpm_steps=800, not 200"):
+        check_pretrain_options(load_config(None, [f"task.dir={tmp_path}", "task.pretrain_options={ddpm_steps: 200}"]))

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import snapshot
 from pgraft.config import ModelSection
+from pgraft.errors import ConfigError
 from pgraft.models.adapters import load_adapter
 from pgraft.tasks import digits
 
@@ -39,6 +41,29 @@ def test_short_pretrain_is_deterministic_and_loads(tmp_path):
     classifier = digits.load_classifier(tmp_path / "a/classifier")
     probs = digits.prompt_alignment(classifier, rollout.samples, [7])
     assert probs.shape == (1,) and 0.0 <= probs[0] <= 1.0
+
+
+def test_only_the_asked_bases_are_pretrained_at_the_asked_size_and_a_later_one_is_added_keeping_the_rest(tmp_path):
+    """A run pretrains the base it samples from; another base asked for later joins the same
+    folder: what was published stays byte for byte, the summary gains the new base's figures."""
+    from pgraft.tasks.training import publish
+
+    small = dict(ddpm_steps=3, flow_steps=3, classifier_epochs=1, eval_samples_per_digit=0, width=8, layers_per_block=1)
+    build = lambda out, **kw: digits.pretrain_digits(out, seed=0, **kw)  # noqa: E731
+    first = publish(str(tmp_path), build, ("flow", "ddpm", "classifier"), bases="ddpm", **small)
+    assert first["bases"] == ["ddpm"] and not (tmp_path / "flow").exists()
+    assert first["pretrain_options"]["width"] == 8
+    unet = json.loads((tmp_path / "ddpm/unet/config.json").read_text())
+    assert unet["block_out_channels"] == [8, 16] and unet["layers_per_block"] == 1
+    kept = {k: v for k, v in snapshot(tmp_path).items() if k.startswith(("ddpm/", "classifier/"))}
+    second = publish(str(tmp_path), build, ("flow", "ddpm", "classifier"), bases="flow", **small)
+    assert (tmp_path / "flow/pgraft_model.json").is_file()
+    assert {k: v for k, v in snapshot(tmp_path).items() if k.startswith(("ddpm/", "classifier/"))} == kept  # mtimes too
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == second and second["bases"] == ["ddpm", "flow"]
+    assert "ddpm_final_loss" in second and "flow_final_loss" in second
+    with pytest.raises(ConfigError, match="--bases: unknown base"):
+        digits.pretrain_digits(tmp_path / "c", bases="ddpm,vae", **small)
 
 
 def test_classifier_is_accurate_on_held_out_digits():
