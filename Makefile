@@ -61,17 +61,18 @@ lint: $(VENV)/.installed
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q --tier unit --durations=10 $(PYTEST_ARGS) tests
 
-# The loopback-rig tests (marker `cluster`: mostly waiting on job submissions, restarts and chaos)
-# run in a second pytest process beside the rest; their log is printed when both are done. Each
-# process has its own S3 server and Ray, and every kill is scoped to a test's own processes.
+# The loopback-rig tests (marker `cluster`) and those marked `beside` mostly wait (job submissions,
+# restarts, chaos, outages): they run in a second pytest process beside the rest, and their log is
+# printed when both are done. Each process has its own S3 server and Ray, and every kill is scoped
+# to a test's own processes.
 RIG_LOG ?= .pytest_cache/cluster-tier.log
 test-services: $(VENV)/.installed chromium
 	@mkdir -p $(dir $(RIG_LOG))
-	@$(PY) -m pytest -q --tier services -m cluster --durations=10 -p no:cacheprovider $(PYTEST_ARGS) tests \
+	@$(PY) -m pytest -q --tier services -m "cluster or beside" --durations=10 -p no:cacheprovider $(PYTEST_ARGS) tests \
 	  > $(RIG_LOG) 2>&1 & rig=$$!; \
-	$(PY) -m pytest -q --tier services -m "not cluster" --durations=25 $(PYTEST_ARGS) tests; rest=$$?; \
+	$(PY) -m pytest -q --tier services -m "not cluster and not beside" --durations=25 $(PYTEST_ARGS) tests; rest=$$?; \
 	wait $$rig; rigs=$$?; \
-	echo "---- the cluster-marked tests (run beside the above; $(RIG_LOG)) ----"; cat $(RIG_LOG); \
+	echo "---- the cluster and beside tests (run beside the above; $(RIG_LOG)) ----"; cat $(RIG_LOG); \
 	test \( $$rest -eq 0 -o $$rest -eq 5 \) -a \( $$rigs -eq 0 -o $$rigs -eq 5 \)  # 5: no test selected (PYTEST_ARGS)
 
 test: lint test-fast test-services

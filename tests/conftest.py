@@ -47,9 +47,16 @@ def pytest_addoption(parser):
                           "and refuse any start; services: only the tests that start one; all: both")
 
 
+# Not what a test starts but where it runs: `make test-services` runs the `cluster` tests and these
+# in a second pytest process beside the rest, because they mostly wait (outages, restarts, jobs).
+LANE_MARKER = "beside"
+
+
 def pytest_configure(config):
     for name, meaning in SERVICE_MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {meaning}")
+    config.addinivalue_line("markers", f"{LANE_MARKER}: make test-services runs it in the second pytest process, with "
+                            "the cluster tests (it mostly waits)")
     if config.getoption("--tier") == "unit":
         sys.addaudithook(_refuse_service_starts)
 

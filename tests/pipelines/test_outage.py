@@ -23,7 +23,7 @@ from pgraft.storage import open_storage
 from pgraft.tables import scored_parts
 
 # What these tests start (README, "Developing"): the tier they run in.
-pytestmark = [pytest.mark.ray, pytest.mark.deepspeed]
+pytestmark = [pytest.mark.ray, pytest.mark.deepspeed, pytest.mark.beside]
 
 REPO = Path(__file__).resolve().parents[2]
 OUTAGE_S = 3.0
