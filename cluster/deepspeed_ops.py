@@ -10,7 +10,14 @@ TORCH_EXTENSIONS_DIR says otherwise): torch's default folder in the home directo
 every environment of the user, and two environments' builds differ (their sources' paths), so
 each start in one rebuilt the op the other had just built (~40 s each time).
 
-`ensure_built()` closes that hole. Every pgraft process builds under an `flock` on a sidecar file
+The build is also pinned to this environment's own `ninja` (the `ninja` package DeepSpeed
+installs beside the interpreter). A machine often has a second one (Debian's /usr/bin/ninja),
+and which one torch runs depends on PATH: an activated shell or a Ray worker finds the
+environment's, `make` and `.venv/bin/python` without activation find the system's. The two
+versions record a build's command differently in `.ninja_log`, so each took the other's build
+for stale and rebuilt the op: six rebuilds (~6 min of CPU) in one run of the suite.
+
+`ensure_built()` closes both holes. Every pgraft process builds under an `flock` on a sidecar file
 in the same folder; the kernel drops an flock when its holder dies. So a pgraft process holding
 the flock that still finds torch's lock file knows the builder that left it is gone, and clears
 it before building. `make install` and the Docker image run `python -m cluster.deepspeed_ops` so
@@ -55,8 +62,27 @@ def build_directory(name: str = OP_NAME) -> Path:
     return Path(_get_build_directory(name, verbose=False))
 
 
+def environment_first(path: str, executable: str) -> str:
+    """PATH with the folder of `executable` (the environment's bin) first, when it holds ninja."""
+    bin_dir = str(Path(executable).parent)
+    if not (Path(bin_dir) / "ninja").exists():
+        return path
+    return os.pathsep.join([bin_dir] + [p for p in path.split(os.pathsep) if p and p != bin_dir])
+
+
 @contextmanager
-def builder_lock(folder: Path, clear_stale: bool = True):
+def environment_ninja():
+    """Within this block, torch's builds run this environment's ninja whatever PATH says."""
+    before = os.environ.get("PATH", "")
+    os.environ["PATH"] = environment_first(before, sys.executable)
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = before
+
+
+@contextmanager
+def builder_lock(folder: Path):
     """Hold the build folder's flock; with it held, a torch lock file left there is stale (its
     builder died: a live pgraft builder would hold the flock) and is removed."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -68,7 +94,7 @@ def builder_lock(folder: Path, clear_stale: bool = True):
             handle.write(f"{os.getpid()}\n")
             handle.flush()
             stale = folder / TORCH_LOCK
-            if clear_stale and stale.exists():
+            if stale.exists():
                 stale.unlink(missing_ok=True)
                 print(f"deepspeed ops: removed a stale build lock {stale} (its builder is gone)", file=sys.stderr)
             yield
@@ -86,7 +112,7 @@ def ensure_built(verbose: bool = False) -> float:
     if builder is None or not builder.is_compatible(verbose=False):
         return 0.0  # this accelerator has no such op (CUDA nodes use NCCL)
     start = time.perf_counter()
-    with builder_lock(build_directory(builder.name)):
+    with builder_lock(build_directory(builder.name)), environment_ninja():
         builder.load(verbose=verbose)
     return time.perf_counter() - start
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.deepspeed_ops import BUILDER_LOCK, OP_NAME, TORCH_LOCK, builder_lock, use_environment_folder
+from cluster.deepspeed_ops import (BUILDER_LOCK, OP_NAME, TORCH_LOCK, builder_lock, environment_first,
+                                   use_environment_folder)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,6 +37,19 @@ def test_each_python_environment_builds_into_its_own_folder_unless_told_otherwis
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
     use_environment_folder()
     assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "mine")
+
+
+def test_builds_run_the_environments_own_ninja_whatever_path_says(tmp_path):
+    """Two ninja versions on one machine (the environment's and the system's) each took the
+    other's build for stale: the environment's bin goes first, once, when it holds ninja."""
+    venv_bin, other = tmp_path / "venv" / "bin", tmp_path / "other"
+    venv_bin.mkdir(parents=True)
+    python = str(venv_bin / "python")
+    assert environment_first(f"/usr/bin:{other}", python) == f"/usr/bin:{other}"  # no ninja there: as it was
+    (venv_bin / "ninja").touch()
+    assert environment_first(f"/usr/bin:{other}", python) == f"{venv_bin}:/usr/bin:{other}"
+    assert environment_first(f"/usr/bin:{venv_bin}:{other}", python) == f"{venv_bin}:/usr/bin:{other}"
+    assert environment_first(f"{venv_bin}:/usr/bin", python) == f"{venv_bin}:/usr/bin"
 
 
 def test_the_builder_lock_is_exclusive_between_processes(tmp_path):
@@ -82,6 +96,16 @@ def test_a_build_killed_half_way_does_not_hang_the_next_start(tmp_path):
     assert "removed a stale build lock" in again.stderr and f"{OP_NAME} ready" in again.stdout
     assert not lock.exists()
     assert (folder / f"{OP_NAME}.so").is_file(), "no built op"
+
+    # A start that finds another ninja first on its PATH (the system's; the environment's bin
+    # neither first nor there at all) loads the op as built: no rebuild.
+    log = (folder / ".ninja_log").read_text()
+    bin_dir = str(Path(sys.executable).parent)
+    bare_path = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if p != bin_dir)
+    for path in (bare_path, f"{bin_dir}{os.pathsep}{bare_path}"):
+        other = subprocess.run(cmd, cwd=REPO, env=dict(env, PATH=path), capture_output=True, text=True, timeout=600)
+        assert other.returncode == 0 and f"{OP_NAME} ready" in other.stdout, other.stderr[-2000:]
+    assert (folder / ".ninja_log").read_text() == log, "another PATH rebuilt the op"
 
 
 def compiling(pid: int) -> bool:
