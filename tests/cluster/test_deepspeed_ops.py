@@ -97,15 +97,28 @@ def test_a_build_killed_half_way_does_not_hang_the_next_start(tmp_path):
     assert not lock.exists()
     assert (folder / f"{OP_NAME}.so").is_file(), "no built op"
 
-    # A start that finds another ninja first on its PATH (the system's; the environment's bin
-    # neither first nor there at all) loads the op as built: no rebuild.
-    log = (folder / ".ninja_log").read_text()
+
+@pytest.mark.deepspeed
+def test_starts_with_another_ninja_first_on_path_load_the_built_op_without_rebuilding_it():
+    """The op `make install` built into this environment: a start whose PATH finds the system's
+    ninja first (make, or the venv's python run without activation) and one whose PATH finds the
+    environment's (an activated shell, a Ray worker) each load it as built. Before, each rebuilt
+    it over the other's build (their ninja versions log a build's command differently)."""
     bin_dir = str(Path(sys.executable).parent)
-    bare_path = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if p != bin_dir)
-    for path in (bare_path, f"{bin_dir}{os.pathsep}{bare_path}"):
-        other = subprocess.run(cmd, cwd=REPO, env=dict(env, PATH=path), capture_output=True, text=True, timeout=600)
-        assert other.returncode == 0 and f"{OP_NAME} ready" in other.stdout, other.stderr[-2000:]
-    assert (folder / ".ninja_log").read_text() == log, "another PATH rebuilt the op"
+    bare = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != bin_dir)
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}  # the environment's own folder
+    cmd = [sys.executable, "-m", "cluster.deepspeed_ops"]
+
+    def start(path: str) -> str:
+        done = subprocess.run(cmd, cwd=REPO, env=dict(env, PATH=path), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0 and f"{OP_NAME} ready" in done.stdout, done.stderr[-2000:]
+        return done.stdout
+
+    folder = Path(start(bare).split(" ready in ")[1].split(" (")[0])  # built now unless make install did
+    log = (folder / ".ninja_log").read_text()
+    for path in (f"{bin_dir}{os.pathsep}{bare}", bare):
+        start(path)
+    assert (folder / ".ninja_log").read_text() == log, "a start with another PATH rebuilt the op"
 
 
 def compiling(pid: int) -> bool:
