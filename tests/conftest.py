@@ -48,7 +48,8 @@ def pytest_addoption(parser):
 
 
 # Not what a test starts but where it runs: `make test-services` runs the `cluster` tests and these
-# in a second pytest process beside the rest, because they mostly wait (outages, restarts, jobs).
+# in a second pytest process beside the rest: tests that mostly wait (outages, restarts, jobs), and
+# the longest CPU-bound one (the digits method check), which fills their waits.
 LANE_MARKER = "beside"
 
 
