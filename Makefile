@@ -65,8 +65,7 @@ test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q --tier unit --durations=10 $(PYTEST_ARGS) tests
 
 # The loopback-rig tests (marker `cluster`) and those marked `beside` mostly wait (job submissions,
-# restarts, chaos, outages; the method check, also `beside`, fills those waits with CPU work): they
-# run in a second pytest process beside the rest, and their log is
+# restarts, chaos, outages): they run in a second pytest process beside the rest, and their log is
 # printed when both are done. Each process has its own S3 server and Ray, and every kill is scoped
 # to a test's own processes.
 RIG_LOG ?= .pytest_cache/cluster-tier.log

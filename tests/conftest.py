@@ -48,8 +48,7 @@ def pytest_addoption(parser):
 
 
 # Not what a test starts but where it runs: `make test-services` runs the `cluster` tests and these
-# in a second pytest process beside the rest: tests that mostly wait (outages, restarts, jobs), and
-# the longest CPU-bound one (the digits method check), which fills their waits.
+# in a second pytest process beside the rest, because they mostly wait (outages, restarts, jobs).
 LANE_MARKER = "beside"
 
 

@@ -85,7 +85,6 @@ def test_a_round_whose_previous_round_has_no_model_is_one_line(ray_local, tiny_d
 
 
 @pytest.mark.deepspeed
-@pytest.mark.beside  # CPU work that fills the rig lane's waits (README, "Developing")
 def test_one_pgraft_round_raises_the_reward_of_fresh_samples(ray_local, tmp_path):
     """Method check, docs/DESIGN.md §6 at small scale: the embedded default's digits denoiser,
     briefly trained (BASE_STEPS), 640 samples, best-of-8, P-GRAFT at step 15 of 20 (t = 200),
