@@ -34,8 +34,10 @@ def test_a_second_driver_stops_with_one_line_naming_the_holder_then_gets_it_once
 
 
 def test_a_lease_nobody_renews_is_taken_over_after_the_ttl_and_its_old_holder_learns_it(store):
-    dead = Lease(store, "lease.json", "reward round 0", ttl_s=0.6).acquire()  # acquired, never renewed: a killed driver
+    # Timed from before the dead holder's acquire: its renewal time is stamped before its write, and
+    # under load that write alone can take most of a TTL, after which the wall-clock rule may apply.
     start = time.monotonic()
+    dead = Lease(store, "lease.json", "reward round 0", ttl_s=0.6).acquire()  # acquired, never renewed: a killed driver
     with Lease(store, "lease.json", "reward round 0", ttl_s=0.6, wait_s=30) as taker:
         assert 0.6 <= time.monotonic() - start < 10
         assert taker.took_over.token == dead.holder.token
