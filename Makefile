@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-UV     := $(VENV)/bin/uv
 # torch is installed first and pinned: on CPU machines 2.13.0 is a local CPU wheel,
 # and anything unpinned would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
@@ -14,21 +13,19 @@ DEMO_ARGS ?=
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip setuptools wheel uv
+	$(PIP) install -q --upgrade pip setuptools wheel
 	touch $@
 
 $(VENV)/.torch: $(VENV)/.created
 	$(PIP) install -q "$(TORCH_SPEC)"
 	touch $@
 
-# DeepSpeed's setup.py imports torch, so it builds against the torch already installed. uv
-# installs the rest (~150 wheels) several times faster than pip (README, "Developing"); it keeps
-# the torch installed above, which satisfies the project's range; pip takes over should uv fail.
-# DeepSpeed's CPU communication op is built here, once, rather than by the first train rank of
-# every run (cluster/deepspeed_ops.py: a build killed half-way is redone, never waited on).
+# DeepSpeed's setup.py imports torch, so it builds against the torch already installed. Its CPU
+# communication op is built here, once, rather than by the first train rank of every run
+# (cluster/deepspeed_ops.py: a build killed half-way is redone, never waited on).
 $(VENV)/.installed: $(VENV)/.torch pyproject.toml
 	$(PIP) install -q --no-build-isolation "deepspeed>=0.15"
-	$(UV) pip install -q --native-tls --python $(PY) -e ".[test]" || $(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test]"
 	$(PY) -m cluster.deepspeed_ops
 	touch $@
 
