@@ -149,6 +149,17 @@ def ray_local(s3_endpoint, _ray_session_shutdown):
     return ensure_local_ray()
 
 
+@pytest.fixture
+def warm_pools(ray_local):
+    """The test runs inside `cluster.keep_warm()`: a job runs on the actors an earlier job of the
+    same worker class left (their process start, mostly imports, is paid once), and every kept
+    pool is released when the test ends, failed or not."""
+    from cluster import keep_warm
+
+    with keep_warm():
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_digits(tmp_path_factory):
     from tiny_models import save_tiny_digits

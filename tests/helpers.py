@@ -16,25 +16,27 @@ def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
 
 
 def stage_config(model_path, uri, classifier, *extra):
-    """3 prompts × 24 samples in 9 shards of 8, scored by the digits classifier."""
+    """3 prompts × 24 samples in 9 shards of 8 on one generate actor, scored by the digits classifier
+    on one reward actor (a test about several actors asks for them: an actor's start, mostly its
+    imports, costs more CPU than these runs' work)."""
     return load_config(None, [
         f"run.uri={uri}", f"model.path={model_path}", "model.num_inference_steps=6", "model.device=cpu",
         "generate.prompts=[a handwritten digit 1, a handwritten digit 2, a handwritten digit 3]",
         "generate.samples_per_prompt=24", "generate.samples_per_shard=8", "generate.batch_size=8",
-        "generate.capture_steps=[3]", "generate.num_workers=2", f"reward.model_path={classifier}",
-        "reward.num_workers=2", "reward.device=cpu", *extra,
+        "generate.capture_steps=[3]", "generate.num_workers=1", f"reward.model_path={classifier}",
+        "reward.num_workers=1", "reward.device=cpu", *extra,
     ])
 
 
 def two_round_config(uri, tiny_digits, classifier_dir, *extra):
-    """Two P-GRAFT rounds of 2 prompts × 8 samples on the tiny digits model (best-of-4: 4 accepted,
-    2 epochs of batch 4 = 2 steps), evaluated on 4 fresh seeds per prompt."""
+    """Two P-GRAFT rounds of 2 prompts × 8 samples on the tiny digits model and one generate actor
+    (best-of-4: 4 accepted, 2 epochs of batch 4 = 2 steps), evaluated on 4 fresh seeds per prompt."""
     return load_config(None, [
         f"run.uri={uri}", "run.rounds=2", "task.pretrain=false", f"model.path={tiny_digits}",
         "model.num_inference_steps=6", "model.device=cpu", "generate.prompts=[a handwritten digit 1, a handwritten digit 2]",
         "generate.samples_per_prompt=8", "generate.samples_per_shard=8", "generate.capture_steps=[3]",
-        f"reward.model_path={classifier_dir}", "filter.n=4", "train.t_step=3", "train.epochs=2", "train.batch_size=4",
-        "train.eval_samples_per_prompt=4", *extra,
+        "generate.num_workers=1", f"reward.model_path={classifier_dir}", "filter.n=4", "train.t_step=3",
+        "train.epochs=2", "train.batch_size=4", "train.eval_samples_per_prompt=4", *extra,
     ])
 
 

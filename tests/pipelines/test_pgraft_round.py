@@ -129,6 +129,7 @@ def test_one_molecules_round_through_every_stage(ray_local, tiny_molecules, tmp_
     cfg = load_config("configs/molecules.yaml", [
         f"run.uri={tmp_path / 'run'}", "task.pretrain=false", f"model.path={tiny_molecules}",
         "model.num_inference_steps=4", "generate.samples_per_prompt=32", "generate.samples_per_shard=16",
+        "generate.num_workers=1",
         "generate.capture_steps=[2]", "generate.store_views=true", "train.t_step=2", "train.epochs=1",
         "train.batch_size=2", "train.eval_samples_per_prompt=8",
     ])
@@ -179,6 +180,7 @@ def test_one_layout_round_through_every_stage(ray_local, tmp_path):
     cfg = load_config("configs/layout.yaml", [
         f"run.uri={tmp_path / 'run'}", "task.pretrain=false", f"task.dir={task_dir}", "model.num_inference_steps=4",
         "generate.prompts=[title text text]", "generate.samples_per_prompt=16", "generate.samples_per_shard=8",
+        "generate.num_workers=1",
         "generate.capture_steps=[2]", "filter.n=4", "train.t_step=2", "train.epochs=1", "train.batch_size=2",
         "train.eval_samples_per_prompt=8",
     ])

@@ -101,8 +101,9 @@ def test_same_config_same_bytes_other_seed_differs(ray_local, tiny_digits, tmp_p
             torch.testing.assert_close(la[name], ld[name], rtol=0, atol=1e-4)
 
 
-def test_resume_redoes_only_the_uncommitted_unit(ray_local, tiny_digits, tmp_path):
-    cfg = small_config(tiny_digits, tmp_path / "run")
+def test_resume_redoes_only_the_uncommitted_unit(ray_local, warm_pools, tiny_digits, tmp_path):
+    # Every rerun runs on the first run's actor (warm_pools): a kept actor writes the same bytes too.
+    cfg = small_config(tiny_digits, tmp_path / "run", "generate.num_workers=1")
     run_generate(cfg, progress=False)
     store = open_storage(cfg.run.uri)
     before = shard_bytes(store)
@@ -134,12 +135,13 @@ def test_resume_redoes_only_the_uncommitted_unit(ray_local, tiny_digits, tmp_pat
 
 def test_generate_to_s3(ray_local, tiny_digits, s3_uri, tmp_path):
     cfg = small_config(tiny_digits, s3_uri)
-    summary = run_generate(cfg, progress=False)
-    assert summary.written == 5
-    store = open_storage(s3_uri)
-    assert sorted(list_committed(store, 0)) == [0, 1, 2, 3, 4]
-    local = small_config(tiny_digits, tmp_path / "local")
-    run_generate(local, progress=False)
+    with cluster.keep_warm():  # the local run on the S3 run's actors
+        summary = run_generate(cfg, progress=False)
+        assert summary.written == 5
+        store = open_storage(s3_uri)
+        assert sorted(list_committed(store, 0)) == [0, 1, 2, 3, 4]
+        local = small_config(tiny_digits, tmp_path / "local")
+        run_generate(local, progress=False)
     assert shard_bytes(store) == shard_bytes(open_storage(local.run.uri))  # same samples wherever they land
 
 

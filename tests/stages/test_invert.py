@@ -25,7 +25,7 @@ def invert_config(model_path, uri, *extra):
     return load_config(None, [
         f"run.uri={uri}", f"model.path={model_path}", "model.num_inference_steps=4", "model.device=cpu",
         "model.guidance_scale=1.0", "invert.limit=40", "invert.samples_per_shard=16", "invert.batch_size=8",
-        "invert.num_workers=2", "invert.tolerance=1e-5", "invert.max_iterations=40", *extra,
+        "invert.num_workers=1", "invert.tolerance=1e-5", "invert.max_iterations=40", *extra,
     ])
 
 
@@ -38,7 +38,7 @@ def read_records(store, name):
     return out
 
 
-def test_invert_task_digits_then_resume_only_the_missing_unit(ray_local, tiny_digits_flow, tmp_path):
+def test_invert_task_digits_then_resume_only_the_missing_unit(ray_local, warm_pools, tiny_digits_flow, tmp_path):
     cfg = invert_config(tiny_digits_flow, tmp_path / "run")
     summary = run_invert(cfg, progress=False)
     assert (summary.samples, summary.shards, summary.skipped) == (40, 3, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import duckdb
 import pyarrow.parquet as pq
@@ -17,9 +18,24 @@ from stages.generate import run_generate
 from stages.reward import RewardError, run_reward
 
 
-def test_reward_parts_per_shard_read_by_duckdb(ray_local, tiny_digits, classifier_dir, tmp_path):
-    cfg = stage_config(tiny_digits, tmp_path / "run", classifier_dir)
-    run_generate(cfg, progress=False)
+@pytest.fixture(scope="module")
+def generated_run(tmp_path_factory, tiny_digits, classifier_dir, s3_endpoint, _ray_session_shutdown):
+    """The shards of stage_config's round 0, generated once for the module (a copy per test)."""
+    from conftest import ensure_local_ray
+
+    ensure_local_ray()
+    root = tmp_path_factory.mktemp("generated") / "run"
+    run_generate(stage_config(tiny_digits, root, classifier_dir), progress=False)
+    return root
+
+
+@pytest.fixture
+def run_dir(generated_run, tmp_path):
+    return shutil.copytree(generated_run, tmp_path / "run")
+
+
+def test_reward_parts_per_shard_read_by_duckdb(ray_local, run_dir, tiny_digits, classifier_dir, tmp_path):
+    cfg = stage_config(tiny_digits, run_dir, classifier_dir)
     shards_before = snapshot(tmp_path / "run" / "round-000" / "generate")
     summary = run_reward(cfg, progress=False)
     assert (summary.shards, summary.written, summary.rows_written) == (9, 9, 72)
@@ -37,9 +53,9 @@ def test_reward_parts_per_shard_read_by_duckdb(ray_local, tiny_digits, classifie
     assert all(seed == contract.sample_seed(0, 0, p, s) for p, s, seed in seeds)
 
 
-def test_reward_resumes_per_shard(ray_local, tiny_digits, classifier_dir, tmp_path):
-    cfg = stage_config(tiny_digits, tmp_path / "run", classifier_dir)
-    run_generate(cfg, progress=False)
+def test_reward_resumes_per_shard(ray_local, warm_pools, run_dir, tiny_digits, classifier_dir, tmp_path):
+    # Every rerun on the first run's actor (warm_pools): a kept actor writes the same bytes too.
+    cfg = stage_config(tiny_digits, run_dir, classifier_dir)
     run_reward(cfg, progress=False)
     parts = tmp_path / "run" / "round-000" / "rewards" / "digits_alignment"
     before = snapshot(parts)
@@ -64,10 +80,9 @@ def test_reward_resumes_per_shard(ray_local, tiny_digits, classifier_dir, tmp_pa
         ["_part-000002.json", "part-000002.parquet"]
 
 
-def test_failing_plugin_names_shard_and_key_and_writes_nothing_for_it(ray_local, tiny_digits, classifier_dir, tmp_path):
-    cfg = stage_config(tiny_digits, tmp_path / "run", classifier_dir, "reward.name=plugin_rewards:explodes_on_sample_3",
-                       "reward.num_workers=1")
-    run_generate(cfg, progress=False)
+def test_failing_plugin_names_shard_and_key_and_writes_nothing_for_it(ray_local, run_dir, tiny_digits, classifier_dir,
+                                                                      tmp_path):
+    cfg = stage_config(tiny_digits, run_dir, classifier_dir, "reward.name=plugin_rewards:explodes_on_sample_3")
     with pytest.raises(RewardError, match=r"failed on shard-000000.tar, sample p000000_s00003: RuntimeError: cannot score this one"):
         run_reward(cfg, progress=False)
     assert not (tmp_path / "run" / "round-000" / "rewards" / "explodes_on_sample_3" / "part-000000.parquet").exists()
