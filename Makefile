@@ -22,11 +22,14 @@ $(VENV)/.torch: $(VENV)/.created
 
 # DeepSpeed's setup.py imports torch, so it builds against the torch already installed. Its CPU
 # communication op is built here, once, rather than by the first train rank of every run
-# (cluster/deepspeed_ops.py: a build killed half-way is redone, never waited on).
+# (cluster/deepspeed_ops.py: a build killed half-way is redone, never waited on). It builds while
+# pip installs the rest (the script needs only torch and DeepSpeed), which mostly waits on downloads.
 $(VENV)/.installed: $(VENV)/.torch pyproject.toml
 	$(PIP) install -q --no-build-isolation "deepspeed>=0.15"
-	$(PIP) install -q -e ".[test]"
-	$(PY) -m cluster.deepspeed_ops
+	@$(PY) cluster/deepspeed_ops.py > $(VENV)/deepspeed-ops.log 2>&1 & op=$$!; \
+	$(PIP) install -q -e ".[test]"; installed=$$?; \
+	wait $$op; built=$$?; cat $(VENV)/deepspeed-ops.log; \
+	test $$installed -eq 0 -a $$built -eq 0
 	touch $@
 
 venv: $(VENV)/.created

@@ -100,8 +100,8 @@ def test_one_pgraft_round_raises_the_reward_of_fresh_samples(ray_local, tmp_path
         f"train.eval_samples_per_prompt={EVAL_PER_PROMPT}",
     ])
     # The embedded default's denoiser (task.pretrain_options), briefly trained.
-    pretrain_digits(models, seed=0, flow_steps=0, classifier_epochs=20, eval_samples_per_digit=0, progress=False,
-                    bases="ddpm", **cfg.task.pretrain_options)
+    pretrain_digits(models, seed=0, flow_steps=0, classifier_epochs=20, progress=False, bases="ddpm",
+                    **dict(cfg.task.pretrain_options, eval_samples_per_digit=0))
     run_round_pipeline(cfg, progress=False)
     store = open_storage(cfg.run.uri)
 
