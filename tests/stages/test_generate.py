@@ -133,15 +133,14 @@ def test_resume_redoes_only_the_uncommitted_unit(ray_local, warm_pools, tiny_dig
     assert sorted(k.rsplit(".", 1)[0] for k in aside) == [f"torn/{contract.commit_key(0, 1)}", f"torn/{contract.shard_key(0, 1)}"]
 
 
-def test_generate_to_s3(ray_local, tiny_digits, s3_uri, tmp_path):
+def test_generate_to_s3(ray_local, warm_pools, tiny_digits, s3_uri, tmp_path):
     cfg = small_config(tiny_digits, s3_uri)
-    with cluster.keep_warm():  # the local run on the S3 run's actors
-        summary = run_generate(cfg, progress=False)
-        assert summary.written == 5
-        store = open_storage(s3_uri)
-        assert sorted(list_committed(store, 0)) == [0, 1, 2, 3, 4]
-        local = small_config(tiny_digits, tmp_path / "local")
-        run_generate(local, progress=False)
+    summary = run_generate(cfg, progress=False)
+    assert summary.written == 5
+    store = open_storage(s3_uri)
+    assert sorted(list_committed(store, 0)) == [0, 1, 2, 3, 4]
+    local = small_config(tiny_digits, tmp_path / "local")
+    run_generate(local, progress=False)  # on the S3 run's actors (warm_pools)
     assert shard_bytes(store) == shard_bytes(open_storage(local.run.uri))  # same samples wherever they land
 
 
