@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 from pgraft.errors import PgraftError
-from pgraft.storage import Storage
+from pgraft.storage import Storage, StorageError
 
 
 class LeaseHeld(PgraftError):
@@ -107,10 +107,10 @@ class Lease:
                 return self
             before = self.clock()
             version = self.storage.version_of(self.key)
-            raw = self.storage.get_bytes(self.key) if version is not None else None
+            raw = self._read_if_present() if version is not None else None
             now = self.clock()
-            if version is None:
-                continue  # released between our put and our look: try again at once
+            if version is None or raw is None:
+                continue  # released between our put and our look (or our two looks): try again at once
             current = Holder.from_json(raw)
             if current is not None and current.token == self.holder.token:
                 self.version = version  # our own create, retried after a cut connection
@@ -131,6 +131,15 @@ class Lease:
                                 f"{self.where}); waited {now - start:.0f} s (storage.lease_wait_s); rerun when it "
                                 f"is done, or after {self.ttl_s:g} s without renewal its lease is taken over")
             self.sleep(min(2.0, max(0.05, self.ttl_s / 12)))
+
+    def _read_if_present(self) -> bytes | None:
+        """The lease's bytes, or None when its holder released it since we saw its version."""
+        try:
+            return self.storage.get_bytes(self.key)
+        except StorageError:
+            if self.storage.exists(self.key):
+                raise  # there, yet unreadable: a storage fault, not a release
+            return None
 
     def _try_create(self) -> bool:
         if self.storage.put_if_absent(self.key, self._body()):

@@ -105,3 +105,22 @@ def test_a_lease_whose_driver_on_this_host_is_gone_is_taken_over_at_once(tmp_pat
     start = time.monotonic()
     with Lease(store, "lease.json", "generate round 0", ttl_s=600, wait_s=30) as taker:
         assert taker.took_over.pid == int(gone.stdout) and time.monotonic() - start < 5
+
+
+def test_a_lease_released_between_the_waiters_two_looks_is_taken_not_an_error(tmp_path):
+    """The holder releases after the waiter saw the lease's version and before it read it (a race
+    the suite met under load on S3): the waiter takes the free lease instead of failing."""
+
+    class ReleasedOnRead(LocalStorage):
+        def get_bytes(self, key):
+            if key == "lease.json" and not released:
+                released.append(True)
+                holder.release()  # between version_of and get_bytes
+            return super().get_bytes(key)
+
+    released: list = []
+    store = ReleasedOnRead(str(tmp_path))
+    holder = Lease(store, "lease.json", "filter round 0", ttl_s=60.0, wait_s=5).acquire()
+    waiter = Lease(store, "lease.json", "filter round 0", ttl_s=60.0, wait_s=5).acquire()
+    assert released and waiter.took_over is None and store.exists("lease.json")
+    waiter.release()
