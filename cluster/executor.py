@@ -18,7 +18,9 @@ unit fails (its own one-line error is re-raised).
 
 Each actor is a `WorkerActor` named after its worker (Ray's process titles read
 `ray::GenerateWorker`): it sets torch's threads to the CPUs the actor holds (None on GPUs),
-then builds the worker, so workers never deal with threads or Ray.
+then builds the worker, so workers never deal with threads or Ray. Inside `keep_warm()` a pool
+outlives its job and the next job whose actors have the same shape (resources, threads) runs
+on it, whatever its worker: one process per actor samples, scores and summarises in turn.
 """
 
 from __future__ import annotations
@@ -29,17 +31,20 @@ from contextlib import contextmanager
 from typing import Any, Callable, Container, Iterable, Iterator
 
 from cluster import ray_cluster
-from cluster.ray_cluster import (WorkerPool, current_actor_id, current_node_id, fits_beside, iter_pool,
-                                 start_workers)
+from cluster.ray_cluster import (WorkerPool, connect, current_actor_id, current_node_id, fits_beside, iter_pool,
+                                 plan_placement, start_workers)
 from pgraft.work.spec import Finished, WorkerSpec
 
 
 class WorkerActor:
-    """The Ray actor around one plain worker: torch threads first, then the worker; `run((args,
-    unit))` calls it and adds where the call ran (the node, and the actor's id, which a restart
-    keeps). A call that brings other arguments than the worker was built with (a kept pool's
-    next job, or a restarted actor, which Ray rebuilds from its first arguments) rebuilds the
-    worker first: the process, its imports and its placement stay."""
+    """The Ray actor around one plain worker: torch threads first, then the worker; `run((worker,
+    args, unit))` calls it and adds where the call ran (the node, and the actor's id, which a
+    restart keeps). A call for another worker class or other arguments than the actor holds (a
+    kept pool's next job, of this stage or another; or a restarted actor, which Ray rebuilds from
+    its first arguments) rebuilds the worker first: the process, its imports and its placement
+    stay. The actor then goes by the new worker's name (its process title reads
+    `ray::RewardWorker` once it runs reward units), so whoever looks for a role's processes
+    finds the processes doing that work."""
 
     def __init__(self, worker_cls: type, args: tuple, threads: int | None):
         if threads:  # the CPUs the actor holds: float summation order depends on it, so it is set here, once
@@ -48,17 +53,47 @@ class WorkerActor:
             torch.set_num_threads(threads)
         self.worker_cls, self.args = worker_cls, tuple(args)
         self.worker = worker_cls(*self.args)
+        self.started_as = type(self)  # the class Ray made the actor from (it names the calls' titles)
         self.rebuilding = threading.Lock()  # calls run in threads when calls_per_actor > 1: one rebuilds, the rest wait
 
     def run(self, call: tuple) -> tuple[Any, str, str | None]:
-        args, unit = call
+        worker_cls, args, unit = call
         with self.rebuilding:
-            if tuple(args) != self.args:
+            if worker_cls is not self.worker_cls or tuple(args) != self.args:
                 self.worker = None  # the old worker's models go before the new one loads its own
-                self.worker = self.worker_cls(*args)
-                self.args = tuple(args)
+                self.worker = worker_cls(*args)
+                self.worker_cls, self.args = worker_cls, tuple(args)
+                self.__class__ = _named(self.started_as, worker_cls.__name__)
             worker = self.worker
+        if self.worker_cls.__name__ != self.started_as.__name__:
+            _set_process_title(f"ray::{self.worker_cls.__name__}.run")
         return worker(unit), current_node_id(), current_actor_id()
+
+
+def _named(cls: type, name: str) -> type:
+    """`cls` under another name: a subclass that adds nothing. Ray titles an idle actor's process
+    after its instance's class name (`ray::<name>`), so an actor that runs another worker renames
+    its class; Ray's own additions to the class stay inherited."""
+    if cls.__name__ == name:
+        return cls
+    key = (cls, name)
+    if key not in _RENAMED:
+        _RENAMED[key] = type(name, (cls,), {"__module__": cls.__module__, "__qualname__": name})
+    return _RENAMED[key]
+
+
+_RENAMED: dict[tuple, type] = {}
+
+
+def _set_process_title(title: str) -> None:
+    """Ray titles a call's process `ray::<class the actor was made from>.<method>`; a kept actor
+    that runs another worker's units says which. (Ray's own setter: Ray resets the title
+    through it after the call.)"""
+    import ray
+
+    setter = getattr(ray._raylet, "setproctitle", None)
+    if setter is not None:
+        setter(title)
 
 
 _ACTOR_CLASSES: dict[type, type] = {}
@@ -108,23 +143,29 @@ class Execution:
         if not self.pending:
             return
         spec = self.spec
-        self.pool = take_kept(_pool_key(spec), min(spec.num_workers, len(self.pending)))
+        connect()
+        placement = plan_placement(spec.num_workers, spec.device, spec.device_key, spec.resources,
+                                   spec.cpus_per_worker)
+        count = min(placement.count, len(self.pending))
+        key = _pool_key(placement, spec)
+        self.pool = take_kept(key, count, spec.calls_per_actor)
         if self.pool is None:
             self.pool = start_workers(actor_class(spec.worker), spec.num_workers, spec.device, spec.device_key,
                                       len(self.pending), spec.worker, tuple(spec.args), extra_resources=spec.resources,
                                       timeout_s=spec.placement_timeout_s, max_restarts=spec.max_restarts,
                                       max_concurrency=spec.calls_per_actor, cpus_per_worker=spec.cpus_per_worker)
         keep = _WARM is not None
-        calls = [(tuple(spec.args), unit) for unit in self.pending]
+        calls = [(spec.worker, tuple(spec.args), unit) for unit in self.pending]
+        actors = self.pool.actors[:count]  # a kept pool may hold more actors of this shape than the job asks for
         try:
-            self.workers = len(self.pool.actors)
-            for (_, unit), (value, node_id, actor_id) in iter_pool(self.pool, "run", calls, self.desc, self.progress,
-                                                                   spec.calls_per_actor, keep=keep):
+            self.workers = len(actors)
+            for (_, _, unit), (value, node_id, actor_id) in iter_pool(self.pool, "run", calls, self.desc, self.progress,
+                                                                      spec.calls_per_actor, keep=keep, actors=actors):
                 if node_id not in self.nodes:
                     self.nodes.append(node_id)
                 yield Finished(unit, value, node_id, actor_id)
             if keep:
-                keep_pool(_pool_key(spec), self.pool)
+                keep_pool(key, self.pool)
         finally:
             if not _is_kept(self.pool):
                 self.pool.close()  # iter_pool closed it already, unless it never started or is kept
@@ -147,19 +188,22 @@ class Execution:
 _WARM: dict[tuple, WorkerPool] | None = None
 
 
-def _pool_key(spec: WorkerSpec) -> tuple:
-    """What makes a pool fit another job: the same worker class on the same resources, threads and concurrency."""
-    return (spec.worker, spec.device, spec.num_workers, tuple(sorted(spec.resources.items())), spec.cpus_per_worker,
-            spec.calls_per_actor, spec.max_restarts)
+def _pool_key(placement, spec: WorkerSpec) -> tuple:
+    """What makes a kept pool fit another job, of any worker class: the same resources and
+    threads per actor and restart budget (the job runs on as many of its actors as it asks for,
+    and needs actors that run as many calls at once as it keeps in flight: `take_kept`)."""
+    return ("workers", tuple(sorted(placement.bundle.items())), placement.threads, spec.max_restarts)
 
 
-def take_kept(key: tuple, actors_needed: int) -> WorkerPool | None:
-    """The kept pool under `key` when there is one with at least `actors_needed` live actors (it
-    leaves the keep: the caller returns it with `keep_pool` or closes it); None otherwise."""
+def take_kept(key: tuple, actors_needed: int, calls_per_actor: int = 1) -> WorkerPool | None:
+    """The kept pool under `key` when there is one with at least `actors_needed` live actors that
+    each run `calls_per_actor` calls at once or more (it leaves the keep: the caller returns it
+    with `keep_pool` or closes it); None otherwise (an unfit pool is released)."""
     if not _WARM:
         return None
     pool = _WARM.pop(key, None)
-    if pool is not None and not pool.closed and len(pool.actors) >= actors_needed:
+    if (pool is not None and not pool.closed and len(pool.actors) >= actors_needed
+            and pool.max_concurrency >= calls_per_actor):
         return pool
     if pool is not None:
         pool.close()
@@ -198,11 +242,11 @@ def release_warm() -> None:
 
 @contextmanager
 def keep_warm() -> Iterator[None]:
-    """Inside this block, a pool whose work all finished stays up, and the next job of the same
-    worker class on the same resources runs on it: its actors rebuild their worker from the new
-    arguments (another model, another round), while process start-up, imports and placement
-    are paid once. The train group's ranks are kept the same way (cluster/train_group.py).
-    Kept pools hold their resources only while the cluster has room: before any placement is
+    """Inside this block, a pool whose work all finished stays up, and the next job whose actors
+    have the same shape (resources and threads per actor, concurrency, restart budget) runs on
+    it, whatever its worker class: its actors rebuild their worker (another stage, model or
+    round), while process start-up, the imports they share (torch) and placement are paid once.
+    The train group's ranks are kept the same way (cluster/train_group.py). Kept pools hold their resources only while the cluster has room: before any placement is
     reserved, they are released unless it fits beside them, so a kept pool never holds
     resources that the next one waits for. Every kept pool is released when the block ends (an
     inner block joins the outer one)."""

@@ -220,6 +220,7 @@ class WorkerPool:
     group: object
     placement: Placement
     closed: bool = False
+    max_concurrency: int = 1  # calls each actor can run at once (Ray's option, fixed when it starts)
 
     def close(self) -> None:
         """Kill the actors and release their placement group (once; later calls do nothing)."""
@@ -251,7 +252,7 @@ def start_workers(worker_cls, num_workers: int, device: str, device_key: str, ne
     placement = plan_placement(num_workers, device, device_key, extra_resources, cpus_per_worker, exact=exact)
     placement.count = min(placement.count, needed)
     group = reserve(placement, what or f"{worker_cls.__name__} actors", timeout_s, strategy)
-    pool = WorkerPool([], group, placement)
+    pool = WorkerPool([], group, placement, max_concurrency=max_concurrency)
     try:
         remote = ray.remote(worker_cls)
         for i in range(placement.count):
@@ -304,7 +305,7 @@ def unwrap_remote_error(exc: Exception) -> Exception:
 
 
 def iter_pool(pool: WorkerPool, method: str, items: list, desc: str, progress: bool = True,
-              calls_per_actor: int = 1, keep: bool = False):
+              calls_per_actor: int = 1, keep: bool = False, actors: list | None = None):
     """Feed `items` to `actor.<method>` over the pool, keeping up to `calls_per_actor` calls in
     flight per actor (more than one only pays on actors started with that `max_concurrency`)
     and refilling whichever actor finishes first; yields `(item, result)` as each one finishes
@@ -312,7 +313,8 @@ def iter_pool(pool: WorkerPool, method: str, items: list, desc: str, progress: b
     actor's items are retried by Ray on the restarted actor; a failure that survives the
     retries stops the pool and is re-raised as the worker's own error. The actors and their
     placement group are released at the end, also when the consumer stops early; with `keep`
-    a pool that ran every item stays up for the caller to reuse or close."""
+    a pool that ran every item stays up for the caller to reuse or close. `actors`: those of the
+    pool's actors to feed (default: all)."""
     from pgraft.progress import progress_bar
 
     queue = deque(items)
@@ -326,7 +328,7 @@ def iter_pool(pool: WorkerPool, method: str, items: list, desc: str, progress: b
     finished = False
     try:
         for _ in range(calls_per_actor):  # round by round, so a short queue still reaches every actor
-            for actor in pool.actors:
+            for actor in (pool.actors if actors is None else actors):
                 if queue:
                     submit(actor)
         while in_flight:

@@ -1,6 +1,6 @@
 """The unit-of-work executor on a real local Ray: committed units skipped, each pending unit's
 result yielded once, the pool released at the end, on an early stop and on a failed unit, and
-kept for the next execution of its worker class inside `keep_warm`."""
+kept inside `keep_warm` for the next execution whose actors have its shape, of any worker class."""
 
 from __future__ import annotations
 
@@ -54,9 +54,9 @@ def wait_until(condition, timeout: float) -> None:
 
 
 def spec(num_workers: int = 2, worker: type | None = None, offset: int = 1, calls_per_actor: int = 1,
-         cpus: int | None = None) -> cluster.WorkerSpec:
+         cpus: int | None = None, max_restarts: int = 0) -> cluster.WorkerSpec:
     return cluster.WorkerSpec(worker or tenfold_worker(), (offset,), "cpu", "model.device", num_workers,
-                              calls_per_actor=calls_per_actor, placement_timeout_s=30, max_restarts=0,
+                              calls_per_actor=calls_per_actor, placement_timeout_s=30, max_restarts=max_restarts,
                               cpus_per_worker=cpus)
 
 
@@ -130,18 +130,67 @@ def test_keep_warm_runs_the_next_job_of_a_worker_class_on_the_same_actors(ray_lo
 
 
 def test_kept_pools_stay_while_the_next_one_fits_beside_them(ray_local):
-    x, y = tenfold_worker(), tenfold_worker()  # two worker classes, one CPU each: both fit on the 2 CPUs
+    x, y = tenfold_worker(), tenfold_worker()  # one CPU each, two shapes (y's actors restart): both fit on the 2 CPUs
     with cluster.keep_warm():
         first = cluster.execute(spec(num_workers=1, worker=x, cpus=1), range(2), progress=False)
         list(first)
-        beside = cluster.execute(spec(num_workers=1, worker=y, cpus=1), range(2), progress=False)
+        beside = cluster.execute(spec(num_workers=1, worker=y, cpus=1, max_restarts=1), range(2), progress=False)
         list(beside)
-        assert not first.pool.closed and not placement_removed(first.pool)  # room for both: x's pool stays
+        assert beside.pool is not first.pool  # another shape: a pool of its own ...
+        assert not first.pool.closed and not placement_removed(first.pool)  # ... and room for both: x's pool stays
         again = cluster.execute(spec(num_workers=1, worker=x, offset=3, cpus=1), range(2), progress=False)
         assert sorted(d.value[0] for d in again) == [3, 13] and again.pool is first.pool
-        wide = cluster.execute(spec(num_workers=2, worker=x, offset=4), range(2), progress=False)
+        wide = cluster.execute(spec(num_workers=2, worker=x, offset=4, cpus=1), range(2), progress=False)
         list(wide)  # two CPUs: neither kept pool fits beside it, both go first
         assert placement_removed(first.pool) and placement_removed(beside.pool) and not wide.pool.closed
+
+
+def whoami_worker():
+    """A second worker class: each unit returns the actor's pid and its process title during the call."""
+
+    class Whoami:
+        def __init__(self, offset: int):
+            self.offset = offset
+
+        def __call__(self, unit: int):
+            import os
+
+            return os.getpid(), process_title(os.getpid())
+
+    return Whoami
+
+
+def process_title(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+        return cmdline.read().replace(b"\0", b" ").decode().strip()
+
+
+def test_a_job_of_another_worker_class_and_the_same_shape_runs_on_the_kept_actors_under_its_name(ray_local):
+    tenfold, whoami = tenfold_worker(), whoami_worker()
+    with cluster.keep_warm():
+        first = cluster.execute(spec(num_workers=1, worker=tenfold, cpus=1), range(2), progress=False)
+        assert sorted(d.value[0] for d in first) == [1, 11]
+        second = cluster.execute(spec(num_workers=1, worker=whoami, cpus=1), range(3), progress=False)
+        done = list(second)
+        assert second.pool is first.pool  # the same actor, its worker rebuilt as the other class
+        (pid,) = {d.value[0] for d in done}
+        assert {d.value[1] for d in done} == {"ray::Whoami.run"}  # busy: titled after the work it does ...
+        assert process_title(pid) == "ray::Whoami"  # ... and idle after it
+        third = cluster.execute(spec(num_workers=1, worker=tenfold, offset=2, cpus=1), range(2), progress=False)
+        assert sorted(d.value[0] for d in third) == [2, 12] and third.pool is first.pool
+        assert process_title(pid) == "ray::Tenfold"
+        # A job that asks for fewer actors of the shape runs on as many of a larger kept pool's.
+        both = cluster.execute(spec(num_workers=2, worker=tenfold, cpus=1), range(4), progress=False)
+        assert len({d.actor_id for d in both}) == 2
+        one = cluster.execute(spec(num_workers=1, worker=whoami, cpus=1), range(3), progress=False)
+        assert len({d.actor_id for d in one}) == 1 and one.workers == 1 and one.pool is both.pool
+        # A job that keeps two calls in flight per actor needs actors started for two: a pool of its own.
+        busy = cluster.execute(spec(num_workers=2, worker=tenfold, cpus=1, calls_per_actor=2), range(4), progress=False)
+        list(busy)
+        assert busy.pool is not both.pool and both.pool.closed
+        single = cluster.execute(spec(num_workers=2, worker=whoami, cpus=1), range(4), progress=False)
+        list(single)
+        assert single.pool is busy.pool  # while one call at a time runs on actors started for two
 
 
 def test_a_kept_pools_restarted_actor_rebuilds_the_worker_of_the_job_it_runs(ray_local):
