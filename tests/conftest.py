@@ -151,9 +151,9 @@ def ray_local(s3_endpoint, _ray_session_shutdown):
 
 @pytest.fixture
 def warm_pools(ray_local):
-    """The test runs inside `cluster.keep_warm()`: a job runs on the actors an earlier job of the
-    same worker class left (their process start, mostly imports, is paid once), and every kept
-    pool is released when the test ends, failed or not."""
+    """The test runs inside `cluster.keep_warm()`: a job runs on the actors an earlier job with
+    actors of the same shape left, whatever its worker class (their process start, mostly
+    imports, is paid once), and every kept pool is released when the test ends, failed or not."""
     from cluster import keep_warm
 
     with keep_warm():
