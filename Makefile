@@ -44,7 +44,7 @@ install-test: $(VENV)/.installed-test
 
 # Two P-GRAFT rounds of the embedded default (pretraining its classifier and DDPM base first if
 # models/digits-small is missing): prints a table per round and writes $(DEMO_RUN)/report.html.
-# About 2 min on 2 cores, plus under 2 min of install on a fresh clone (README, "The digits task").
+# About 2 min on 2 cores, plus 1.5-2 min of install on a fresh clone (README, "The digits task").
 demo: $(VENV)/.installed  # the runtime alone: the demo needs no test extra
 	$(VENV)/bin/pgraft demo --config configs/digits.yaml --set run.rounds=2 --set run.uri=$(DEMO_RUN) $(DEMO_ARGS)
 
