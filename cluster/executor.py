@@ -243,12 +243,12 @@ def release_warm() -> None:
 @contextmanager
 def keep_warm() -> Iterator[None]:
     """Inside this block, a pool whose work all finished stays up, and the next job whose actors
-    have the same shape (resources and threads per actor, concurrency, restart budget) runs on
-    it, whatever its worker class: its actors rebuild their worker (another stage, model or
-    round), while process start-up, the imports they share (torch) and placement are paid once.
-    The train group's ranks are kept the same way (cluster/train_group.py). Kept pools hold their resources only while the cluster has room: before any placement is
-    reserved, they are released unless it fits beside them, so a kept pool never holds
-    resources that the next one waits for. Every kept pool is released when the block ends (an
+    have the same shape (`_pool_key`, `take_kept`) runs on it, whatever its worker class: its
+    actors rebuild their worker (another stage, model or round), while process start-up, the
+    imports they share (torch) and placement are paid once. The train group's ranks are kept
+    the same way (cluster/train_group.py). Kept pools hold their resources only while the
+    cluster has room: before any placement is reserved, they are released unless it fits
+    beside them, so a kept pool never holds resources that the next one waits for. Every kept pool is released when the block ends (an
     inner block joins the outer one)."""
     global _WARM
     if _WARM is not None:
